@@ -1,0 +1,128 @@
+//! The two messages that cross the broker: a [`Chunk`] of items (dispatcher to consumers) and a
+//! [`Reply`] (consumer to dispatcher).
+//!
+//! Every message names its job, run, seq and attempt, so that a reply can be matched to its chunk
+//! record exactly once, whichever run or consumer it comes from.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a chunk starts in its source, so that it can be read again without a scan from the top.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Position {
+    /// The 1-based line number of the chunk's first record.
+    pub line: u64,
+    /// The byte offset of the chunk's first record.
+    pub offset: u64,
+}
+
+/// One item: a JSON value and the line it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    /// 1-based line number in the source (for CSV, the line the record starts on).
+    pub line: u64,
+    /// The item as JSON text. Kept as text so that the dispatcher only validates it and the
+    /// consumer parses it only if its processor needs to.
+    pub data: String,
+}
+
+impl Item {
+    /// Parses the item into `T`.
+    ///
+    /// # Errors
+    /// When the JSON does not fit `T`; a processor usually reports that as a bad item.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(&self.data)
+    }
+}
+
+/// A chunk of items: the unit of work, of retry and of acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// The job's name.
+    pub job: String,
+    /// The run this chunk belongs to.
+    pub run: u64,
+    /// The chunk's number within its run, from 1.
+    pub seq: u64,
+    /// 1 for the first delivery; the consumer raises it when it sends the chunk to a retry queue.
+    pub attempt: u32,
+    /// Where the chunk starts in the source.
+    pub position: Position,
+    /// The items, in source order.
+    pub items: Vec<Item>,
+}
+
+impl Chunk {
+    /// `<run>/<seq>/<attempt>`: the AMQP message id, readable in the management UI.
+    pub fn message_id(&self) -> String {
+        format!("{}/{}/{}", self.run, self.seq, self.attempt)
+    }
+}
+
+/// An item a processor could not take, reported with its position and reason. It is skipped;
+/// the rest of the chunk counts as done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadItem {
+    /// The item's line number in the source.
+    pub line: u64,
+    /// Why it was refused, for the operator.
+    pub reason: String,
+}
+
+/// What became of one attempt at a chunk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Processed and committed; `bad_items` were skipped.
+    Done {
+        /// Items processed successfully.
+        processed: u64,
+        /// Items skipped, with their positions.
+        bad_items: Vec<BadItem>,
+    },
+    /// A transient failure; the chunk was sent to a delay queue and comes back as
+    /// `next_attempt`. Not final.
+    Retrying {
+        /// What went wrong.
+        error: String,
+        /// The attempt number it comes back with.
+        next_attempt: u32,
+    },
+    /// A transient failure on the last allowed attempt; the chunk was parked on the dead queue.
+    Dead {
+        /// The last error.
+        error: String,
+    },
+    /// A permanent failure (the processor says retrying cannot help); the chunk was parked on the
+    /// dead queue.
+    Failed {
+        /// What went wrong.
+        error: String,
+    },
+}
+
+impl Outcome {
+    /// True when no further reply is expected for this chunk.
+    pub fn is_final(&self) -> bool {
+        match self {
+            Outcome::Done { .. } | Outcome::Dead { .. } | Outcome::Failed { .. } => true,
+            Outcome::Retrying { .. } => false,
+        }
+    }
+}
+
+/// A consumer's reply about one attempt at one chunk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The job's name.
+    pub job: String,
+    /// The chunk's run.
+    pub run: u64,
+    /// The chunk's seq.
+    pub seq: u64,
+    /// The attempt this reply is about.
+    pub attempt: u32,
+    /// Which consumer processed it (`host/pid`), for `status`.
+    pub consumer: String,
+    /// What became of it.
+    pub outcome: Outcome,
+}

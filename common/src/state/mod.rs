@@ -1,0 +1,327 @@
+//! The execution context: every run, every chunk and every failure, kept so that a run can be
+//! watched (`status`), resumed and retried.
+//!
+//! Invariants the dispatcher relies on:
+//! - [`StateStore::record`] writes a chunk (status `pending`) together with the source checkpoint
+//!   in one transaction, *before* the chunk is published (record, then publish).
+//! - [`StateStore::apply_reply`] applies a reply at most once per chunk: a reply for a chunk that
+//!   already has a final status, or an older attempt, is a [`Applied::Duplicate`]; a reply for a
+//!   chunk the store does not know is [`Applied::Unknown`]. Neither changes anything.
+//! - Counters are derived from the chunk and failure rows, never kept twice.
+
+mod sqlite;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::message::{Position, Reply};
+
+pub use sqlite::SqliteStore;
+
+/// A run's id; unique within a store.
+pub type RunId = u64;
+
+/// The state store failed. The dispatcher cannot go on without its execution context: it stops,
+/// and the run can be resumed once the store is reachable again.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The SQLite database could not be opened or written.
+    #[error("state store {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: String,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// The store holds something this build cannot read (a newer schema, an unknown state).
+    #[error("state store {path}: {message}")]
+    Corrupt {
+        /// The database file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Where a run stands. The strings are the contract of `status --json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Dispatching or waiting for replies (or its dispatcher died; see the heartbeat).
+    Running,
+    /// Held at a window of 0 by an operator.
+    Paused,
+    /// Every item processed.
+    Completed,
+    /// Finished, with skipped items or failed chunks.
+    CompletedWithFailures,
+    /// Stopped because a limit was passed.
+    Failed,
+    /// Stopped by an operator.
+    Cancelled,
+}
+
+impl RunState {
+    /// The state as stored and printed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Completed => "completed",
+            RunState::CompletedWithFailures => "completed_with_failures",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
+        }
+    }
+
+    /// True once the run has ended.
+    pub fn is_final(self) -> bool {
+        match self {
+            RunState::Running | RunState::Paused => false,
+            RunState::Completed
+            | RunState::CompletedWithFailures
+            | RunState::Failed
+            | RunState::Cancelled => true,
+        }
+    }
+}
+
+impl fmt::Display for RunState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RunState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "running" => RunState::Running,
+            "paused" => RunState::Paused,
+            "completed" => RunState::Completed,
+            "completed_with_failures" => RunState::CompletedWithFailures,
+            "failed" => RunState::Failed,
+            "cancelled" => RunState::Cancelled,
+            other => return Err(format!("unknown run state {other:?}")),
+        })
+    }
+}
+
+/// Where the source reading stands: the pointer to the next input record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Checkpoint {
+    /// Byte offset of the next record.
+    pub offset: u64,
+    /// Line number of the last line read (the next record starts after it).
+    pub line: u64,
+    /// The seq the next chunk gets.
+    pub next_seq: u64,
+    /// True once the source has been read to its end.
+    pub exhausted: bool,
+}
+
+/// One run, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunRecord {
+    /// The run's id.
+    pub id: RunId,
+    /// The job's name.
+    pub job: String,
+    /// Where it stands.
+    pub state: RunState,
+    /// What it reads, for people (`file data/x.jsonl (jsonl)`).
+    pub source: String,
+    /// When it started, in ms since the Unix epoch.
+    pub started_at: u64,
+    /// When it ended.
+    pub finished_at: Option<u64>,
+    /// The dispatcher's last sign of life; a `running` run with an old heartbeat lost its
+    /// dispatcher.
+    pub heartbeat_at: u64,
+    /// Where reading stands.
+    pub checkpoint: Checkpoint,
+}
+
+/// A chunk about to be published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewChunk {
+    /// Its seq.
+    pub seq: u64,
+    /// Where it starts in the source.
+    pub position: Position,
+    /// The byte offset just past its last record.
+    pub end_offset: u64,
+    /// How many items it carries.
+    pub items: u64,
+}
+
+/// What kind of failure a [`FailureRecord`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureClass {
+    /// The dispatcher could not read a record (malformed JSON or CSV); the item was skipped.
+    BadData,
+    /// A processor refused an item; the item was skipped.
+    BadItem,
+    /// A whole chunk failed (retries exhausted, or a permanent error).
+    Chunk,
+}
+
+impl FailureClass {
+    fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::BadData => "bad_data",
+            FailureClass::BadItem => "bad_item",
+            FailureClass::Chunk => "chunk",
+        }
+    }
+}
+
+impl FromStr for FailureClass {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "bad_data" => FailureClass::BadData,
+            "bad_item" => FailureClass::BadItem,
+            "chunk" => FailureClass::Chunk,
+            other => return Err(format!("unknown failure class {other:?}")),
+        })
+    }
+}
+
+/// One failure, with where it is in the source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FailureRecord {
+    /// The chunk, when there is one (bad data is found before a chunk exists).
+    pub seq: Option<u64>,
+    /// The line number of the item, or of the chunk's first item.
+    pub position: u64,
+    /// What kind of failure.
+    pub class: FailureClass,
+    /// Why.
+    pub reason: String,
+}
+
+/// What [`StateStore::record`] writes, in one transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress<'a> {
+    /// The chunk about to be published, if the records read made one.
+    pub chunk: Option<&'a NewChunk>,
+    /// Where reading stands after it.
+    pub checkpoint: &'a Checkpoint,
+    /// Records that could not be read, skipped.
+    pub bad_data: &'a [FailureRecord],
+}
+
+/// What [`StateStore::apply_reply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The reply changed the chunk.
+    Recorded,
+    /// The chunk already had this or a later outcome; nothing changed.
+    Duplicate,
+    /// No such chunk in this store (another store's run, or a deleted one); nothing changed.
+    Unknown,
+}
+
+/// Chunk counts by status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct ChunkCounts {
+    /// All chunks recorded.
+    pub total: u64,
+    /// Recorded, not yet confirmed by the broker.
+    pub pending: u64,
+    /// Confirmed, no final reply yet.
+    pub in_flight: u64,
+    /// Processed.
+    pub done: u64,
+    /// Failed permanently.
+    pub failed: u64,
+    /// Parked on the dead queue after their last attempt.
+    pub dead: u64,
+}
+
+/// Item counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct ItemCounts {
+    /// Records read from the source, bad ones included.
+    pub read: u64,
+    /// Items processed successfully.
+    pub processed: u64,
+    /// Items skipped as bad data or bad items.
+    pub skipped: u64,
+    /// Items in failed or dead chunks.
+    pub failed: u64,
+}
+
+/// A chunk in flight for longer than the job's `chunk_timeout`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StuckChunk {
+    /// The chunk.
+    pub seq: u64,
+    /// The consumer that last replied about it, if any did.
+    pub consumer: Option<String>,
+    /// Since when it has been in flight, ms since the Unix epoch.
+    pub since: u64,
+    /// Its current attempt.
+    pub attempt: u32,
+}
+
+/// Everything `status` shows about a run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunStatus {
+    /// The run.
+    pub run: RunRecord,
+    /// Item counts.
+    pub items: ItemCounts,
+    /// Chunk counts.
+    pub chunks: ChunkCounts,
+    /// Every failure, in source order.
+    pub failures: Vec<FailureRecord>,
+    /// Chunks past their timeout.
+    pub stuck: Vec<StuckChunk>,
+}
+
+/// The execution context's storage. SQLite is the embedded default; a PostgreSQL store shares
+/// state between dispatcher hosts.
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    /// Starts a run of `job` reading `source` (a description for people), in state `running`.
+    async fn create_run(&self, job: &str, source: &str) -> Result<RunRecord, StateError>;
+
+    /// The run `id` of `job`, or its latest run when `id` is `None`.
+    async fn run(&self, job: &str, id: Option<RunId>) -> Result<Option<RunRecord>, StateError>;
+
+    /// Records a chunk (as `pending`), the checkpoint after it and the bad records met on the
+    /// way, in one transaction. Called before the chunk is published.
+    async fn record(&self, run: RunId, progress: Progress<'_>) -> Result<(), StateError>;
+
+    /// The broker confirmed the chunk: `pending` becomes `in_flight`. A chunk that already has
+    /// a reply is left as it is.
+    async fn mark_in_flight(&self, run: RunId, seq: u64) -> Result<(), StateError>;
+
+    /// Applies a consumer's reply, at most once per chunk and attempt.
+    async fn apply_reply(&self, reply: &Reply) -> Result<Applied, StateError>;
+
+    /// The dispatcher is alive.
+    async fn heartbeat(&self, run: RunId) -> Result<(), StateError>;
+
+    /// Ends a run in `state`.
+    async fn finish_run(&self, run: RunId, state: RunState) -> Result<(), StateError>;
+
+    /// Counts, failures and stuck chunks of a run; chunks in flight longer than `chunk_timeout`
+    /// are stuck.
+    async fn status(&self, run: RunId, chunk_timeout: Duration) -> Result<RunStatus, StateError>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,716 @@
+//! The embedded state store: one SQLite file in WAL mode.
+//!
+//! Each call runs on tokio's blocking pool behind one mutex-guarded connection: the dispatcher is
+//! the only writer, and `status` readers open their own connection (WAL lets them read while it
+//! writes). `synchronous = NORMAL` makes a commit survive a crash of the process (SIGKILL) but
+//! not of the machine; losing the last commits on power loss means chunks are read and
+//! published again, which idempotent processors absorb.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{
+    now_ms, Applied, Checkpoint, ChunkCounts, FailureClass, FailureRecord, ItemCounts, Progress,
+    RunId, RunRecord, RunState, RunStatus, StateError, StateStore, StuckChunk,
+};
+use crate::message::{Outcome, Reply};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS runs (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    job           TEXT    NOT NULL,
+    state         TEXT    NOT NULL,
+    source        TEXT    NOT NULL,
+    started_at    INTEGER NOT NULL,
+    finished_at   INTEGER,
+    heartbeat_at  INTEGER NOT NULL,
+    ckpt_offset   INTEGER NOT NULL DEFAULT 0,
+    ckpt_line     INTEGER NOT NULL DEFAULT 0,
+    next_seq      INTEGER NOT NULL DEFAULT 1,
+    exhausted     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_by_job ON runs (job, id);
+CREATE TABLE IF NOT EXISTS chunks (
+    run           INTEGER NOT NULL REFERENCES runs (id),
+    seq           INTEGER NOT NULL,
+    line          INTEGER NOT NULL,
+    offset        INTEGER NOT NULL,
+    end_offset    INTEGER NOT NULL,
+    items         INTEGER NOT NULL,
+    processed     INTEGER NOT NULL DEFAULT 0,
+    status        TEXT    NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 1,
+    dispatched_at INTEGER,
+    finished_at   INTEGER,
+    last_error    TEXT,
+    consumer      TEXT,
+    PRIMARY KEY (run, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS failures (
+    run      INTEGER NOT NULL REFERENCES runs (id),
+    seq      INTEGER,
+    position INTEGER NOT NULL,
+    class    TEXT    NOT NULL,
+    reason   TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS failures_by_run ON failures (run, position);
+";
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and its schema.
+    ///
+    /// # Errors
+    /// [`StateError`] when the file cannot be opened or holds a newer schema.
+    pub fn open(path: &Path) -> Result<SqliteStore, StateError> {
+        let name = path.display().to_string();
+        let err = |source| StateError::Sqlite {
+            path: name.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // A missing directory is reported by open() below, with the path.
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(err)?;
+        if version > SCHEMA_VERSION {
+            return Err(StateError::Corrupt {
+                path: name,
+                message: format!(
+                    "schema version {version} is newer than this build's {SCHEMA_VERSION}"
+                ),
+            });
+        }
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(err)?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` on the connection, on the blocking pool.
+    async fn with<T, F>(&self, f: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, Fail> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        let path = self.path.display().to_string();
+        let joined = tokio::task::spawn_blocking(move || {
+            // A poisoned lock only means another call panicked mid-way; SQLite rolled its
+            // transaction back, so the connection is still usable.
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await;
+        match joined {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(Fail::Sql(source))) => Err(StateError::Sqlite { path, source }),
+            Ok(Err(Fail::Corrupt(message))) => Err(StateError::Corrupt { path, message }),
+            Err(join) => Err(StateError::Corrupt {
+                path,
+                message: format!("state store task failed: {join}"),
+            }),
+        }
+    }
+}
+
+/// Errors inside a blocking call, given the path on the way out.
+enum Fail {
+    Sql(rusqlite::Error),
+    Corrupt(String),
+}
+
+impl From<rusqlite::Error> for Fail {
+    fn from(e: rusqlite::Error) -> Self {
+        Fail::Sql(e)
+    }
+}
+
+fn read_run(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
+    let state: String = row.get("state")?;
+    Ok((
+        RunRecord {
+            id: row.get::<_, i64>("id")? as u64,
+            job: row.get("job")?,
+            state: RunState::Running,
+            source: row.get("source")?,
+            started_at: row.get::<_, i64>("started_at")? as u64,
+            finished_at: row.get::<_, Option<i64>>("finished_at")?.map(|v| v as u64),
+            heartbeat_at: row.get::<_, i64>("heartbeat_at")? as u64,
+            checkpoint: Checkpoint {
+                offset: row.get::<_, i64>("ckpt_offset")? as u64,
+                line: row.get::<_, i64>("ckpt_line")? as u64,
+                next_seq: row.get::<_, i64>("next_seq")? as u64,
+                exhausted: row.get::<_, i64>("exhausted")? != 0,
+            },
+        },
+        state,
+    ))
+}
+
+fn run_by(conn: &Connection, job: &str, id: Option<RunId>) -> Result<Option<RunRecord>, Fail> {
+    let found = match id {
+        Some(id) => conn
+            .query_row(
+                "SELECT * FROM runs WHERE job = ?1 AND id = ?2",
+                params![job, id as i64],
+                read_run,
+            )
+            .optional()?,
+        None => conn
+            .query_row(
+                "SELECT * FROM runs WHERE job = ?1 ORDER BY id DESC LIMIT 1",
+                params![job],
+                read_run,
+            )
+            .optional()?,
+    };
+    found
+        .map(|(mut run, state)| {
+            run.state = state.parse().map_err(Fail::Corrupt)?;
+            Ok(run)
+        })
+        .transpose()
+}
+
+fn insert_failures(
+    tx: &rusqlite::Transaction<'_>,
+    run: RunId,
+    failures: &[FailureRecord],
+) -> Result<(), Fail> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO failures (run, seq, position, class, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for f in failures {
+        stmt.execute(params![
+            run as i64,
+            f.seq.map(|s| s as i64),
+            f.position as i64,
+            f.class.as_str(),
+            f.reason
+        ])?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl StateStore for SqliteStore {
+    async fn create_run(&self, job: &str, source: &str) -> Result<RunRecord, StateError> {
+        let (job, source) = (job.to_string(), source.to_string());
+        self.with(move |conn| {
+            let now = now_ms() as i64;
+            conn.execute(
+                "INSERT INTO runs (job, state, source, started_at, heartbeat_at) VALUES (?1, 'running', ?2, ?3, ?3)",
+                params![job, source, now],
+            )?;
+            let id = conn.last_insert_rowid() as u64;
+            run_by(conn, &job, Some(id))?
+                .ok_or_else(|| Fail::Corrupt(format!("run {id} vanished after insert")))
+        })
+        .await
+    }
+
+    async fn run(&self, job: &str, id: Option<RunId>) -> Result<Option<RunRecord>, StateError> {
+        let job = job.to_string();
+        self.with(move |conn| run_by(conn, &job, id)).await
+    }
+
+    async fn record(&self, run: RunId, progress: Progress<'_>) -> Result<(), StateError> {
+        let chunk = progress.chunk.copied();
+        let ckpt = *progress.checkpoint;
+        let bad = progress.bad_data.to_vec();
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            if let Some(c) = chunk {
+                tx.prepare_cached(
+                    "INSERT INTO chunks (run, seq, line, offset, end_offset, items, status)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')",
+                )?
+                .execute(params![
+                    run as i64,
+                    c.seq as i64,
+                    c.position.line as i64,
+                    c.position.offset as i64,
+                    c.end_offset as i64,
+                    c.items as i64
+                ])?;
+            }
+            insert_failures(&tx, run, &bad)?;
+            tx.prepare_cached(
+                "UPDATE runs SET ckpt_offset = ?2, ckpt_line = ?3, next_seq = ?4, exhausted = ?5,
+                 heartbeat_at = ?6 WHERE id = ?1",
+            )?
+            .execute(params![
+                run as i64,
+                ckpt.offset as i64,
+                ckpt.line as i64,
+                ckpt.next_seq as i64,
+                ckpt.exhausted,
+                now_ms() as i64
+            ])?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn mark_in_flight(&self, run: RunId, seq: u64) -> Result<(), StateError> {
+        self.with(move |conn| {
+            conn.prepare_cached(
+                "UPDATE chunks SET status = 'in_flight', dispatched_at = ?3
+                 WHERE run = ?1 AND seq = ?2 AND status = 'pending'",
+            )?
+            .execute(params![run as i64, seq as i64, now_ms() as i64])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn apply_reply(&self, reply: &Reply) -> Result<Applied, StateError> {
+        let reply = reply.clone();
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            let found: Option<(String, i64, i64)> = tx
+                .query_row(
+                    "SELECT c.status, c.attempts, c.line FROM chunks c JOIN runs r ON r.id = c.run
+                     WHERE c.run = ?1 AND c.seq = ?2 AND r.job = ?3",
+                    params![reply.run as i64, reply.seq as i64, reply.job],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((status, attempts, line)) = found else {
+                return Ok(Applied::Unknown);
+            };
+            if matches!(status.as_str(), "done" | "failed" | "dead") {
+                return Ok(Applied::Duplicate);
+            }
+            let (run, seq, now) = (reply.run as i64, reply.seq as i64, now_ms() as i64);
+            let attempt = i64::from(reply.attempt);
+            let finish = |tx: &rusqlite::Transaction<'_>,
+                          status: &str,
+                          processed: u64,
+                          error: Option<&str>| {
+                tx.execute(
+                    "UPDATE chunks SET status = ?3, processed = ?4, attempts = MAX(attempts, ?5),
+                     finished_at = ?6, last_error = COALESCE(?7, last_error), consumer = ?8
+                     WHERE run = ?1 AND seq = ?2",
+                    params![
+                        run,
+                        seq,
+                        status,
+                        processed as i64,
+                        attempt,
+                        now,
+                        error,
+                        reply.consumer
+                    ],
+                )
+            };
+            match &reply.outcome {
+                Outcome::Done {
+                    processed,
+                    bad_items,
+                } => {
+                    finish(&tx, "done", *processed, None)?;
+                    let failures: Vec<FailureRecord> = bad_items
+                        .iter()
+                        .map(|b| FailureRecord {
+                            seq: Some(reply.seq),
+                            position: b.line,
+                            class: FailureClass::BadItem,
+                            reason: b.reason.clone(),
+                        })
+                        .collect();
+                    insert_failures(&tx, reply.run, &failures)?;
+                }
+                Outcome::Retrying {
+                    error,
+                    next_attempt,
+                } => {
+                    if attempts >= i64::from(*next_attempt) {
+                        return Ok(Applied::Duplicate);
+                    }
+                    // The chunk comes back after its delay; its stuck clock starts again.
+                    tx.execute(
+                        "UPDATE chunks SET status = 'in_flight', attempts = ?3, last_error = ?4,
+                         consumer = ?5, dispatched_at = ?6 WHERE run = ?1 AND seq = ?2",
+                        params![
+                            run,
+                            seq,
+                            i64::from(*next_attempt),
+                            error,
+                            reply.consumer,
+                            now
+                        ],
+                    )?;
+                }
+                Outcome::Dead { error } | Outcome::Failed { error } => {
+                    let (status, reason) = match &reply.outcome {
+                        Outcome::Dead { .. } => (
+                            "dead",
+                            format!(
+                                "parked on the dead queue after {} attempts: {error}",
+                                reply.attempt
+                            ),
+                        ),
+                        _ => ("failed", format!("failed permanently: {error}")),
+                    };
+                    finish(&tx, status, 0, Some(error))?;
+                    insert_failures(
+                        &tx,
+                        reply.run,
+                        &[FailureRecord {
+                            seq: Some(reply.seq),
+                            position: line as u64,
+                            class: FailureClass::Chunk,
+                            reason,
+                        }],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(Applied::Recorded)
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, run: RunId) -> Result<(), StateError> {
+        self.with(move |conn| {
+            conn.execute(
+                "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1",
+                params![run as i64, now_ms() as i64],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn finish_run(&self, run: RunId, state: RunState) -> Result<(), StateError> {
+        self.with(move |conn| {
+            let now = now_ms() as i64;
+            let finished = state.is_final().then_some(now);
+            conn.execute(
+                "UPDATE runs SET state = ?2, finished_at = ?3, heartbeat_at = ?4 WHERE id = ?1",
+                params![run as i64, state.as_str(), finished, now],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn status(&self, run: RunId, chunk_timeout: Duration) -> Result<RunStatus, StateError> {
+        self.with(move |conn| {
+            let job: String = conn.query_row(
+                "SELECT job FROM runs WHERE id = ?1",
+                params![run as i64],
+                |r| r.get(0),
+            )?;
+            let record = run_by(conn, &job, Some(run))?
+                .ok_or_else(|| Fail::Corrupt(format!("run {run} vanished")))?;
+            let (chunks, mut items) = conn.query_row(
+                "SELECT COUNT(*),
+                        COALESCE(SUM(status = 'pending'), 0),
+                        COALESCE(SUM(status = 'in_flight'), 0),
+                        COALESCE(SUM(status = 'done'), 0),
+                        COALESCE(SUM(status = 'failed'), 0),
+                        COALESCE(SUM(status = 'dead'), 0),
+                        COALESCE(SUM(items), 0),
+                        COALESCE(SUM(processed), 0),
+                        COALESCE(SUM(CASE WHEN status IN ('failed', 'dead') THEN items END), 0)
+                 FROM chunks WHERE run = ?1",
+                params![run as i64],
+                |r| {
+                    let n = |i: usize| r.get::<_, i64>(i).map(|v| v as u64);
+                    Ok((
+                        ChunkCounts {
+                            total: n(0)?,
+                            pending: n(1)?,
+                            in_flight: n(2)?,
+                            done: n(3)?,
+                            failed: n(4)?,
+                            dead: n(5)?,
+                        },
+                        ItemCounts {
+                            read: n(6)?,
+                            processed: n(7)?,
+                            skipped: 0,
+                            failed: n(8)?,
+                        },
+                    ))
+                },
+            )?;
+            let mut failures = Vec::new();
+            let mut stmt = conn.prepare(
+                "SELECT seq, position, class, reason FROM failures WHERE run = ?1
+                 ORDER BY position, seq",
+            )?;
+            let rows = stmt.query_map(params![run as i64], |r| {
+                Ok((
+                    r.get::<_, Option<i64>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })?;
+            for row in rows {
+                let (seq, position, class, reason) = row?;
+                let class: FailureClass = class.parse().map_err(Fail::Corrupt)?;
+                match class {
+                    FailureClass::BadData => {
+                        // Bad records are read but never put in a chunk.
+                        items.read += 1;
+                        items.skipped += 1;
+                    }
+                    FailureClass::BadItem => items.skipped += 1,
+                    FailureClass::Chunk => {}
+                }
+                failures.push(FailureRecord {
+                    seq: seq.map(|s| s as u64),
+                    position: position as u64,
+                    class,
+                    reason,
+                });
+            }
+            let cutoff = now_ms().saturating_sub(chunk_timeout.as_millis() as u64) as i64;
+            let mut stmt = conn.prepare(
+                "SELECT seq, consumer, dispatched_at, attempts FROM chunks
+                 WHERE run = ?1 AND status = 'in_flight' AND dispatched_at < ?2 ORDER BY seq",
+            )?;
+            let stuck = stmt
+                .query_map(params![run as i64, cutoff], |r| {
+                    Ok(StuckChunk {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        consumer: r.get(1)?,
+                        since: r.get::<_, i64>(2)? as u64,
+                        attempt: r.get::<_, i64>(3)? as u32,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(RunStatus {
+                run: record,
+                items,
+                chunks,
+                failures,
+                stuck,
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{BadItem, Position};
+    use crate::state::NewChunk;
+
+    fn reply(seq: u64, attempt: u32, outcome: Outcome) -> Reply {
+        Reply {
+            job: "j".into(),
+            run: 1,
+            seq,
+            attempt,
+            consumer: "h/1".into(),
+            outcome,
+        }
+    }
+
+    async fn store_with_two_chunks() -> (tempfile::TempDir, SqliteStore, RunId) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("s.db")).expect("open");
+        let run = store.create_run("j", "file x").await.expect("run").id;
+        for seq in 1..=2u64 {
+            let chunk = NewChunk {
+                seq,
+                position: Position {
+                    line: seq * 10,
+                    offset: seq * 100,
+                },
+                end_offset: seq * 100 + 99,
+                items: 10,
+            };
+            let ckpt = Checkpoint {
+                offset: seq * 100 + 99,
+                line: seq * 10 + 9,
+                next_seq: seq + 1,
+                exhausted: seq == 2,
+            };
+            let bad = [FailureRecord {
+                seq: None,
+                position: 5,
+                class: FailureClass::BadData,
+                reason: "not JSON".into(),
+            }];
+            let bad: &[FailureRecord] = if seq == 1 { &bad } else { &[] };
+            store
+                .record(
+                    run,
+                    Progress {
+                        chunk: Some(&chunk),
+                        checkpoint: &ckpt,
+                        bad_data: bad,
+                    },
+                )
+                .await
+                .expect("record");
+        }
+        (dir, store, run)
+    }
+
+    #[tokio::test]
+    async fn replies_apply_once() {
+        let (_dir, store, run) = store_with_two_chunks().await;
+        store.mark_in_flight(run, 1).await.expect("in flight");
+        let done = reply(
+            1,
+            1,
+            Outcome::Done {
+                processed: 9,
+                bad_items: vec![BadItem {
+                    line: 12,
+                    reason: "no price".into(),
+                }],
+            },
+        );
+        assert_eq!(
+            store.apply_reply(&done).await.expect("apply"),
+            Applied::Recorded
+        );
+        assert_eq!(
+            store.apply_reply(&done).await.expect("apply"),
+            Applied::Duplicate
+        );
+        let mut other_run = done.clone();
+        other_run.run = 99;
+        assert_eq!(
+            store.apply_reply(&other_run).await.expect("apply"),
+            Applied::Unknown
+        );
+
+        let s = store
+            .status(run, Duration::from_secs(600))
+            .await
+            .expect("status");
+        assert_eq!(s.chunks.total, 2);
+        assert_eq!(s.chunks.done, 1);
+        assert_eq!(s.chunks.pending, 1);
+        assert_eq!(s.items.read, 21);
+        assert_eq!(s.items.processed, 9);
+        assert_eq!(s.items.skipped, 2);
+        assert_eq!(s.failures.len(), 2);
+        assert_eq!(s.failures[0].class, FailureClass::BadData);
+        assert_eq!(s.failures[1].position, 12);
+        assert_eq!(s.run.checkpoint.next_seq, 3);
+        assert!(s.run.checkpoint.exhausted);
+    }
+
+    #[tokio::test]
+    async fn retrying_then_dead() {
+        let (_dir, store, run) = store_with_two_chunks().await;
+        let retrying = reply(
+            2,
+            1,
+            Outcome::Retrying {
+                error: "exit 1".into(),
+                next_attempt: 2,
+            },
+        );
+        assert_eq!(
+            store.apply_reply(&retrying).await.expect("apply"),
+            Applied::Recorded
+        );
+        assert_eq!(
+            store.apply_reply(&retrying).await.expect("apply"),
+            Applied::Duplicate
+        );
+        let dead = reply(
+            2,
+            2,
+            Outcome::Dead {
+                error: "exit 1".into(),
+            },
+        );
+        assert_eq!(
+            store.apply_reply(&dead).await.expect("apply"),
+            Applied::Recorded
+        );
+        let s = store
+            .status(run, Duration::from_secs(600))
+            .await
+            .expect("status");
+        assert_eq!(s.chunks.dead, 1);
+        assert_eq!(s.items.failed, 10);
+        let chunk_failure = s
+            .failures
+            .iter()
+            .find(|f| f.class == FailureClass::Chunk)
+            .expect("chunk failure");
+        assert_eq!(chunk_failure.seq, Some(2));
+        assert_eq!(chunk_failure.position, 20);
+    }
+
+    #[tokio::test]
+    async fn chunks_in_flight_past_their_timeout_are_stuck() {
+        let (_dir, store, run) = store_with_two_chunks().await;
+        store.mark_in_flight(run, 2).await.expect("in flight");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let s = store
+            .status(run, Duration::from_millis(1))
+            .await
+            .expect("status");
+        assert_eq!(s.stuck.len(), 1);
+        assert_eq!(s.stuck[0].seq, 2);
+        let s = store
+            .status(run, Duration::from_secs(600))
+            .await
+            .expect("status");
+        assert!(s.stuck.is_empty());
+    }
+
+    #[tokio::test]
+    async fn latest_run_and_finish() {
+        let (_dir, store, run) = store_with_two_chunks().await;
+        let second = store.create_run("j", "file x").await.expect("run");
+        assert_eq!(
+            store.run("j", None).await.expect("run").map(|r| r.id),
+            Some(second.id)
+        );
+        store
+            .finish_run(run, RunState::Completed)
+            .await
+            .expect("finish");
+        let first = store
+            .run("j", Some(run))
+            .await
+            .expect("run")
+            .expect("exists");
+        assert_eq!(first.state, RunState::Completed);
+        assert!(first.finished_at.is_some());
+        assert!(store.run("other", None).await.expect("run").is_none());
+    }
+}

@@ -1,0 +1,198 @@
+//! The queues of one job, by name, and how they are declared.
+//!
+//! | queue | what |
+//! |---|---|
+//! | `hopper.<job>.chunks` | quorum queue the consumers read |
+//! | `hopper.<job>.retry.<delay>` | one delay queue per backoff tier (per-queue TTL), dead-lettering back to `chunks` |
+//! | `hopper.<job>.replies` | quorum queue the dispatcher reads |
+//! | `hopper.<job>.dead` | quorum queue for chunks that exhausted retries or could not be decoded |
+//!
+//! Delay queues use a per-queue TTL, one queue per delay: per-message TTLs only expire at the
+//! head of a queue, so one queue with mixed delays would hold short delays behind long ones.
+//!
+//! Declaring is idempotent and both sides do it, so dispatcher and consumers can start in any
+//! order. The queue arguments are constants (never derived from the job file): RabbitMQ refuses a
+//! re-declaration whose arguments differ, and a changed job file must not make that happen.
+
+use std::time::Duration;
+
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::Channel;
+
+use crate::job::Job;
+
+/// Deliveries of one chunk message (crashes of the consumers holding it) before the quorum queue
+/// dead-letters it, so a message that kills consumers cannot loop forever. Set explicitly because
+/// RabbitMQ 3.x has no limit by default and 4.x has 20.
+pub const DELIVERY_LIMIT: i64 = 10;
+
+/// One delay queue: chunks wait `delay` in it, then go back to the chunk queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryTier {
+    /// How long a chunk waits.
+    pub delay: Duration,
+    /// The queue's name.
+    pub queue: String,
+}
+
+/// The names of one job's queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// `hopper.<job>.chunks`.
+    pub chunks: String,
+    /// `hopper.<job>.replies`.
+    pub replies: String,
+    /// `hopper.<job>.dead`.
+    pub dead: String,
+    /// The delay queues, shortest delay first.
+    pub retry: Vec<RetryTier>,
+}
+
+impl Topology {
+    /// The queues of `job`, with one delay queue per distinct backoff delay.
+    pub fn for_job(job: &Job) -> Topology {
+        let base = format!("hopper.{}", job.name);
+        let mut retry: Vec<RetryTier> = Vec::new();
+        for next in 2..=job.retry.max_attempts {
+            let delay = job.retry.delay_before(next);
+            if retry.last().map(|t| t.delay) != Some(delay) {
+                retry.push(RetryTier {
+                    delay,
+                    queue: format!("{base}.retry.{}", delay_name(delay)),
+                });
+            }
+        }
+        Topology {
+            chunks: format!("{base}.chunks"),
+            replies: format!("{base}.replies"),
+            dead: format!("{base}.dead"),
+            retry,
+        }
+    }
+
+    /// The delay queue a chunk goes to before attempt `next`, given the job's backoff.
+    pub fn retry_queue(&self, job: &Job, next: u32) -> Option<&str> {
+        let delay = job.retry.delay_before(next);
+        self.retry
+            .iter()
+            .find(|t| t.delay == delay)
+            .map(|t| t.queue.as_str())
+    }
+
+    /// Every queue's name.
+    pub fn all_queues(&self) -> Vec<&str> {
+        let mut names = vec![
+            self.chunks.as_str(),
+            self.replies.as_str(),
+            self.dead.as_str(),
+        ];
+        names.extend(self.retry.iter().map(|t| t.queue.as_str()));
+        names
+    }
+
+    /// Declares every queue (idempotent).
+    ///
+    /// # Errors
+    /// The broker's error, for example a queue of the same name declared with other arguments.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let durable = QueueDeclareOptions::durable();
+        let mut chunk_args = quorum();
+        chunk_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
+        chunk_args.insert("x-dead-letter-exchange".into(), string(""));
+        chunk_args.insert("x-dead-letter-routing-key".into(), string(&self.dead));
+        channel
+            .queue_declare(self.chunks.as_str().into(), durable, chunk_args)
+            .await?;
+        channel
+            .queue_declare(self.replies.as_str().into(), durable, quorum())
+            .await?;
+        channel
+            .queue_declare(self.dead.as_str().into(), durable, quorum())
+            .await?;
+        for tier in &self.retry {
+            let mut args = FieldTable::default();
+            let ttl = i64::try_from(tier.delay.as_millis()).unwrap_or(i64::MAX);
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+            args.insert("x-dead-letter-exchange".into(), string(""));
+            args.insert("x-dead-letter-routing-key".into(), string(&self.chunks));
+            channel
+                .queue_declare(tier.queue.as_str().into(), durable, args)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every queue of the job, messages included. For tests and clean-up.
+    ///
+    /// # Errors
+    /// The broker's error.
+    pub async fn delete(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        for q in self.all_queues() {
+            channel
+                .queue_delete(q.into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), string("quorum"));
+    args
+}
+
+fn string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// `1s`, `90s`, `250ms`: short, and sorts the tiers readably in the management UI.
+fn delay_name(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn one_tier_per_distinct_delay() {
+        let text = r#"
+name = "t"
+[broker]
+url = "amqp://h"
+[source]
+kind = "file"
+path = "a.jsonl"
+[processor]
+kind = "noop"
+[retry]
+max_attempts = 6
+backoff = "500ms..2s"
+"#;
+        let job = Job::parse(Path::new("t.toml"), text, &|_| None).expect("valid");
+        let t = Topology::for_job(&job);
+        let names: Vec<&str> = t.retry.iter().map(|r| r.queue.as_str()).collect();
+        assert_eq!(
+            names,
+            vec![
+                "hopper.t.retry.500ms",
+                "hopper.t.retry.1s",
+                "hopper.t.retry.2s"
+            ]
+        );
+        assert_eq!(t.retry_queue(&job, 2), Some("hopper.t.retry.500ms"));
+        assert_eq!(t.retry_queue(&job, 6), Some("hopper.t.retry.2s"));
+        assert_eq!(t.chunks, "hopper.t.chunks");
+    }
+}
