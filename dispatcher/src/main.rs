@@ -1,1 +1,189 @@
-fn main() {}
+//! `hopper-dispatcher`: runs a job's dispatcher, or shows where a run stands.
+//!
+//! Exit codes: 0 completed; 1 completed with failures, failed, cancelled or interrupted (or the
+//! run could not go on: broker or state store unreachable); 2 bad usage, bad job file or input.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hopper_common::{open_state, Job, RunState};
+use hopper_dispatcher::{run, RunOptions, StatusReport};
+use tokio_util::sync::CancellationToken;
+
+/// Dispatches very large batch jobs over RabbitMQ, in chunks, under a throttling window.
+#[derive(Parser)]
+#[command(name = "hopper-dispatcher", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Dispatch a new run of the job; progress on stderr. Start consumers with `hopper-consumer`.
+    Run {
+        /// The job file.
+        job: PathBuf,
+    },
+    /// Show where a run stands (the latest run unless --run).
+    Status {
+        /// The job file.
+        job: PathBuf,
+        /// The run to show.
+        #[arg(long)]
+        run: Option<u64>,
+        /// Print the JSON object of the contract instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOPPER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Run { job } => run_job(job).await,
+            Command::Status { job, run, json } => status(job, run, json).await,
+        }
+    })
+}
+
+fn load(path: &PathBuf) -> Result<Job, ExitCode> {
+    Job::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+async fn run_job(path: PathBuf) -> ExitCode {
+    let job = match load(&path) {
+        Ok(j) => j,
+        Err(code) => return code,
+    };
+    let store = match open_state(&job) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let opts = RunOptions {
+        interactive: std::io::stderr().is_terminal(),
+        ..RunOptions::default()
+    };
+    match run(&job, store, opts, shutdown).await {
+        Ok(summary) => {
+            let s = &summary.status;
+            eprintln!(
+                "run {} of {}: {} ({} processed, {} skipped, {} failed of {} read)",
+                summary.run,
+                job.name,
+                summary.state,
+                s.items.processed,
+                s.items.skipped,
+                s.items.failed,
+                s.items.read
+            );
+            match summary.state {
+                RunState::Completed => ExitCode::SUCCESS,
+                RunState::CompletedWithFailures
+                | RunState::Failed
+                | RunState::Cancelled
+                | RunState::Running
+                | RunState::Paused => ExitCode::from(1),
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            if e.is_bad_input() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+async fn status(path: PathBuf, run: Option<u64>, json: bool) -> ExitCode {
+    let job = match load(&path) {
+        Ok(j) => j,
+        Err(code) => return code,
+    };
+    let store = match open_state(&job) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let record = match store.run(&job.name, run).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            match run {
+                Some(id) => eprintln!("error: job {} has no run {id}", job.name),
+                None => eprintln!("error: job {} has no runs yet", job.name),
+            }
+            return ExitCode::from(if run.is_some() { 2 } else { 1 });
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let status = match store.status(record.id, job.retry.chunk_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let report = StatusReport::new(&status);
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: cannot print status as JSON: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        print!("{}", report.table());
+    }
+    ExitCode::SUCCESS
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+async fn stop_on_signal(token: CancellationToken) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::warn!("stop requested; finishing");
+    token.cancel();
+}

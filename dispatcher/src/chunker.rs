@@ -1,0 +1,192 @@
+//! Cuts a source's records into chunks of at most `items` items and `max_bytes` bytes of data.
+//!
+//! A chunk's position is the start of its first item; the cursor after it is exactly where the
+//! next chunk begins, so a checkpoint taken after a chunk never skips nor repeats a record. Bad
+//! records travel with the chunk they were met in, to be recorded with it; an item larger than
+//! `max_bytes` on its own is bad data (it could never be sent).
+
+use hopper_common::job::Chunking;
+use hopper_common::{Item, Position};
+
+use crate::source::{Cursor, Read, Record, Source, SourceError};
+
+/// A chunk as cut from the source, before it has a seq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawChunk {
+    /// Where its first item starts (or, for a chunk of bad records only, where reading was).
+    pub position: Position,
+    /// Where the next chunk starts.
+    pub end: Cursor,
+    /// Its items, possibly none when only bad records were met.
+    pub items: Vec<Item>,
+    /// Bad records met while cutting it: line and reason.
+    pub bad: Vec<(u64, String)>,
+}
+
+/// Cuts chunks from a source.
+pub struct Chunker {
+    source: Box<dyn Source>,
+    limits: Chunking,
+    held: Option<Read>,
+}
+
+impl Chunker {
+    /// A chunker over `source`.
+    pub fn new(source: Box<dyn Source>, limits: Chunking) -> Chunker {
+        Chunker {
+            source,
+            limits,
+            held: None,
+        }
+    }
+
+    /// The next chunk, or `None` when the source is exhausted.
+    ///
+    /// # Errors
+    /// The source's read error.
+    pub fn next_chunk(&mut self) -> Result<Option<RawChunk>, SourceError> {
+        let mut items: Vec<Item> = Vec::with_capacity(self.limits.items.min(4096));
+        let mut bad = Vec::new();
+        let mut bytes = 0u64;
+        let mut position = None;
+        loop {
+            let read = match self.held.take() {
+                Some(r) => r,
+                None => match self.source.next()? {
+                    Some(r) => r,
+                    None => break,
+                },
+            };
+            match read.record {
+                Record::Bad { line, reason } => bad.push((line, reason)),
+                Record::Item(item) => {
+                    let size = item.data.len() as u64;
+                    if size > self.limits.max_bytes {
+                        bad.push((
+                            item.line,
+                            format!(
+                                "item of {size} bytes is larger than chunking.max_bytes ({})",
+                                self.limits.max_bytes
+                            ),
+                        ));
+                        continue;
+                    }
+                    if !items.is_empty() && bytes + size > self.limits.max_bytes {
+                        self.held = Some(Read {
+                            record: Record::Item(item),
+                            start: read.start,
+                        });
+                        break;
+                    }
+                    position.get_or_insert(read.start);
+                    bytes += size;
+                    items.push(item);
+                    if items.len() >= self.limits.items {
+                        break;
+                    }
+                }
+            }
+        }
+        let end = match &self.held {
+            Some(r) => Cursor {
+                offset: r.start.offset,
+                lines: r.start.line.saturating_sub(1),
+            },
+            None => self.source.cursor(),
+        };
+        if items.is_empty() && bad.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(RawChunk {
+            position: position.unwrap_or(Position {
+                line: end.lines,
+                offset: end.offset,
+            }),
+            end,
+            items,
+            bad,
+        }))
+    }
+
+    /// The input's size in bytes, when known.
+    pub fn source_len(&self) -> Option<u64> {
+        self.source.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::FileSource;
+    use hopper_common::FileFormat;
+    use std::io::Write;
+
+    fn chunker(text: &str, items: usize, max_bytes: u64) -> (tempfile::NamedTempFile, Chunker) {
+        let mut f = tempfile::NamedTempFile::new().expect("temp");
+        f.write_all(text.as_bytes()).expect("write");
+        let s = FileSource::open(f.path(), FileFormat::Jsonl).expect("open");
+        (f, Chunker::new(Box::new(s), Chunking { items, max_bytes }))
+    }
+
+    fn all(c: &mut Chunker) -> Vec<RawChunk> {
+        std::iter::from_fn(|| c.next_chunk().expect("chunk")).collect()
+    }
+
+    #[test]
+    fn cuts_by_count_and_chains_positions() {
+        let (_f, mut c) = chunker("1\n2\n3\n4\n5\n", 2, 1000);
+        let chunks = all(&mut c);
+        let sizes: Vec<usize> = chunks.iter().map(|c| c.items.len()).collect();
+        assert_eq!(sizes, vec![2, 2, 1]);
+        assert_eq!(chunks[1].position, Position { line: 3, offset: 4 });
+        assert_eq!(
+            chunks[0].end,
+            Cursor {
+                offset: 4,
+                lines: 2
+            }
+        );
+        assert_eq!(
+            chunks[2].end,
+            Cursor {
+                offset: 10,
+                lines: 5
+            }
+        );
+    }
+
+    #[test]
+    fn cuts_by_bytes_and_holds_the_item_that_did_not_fit() {
+        let (_f, mut c) = chunker("111\n222\n333\n", 10, 7);
+        let chunks = all(&mut c);
+        let sizes: Vec<usize> = chunks.iter().map(|c| c.items.len()).collect();
+        assert_eq!(sizes, vec![2, 1]);
+        assert_eq!(
+            chunks[0].end,
+            Cursor {
+                offset: 8,
+                lines: 2
+            }
+        );
+        assert_eq!(chunks[1].position, Position { line: 3, offset: 8 });
+    }
+
+    #[test]
+    fn oversized_items_and_bad_lines_are_bad_data() {
+        let (_f, mut c) = chunker("1\n123456789\n{x\n2\n", 10, 5);
+        let chunks = all(&mut c);
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].items.len(), 2);
+        let lines: Vec<u64> = chunks[0].bad.iter().map(|b| b.0).collect();
+        assert_eq!(lines, vec![2, 3]);
+    }
+
+    #[test]
+    fn trailing_bad_lines_make_an_empty_chunk() {
+        let (_f, mut c) = chunker("1\n{x\n", 1, 100);
+        let chunks = all(&mut c);
+        assert_eq!(chunks.len(), 2);
+        assert!(chunks[1].items.is_empty());
+        assert_eq!(chunks[1].bad.len(), 1);
+    }
+}

@@ -1,0 +1,643 @@
+//! One run of a job: read the source once, record then publish each chunk under the throttle,
+//! apply the replies, and end when the source is exhausted and nothing is outstanding.
+//!
+//! Invariants:
+//! - **Record, then publish.** A chunk and the checkpoint after it are committed to the state
+//!   store before the chunk is published; the chunk becomes `in_flight` when the broker confirms.
+//! - **Every confirm is kept.** Each publish's confirm future stays in `confirms` until it
+//!   resolves; a nack or a returned (unroutable) chunk is published again from the bytes kept
+//!   until then.
+//! - **The window.** At most `window` chunks are outstanding (published, no final reply), and the
+//!   source is not read further while the window is full (the reader runs at most a couple of
+//!   chunks ahead, on its own thread, through a bounded channel).
+//! - **Replies are applied once**, by the state store; a reply is acked only after it is
+//!   committed. Replies of other runs are applied to their own run's record, never to this one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use hopper_common::broker::{self, process_identity};
+use hopper_common::state::{
+    now_ms, Checkpoint, FailureClass, FailureRecord, NewChunk, Progress as Recorded,
+};
+use hopper_common::{
+    codec, Chunk, CodecError, ConnectError, Job, Outcome, RunId, RunState, RunStatus, StateError,
+    StateStore, Topology,
+};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::chunker::{Chunker, RawChunk};
+use crate::progress::{Progress, Snapshot};
+use crate::source::{self, SourceError};
+use crate::status::HEARTBEAT_STALE;
+use crate::throttle::Throttle;
+
+/// How often the dispatcher tells the state store it is alive.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+
+/// Times one chunk may be refused (nacked or returned) by the broker before the run stops.
+const MAX_REPUBLISH: u32 = 5;
+
+/// How a run is started.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Draw a progress bar (stderr is a terminal) rather than log progress lines.
+    pub interactive: bool,
+    /// How often progress lines are logged when not interactive.
+    pub log_every: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            interactive: false,
+            log_every: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The run's id.
+    pub run: RunId,
+    /// Its final state.
+    pub state: RunState,
+    /// Its counts and failures.
+    pub status: RunStatus,
+}
+
+/// Why a run could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// The input cannot be opened (bad input: nothing was sent) or read part-way.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The broker cannot be reached.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The broker failed or closed something mid-run.
+    #[error("RabbitMQ: {what} ({queue}): {source}")]
+    Broker {
+        /// What was being done.
+        what: &'static str,
+        /// The queue involved.
+        queue: String,
+        /// lapin's error.
+        source: lapin::Error,
+    },
+    /// The broker cancelled the reply consumer (the queue was deleted?).
+    #[error("RabbitMQ cancelled the dispatcher's consumer of {queue}")]
+    ConsumerCancelled {
+        /// The replies queue.
+        queue: String,
+    },
+    /// The broker refused a chunk again and again.
+    #[error("RabbitMQ refused chunk {seq} of run {run} {times} times (queue {queue}); stopping")]
+    Refused {
+        /// The run.
+        run: RunId,
+        /// The chunk.
+        seq: u64,
+        /// How often.
+        times: u32,
+        /// The chunk queue.
+        queue: String,
+    },
+    /// The execution context cannot be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A chunk could not be encoded (a bug).
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// Another dispatcher is running this job.
+    #[error("run {run} of job {job} is being dispatched by another process (heartbeat {age_secs}s ago); stop it first")]
+    AlreadyRunning {
+        /// The job.
+        job: String,
+        /// Its running run.
+        run: RunId,
+        /// Seconds since that run's heartbeat.
+        age_secs: u64,
+    },
+    /// Stopped by a signal before the run finished; the run stays `running`.
+    #[error("interrupted: run {run} stopped before it finished; {read} items were dispatched")]
+    Interrupted {
+        /// The run.
+        run: RunId,
+        /// Items dispatched before the stop.
+        read: u64,
+    },
+}
+
+impl DispatchError {
+    /// True when the input was refused before anything was sent: the user's input is wrong
+    /// (exit code 2), not the run.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, DispatchError::Source(SourceError::Open { .. }))
+    }
+}
+
+fn broker_err(what: &'static str, queue: &str) -> impl FnOnce(lapin::Error) -> DispatchError {
+    let queue = queue.to_string();
+    move |source| DispatchError::Broker {
+        what,
+        queue,
+        source,
+    }
+}
+
+/// A chunk published and not yet finally answered.
+struct Outstanding {
+    items: u64,
+    since: Instant,
+    /// Kept until the broker confirms, to publish again on a nack.
+    message: Option<(Arc<Vec<u8>>, BasicProperties)>,
+    refusals: u32,
+    reported_stuck: bool,
+}
+
+type ConfirmFuture = BoxFuture<'static, (u64, lapin::Result<Confirmation>)>;
+
+/// The state of a run in progress.
+struct Dispatch<'a> {
+    job: &'a Job,
+    run: RunId,
+    store: Arc<dyn StateStore>,
+    channel: Channel,
+    topology: Topology,
+    outstanding: HashMap<u64, Outstanding>,
+    confirms: FuturesUnordered<ConfirmFuture>,
+    throttle: Throttle,
+    checkpoint: Checkpoint,
+    read: u64,
+    processed: u64,
+    skipped: u64,
+}
+
+enum End {
+    Exhausted,
+    SkipLimit,
+    Interrupted,
+}
+
+/// Dispatches one run of `job` to the end.
+///
+/// # Errors
+/// A [`DispatchError`]; [`DispatchError::is_bad_input`] tells the ones where nothing was sent.
+pub async fn run(
+    job: &Job,
+    store: Arc<dyn StateStore>,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, DispatchError> {
+    // The input is checked before anything else: a missing file sends nothing.
+    let source = source::open(&job.source)?;
+    let total_bytes = source.len();
+    let describe = source.describe();
+
+    if let Some(prev) = store.run(&job.name, None).await? {
+        let age = now_ms().saturating_sub(prev.heartbeat_at);
+        if !prev.state.is_final() && age < HEARTBEAT_STALE.as_millis() as u64 {
+            return Err(DispatchError::AlreadyRunning {
+                job: job.name.clone(),
+                run: prev.id,
+                age_secs: age / 1000,
+            });
+        }
+    }
+
+    let topology = Topology::for_job(job);
+    let me = process_identity();
+    let pub_conn = broker::connect(
+        &job.broker_url,
+        &format!("hopper-dispatcher {} publish {me}", job.name),
+    )
+    .await?;
+    let sub_conn = broker::connect(
+        &job.broker_url,
+        &format!("hopper-dispatcher {} replies {me}", job.name),
+    )
+    .await?;
+    let channel = pub_conn
+        .create_channel()
+        .await
+        .map_err(broker_err("open channel", &topology.chunks))?;
+    topology
+        .declare(&channel)
+        .await
+        .map_err(broker_err("declare queues", &topology.chunks))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(broker_err("enable publisher confirms", &topology.chunks))?;
+    let sub = sub_conn
+        .create_channel()
+        .await
+        .map_err(broker_err("open channel", &topology.replies))?;
+    let prefetch = u16::try_from((job.throttle.window * 2).clamp(64, 10_000)).unwrap_or(10_000);
+    sub.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(broker_err("set prefetch", &topology.replies))?;
+    let mut replies = sub
+        .basic_consume(
+            topology.replies.as_str().into(),
+            format!("hopper-dispatcher {me}").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker_err("consume replies", &topology.replies))?;
+
+    let record = store.create_run(&job.name, &describe).await?;
+    let run = record.id;
+    info!(job = %job.name, run, source = %describe, window = job.throttle.window,
+          broker = %hopper_common::job::redact_url(&job.broker_url), "run started");
+
+    let mut d = Dispatch {
+        job,
+        run,
+        store: Arc::clone(&store),
+        channel,
+        topology,
+        outstanding: HashMap::new(),
+        confirms: FuturesUnordered::new(),
+        throttle: Throttle::new(job.throttle),
+        checkpoint: Checkpoint {
+            next_seq: 1,
+            ..Checkpoint::default()
+        },
+        read: 0,
+        processed: 0,
+        skipped: 0,
+    };
+
+    // The reader runs ahead by at most the channel's capacity.
+    let (tx, mut rx) = mpsc::channel::<Result<RawChunk, SourceError>>(2);
+    let mut chunker = Chunker::new(source, job.chunking);
+    tokio::task::spawn_blocking(move || loop {
+        let next = chunker.next_chunk();
+        let last = !matches!(next, Ok(Some(_)));
+        let sent = match next {
+            Ok(Some(c)) => tx.blocking_send(Ok(c)),
+            Ok(None) => return,
+            Err(e) => tx.blocking_send(Err(e)),
+        };
+        if sent.is_err() || last {
+            return;
+        }
+    });
+
+    let mut progress = Progress::new(
+        &job.name,
+        run,
+        total_bytes,
+        opts.interactive,
+        opts.log_every,
+    );
+    let started = tokio::time::Instant::now();
+    let rate_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(rate_timer);
+    let mut held: Option<RawChunk> = None;
+    let mut exhausted = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heartbeat = Instant::now();
+
+    let end = loop {
+        if d.skipped > job.failures.skip_limit {
+            break End::SkipLimit;
+        }
+        if exhausted && held.is_none() && d.outstanding.is_empty() {
+            break End::Exhausted;
+        }
+        let room = d.throttle.has_room(d.outstanding.len());
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break End::Interrupted,
+            delivery = replies.next() => match delivery {
+                Some(Ok(delivery)) => d.on_reply(delivery).await?,
+                Some(Err(e)) => return Err(broker_err("receive replies", &d.topology.replies)(e)),
+                None => {
+                    return Err(DispatchError::ConsumerCancelled { queue: d.topology.replies.clone() })
+                }
+            },
+            Some((seq, confirmation)) = d.confirms.next(), if !d.confirms.is_empty() => {
+                d.on_confirm(seq, confirmation).await?;
+            }
+            _ = &mut rate_timer, if held.is_some() && room => {
+                if let Some(chunk) = held.take() {
+                    d.dispatch(chunk).await?;
+                }
+            }
+            next = rx.recv(), if held.is_none() && !exhausted && room => match next {
+                None => {
+                    exhausted = true;
+                    d.checkpoint.exhausted = true;
+                    d.record(None, &[]).await?;
+                    info!(job = %job.name, run, items = d.read, chunks = d.checkpoint.next_seq - 1,
+                          "source exhausted; waiting for the last replies");
+                }
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(chunk)) => {
+                    let at = started + d.throttle.next_allowed_at();
+                    if at <= tokio::time::Instant::now() {
+                        d.dispatch(chunk).await?;
+                    } else {
+                        rate_timer.as_mut().reset(at);
+                        held = Some(chunk);
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                progress.update(&d.snapshot());
+                if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
+                    last_heartbeat = Instant::now();
+                    d.store.heartbeat(run).await?;
+                    d.report_stuck();
+                }
+            }
+        }
+    };
+    drop(rx);
+    progress.update(&d.snapshot());
+    progress.finish();
+
+    let state = match end {
+        End::Interrupted => {
+            warn!(job = %job.name, run, "interrupted; the run stays `running`");
+            close(&pub_conn, &sub_conn).await;
+            return Err(DispatchError::Interrupted { run, read: d.read });
+        }
+        End::SkipLimit => {
+            error!(job = %job.name, run, skipped = d.skipped, skip_limit = job.failures.skip_limit,
+                   "skip limit passed: the run fails");
+            RunState::Failed
+        }
+        End::Exhausted => {
+            let s = store.status(run, job.retry.chunk_timeout).await?;
+            if s.items.skipped > 0 || s.chunks.failed > 0 || s.chunks.dead > 0 {
+                RunState::CompletedWithFailures
+            } else {
+                RunState::Completed
+            }
+        }
+    };
+    store.finish_run(run, state).await?;
+    let status = store.status(run, job.retry.chunk_timeout).await?;
+    info!(job = %job.name, run, state = %state, processed = status.items.processed,
+          skipped = status.items.skipped, failed = status.items.failed,
+          seconds = started.elapsed().as_secs_f64(), "run finished");
+    close(&pub_conn, &sub_conn).await;
+    Ok(RunSummary { run, state, status })
+}
+
+async fn close(pub_conn: &Connection, sub_conn: &Connection) {
+    // Best effort: the run's outcome is already recorded.
+    let _ = pub_conn.close(200, "run over".into()).await;
+    let _ = sub_conn.close(200, "run over".into()).await;
+}
+
+impl Dispatch<'_> {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            read: self.read,
+            processed: self.processed,
+            skipped: self.skipped,
+            outstanding: self.outstanding.len(),
+            offset: self.checkpoint.offset,
+        }
+    }
+
+    async fn record(
+        &self,
+        chunk: Option<&NewChunk>,
+        bad: &[FailureRecord],
+    ) -> Result<(), DispatchError> {
+        self.store
+            .record(
+                self.run,
+                Recorded {
+                    chunk,
+                    checkpoint: &self.checkpoint,
+                    bad_data: bad,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records a chunk, then publishes it.
+    async fn dispatch(&mut self, raw: RawChunk) -> Result<(), DispatchError> {
+        let (job, run) = (&self.job.name, self.run);
+        let bad: Vec<FailureRecord> = raw
+            .bad
+            .into_iter()
+            .map(|(line, reason)| {
+                warn!(job = %job, run, line, reason = %reason, "skipping a record that cannot be read");
+                FailureRecord {
+                    seq: None,
+                    position: line,
+                    class: FailureClass::BadData,
+                    reason,
+                }
+            })
+            .collect();
+        self.skipped += bad.len() as u64;
+        self.checkpoint.offset = raw.end.offset;
+        self.checkpoint.line = raw.end.lines;
+        if raw.items.is_empty() {
+            return self.record(None, &bad).await;
+        }
+        let seq = self.checkpoint.next_seq;
+        self.checkpoint.next_seq += 1;
+        let items = raw.items.len() as u64;
+        let new = NewChunk {
+            seq,
+            position: raw.position,
+            end_offset: raw.end.offset,
+            items,
+        };
+        self.record(Some(&new), &bad).await?;
+
+        let chunk = Chunk {
+            job: job.clone(),
+            run,
+            seq,
+            attempt: 1,
+            position: raw.position,
+            items: raw.items,
+        };
+        let payload = Arc::new(codec::encode_chunk(&chunk)?);
+        let props = broker::chunk_properties(&chunk);
+        self.outstanding.insert(
+            seq,
+            Outstanding {
+                items,
+                since: Instant::now(),
+                message: Some((payload, props)),
+                refusals: 0,
+                reported_stuck: false,
+            },
+        );
+        self.publish(seq).await?;
+        self.throttle.sent(items);
+        self.read += items;
+        debug!(job = %self.job.name, run, seq, items, "chunk published");
+        Ok(())
+    }
+
+    /// Publishes an outstanding chunk from its kept bytes and keeps the confirm.
+    async fn publish(&mut self, seq: u64) -> Result<(), DispatchError> {
+        let Some((payload, props)) = self.outstanding.get(&seq).and_then(|o| o.message.clone())
+        else {
+            return Ok(());
+        };
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.topology.chunks.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &payload,
+                props,
+            )
+            .await
+            .map_err(broker_err("publish chunk", &self.topology.chunks))?;
+        self.confirms
+            .push(Box::pin(async move { (seq, confirm.await) }));
+        Ok(())
+    }
+
+    async fn on_confirm(
+        &mut self,
+        seq: u64,
+        confirmation: lapin::Result<Confirmation>,
+    ) -> Result<(), DispatchError> {
+        let refused = match confirmation {
+            Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => None,
+            Ok(Confirmation::Ack(Some(returned))) => {
+                Some(format!("returned unroutable ({})", returned.reply_text))
+            }
+            Ok(Confirmation::Nack(_)) => Some("nacked by the broker".to_string()),
+            Err(e) => return Err(broker_err("confirm chunk", &self.topology.chunks)(e)),
+        };
+        let Some(o) = self.outstanding.get_mut(&seq) else {
+            // Its final reply came before its confirm: nothing left to do.
+            return Ok(());
+        };
+        match refused {
+            None => {
+                o.message = None;
+                self.store.mark_in_flight(self.run, seq).await?;
+            }
+            Some(why) => {
+                o.refusals += 1;
+                if o.refusals > MAX_REPUBLISH {
+                    return Err(DispatchError::Refused {
+                        run: self.run,
+                        seq,
+                        times: o.refusals,
+                        queue: self.topology.chunks.clone(),
+                    });
+                }
+                warn!(job = %self.job.name, run = self.run, seq, why = %why,
+                      "chunk not accepted; declaring the queues again and publishing it again");
+                self.topology
+                    .declare(&self.channel)
+                    .await
+                    .map_err(broker_err("declare queues", &self.topology.chunks))?;
+                self.publish(seq).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_reply(&mut self, delivery: Delivery) -> Result<(), DispatchError> {
+        match codec::decode_reply(&delivery.data) {
+            Err(e) => warn!(job = %self.job.name,
+                            message_id = ?delivery.properties.message_id(),
+                            error = %e, "dropping a reply that cannot be read"),
+            Ok(reply) => {
+                let applied = self.store.apply_reply(&reply).await?;
+                if reply.run != self.run {
+                    debug!(job = %self.job.name, run = reply.run, seq = reply.seq, ?applied,
+                           "reply of another run");
+                } else {
+                    if applied == hopper_common::state::Applied::Recorded {
+                        self.log_outcome(&reply);
+                    }
+                    if reply.outcome.is_final() {
+                        self.outstanding.remove(&reply.seq);
+                    }
+                }
+            }
+        }
+        delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(broker_err("ack reply", &self.topology.replies))?;
+        Ok(())
+    }
+
+    fn log_outcome(&mut self, reply: &hopper_common::Reply) {
+        let (job, run, seq, attempt) = (&self.job.name, reply.run, reply.seq, reply.attempt);
+        match &reply.outcome {
+            Outcome::Done {
+                processed,
+                bad_items,
+            } => {
+                self.processed += processed;
+                self.skipped += bad_items.len() as u64;
+                for b in bad_items {
+                    warn!(job = %job, run, seq, line = b.line, reason = %b.reason, "item skipped by the processor");
+                }
+            }
+            Outcome::Retrying {
+                error,
+                next_attempt,
+            } => {
+                warn!(job = %job, run, seq, attempt, next_attempt, consumer = %reply.consumer,
+                      error = %error, "chunk failed; it will be retried");
+                if let Some(o) = self.outstanding.get_mut(&seq) {
+                    o.since = Instant::now();
+                    o.reported_stuck = false;
+                }
+            }
+            Outcome::Dead { error } => {
+                error!(job = %job, run, seq, attempt, error = %error,
+                       "chunk failed on its last attempt; parked on the dead queue")
+            }
+            Outcome::Failed { error } => {
+                error!(job = %job, run, seq, attempt, error = %error, "chunk failed permanently")
+            }
+        }
+    }
+
+    fn report_stuck(&mut self) {
+        let timeout = self.job.retry.chunk_timeout;
+        for (seq, o) in &mut self.outstanding {
+            if !o.reported_stuck && o.since.elapsed() > timeout {
+                o.reported_stuck = true;
+                warn!(job = %self.job.name, run = self.run, seq = *seq, items = o.items,
+                      secs = o.since.elapsed().as_secs(), "chunk stuck: in flight past chunk_timeout");
+            }
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The file source: JSON Lines, CSV and plain lines, read as a stream with exact positions.
+//!
+//! - `jsonl`: each non-blank line is one JSON value, validated but kept as text.
+//! - `csv`: the header row names the fields; each record becomes a JSON object of strings.
+//!   Quoted fields may hold commas, quotes and newlines; a record's line is the line it starts on.
+//! - `lines`: each non-blank line is one item, a JSON string.
+//!
+//! Blank lines are not records. A line that is not valid UTF-8 or not valid JSON, and a CSV
+//! record with the wrong number of fields, is bad data: reported with its line, not fatal.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use hopper_common::{FileFormat, Item, Position};
+use serde::de::IgnoredAny;
+
+use super::{Cursor, Read, Record, Source, SourceError};
+
+/// A file read as a stream of records.
+#[derive(Debug)]
+pub struct FileSource {
+    path: PathBuf,
+    format: FileFormat,
+    len: u64,
+    inner: Inner,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Lines {
+        reader: BufReader<File>,
+        buf: Vec<u8>,
+        cursor: Cursor,
+    },
+    Csv {
+        reader: Box<csv::Reader<File>>,
+        headers: Vec<String>,
+        record: csv::StringRecord,
+    },
+}
+
+impl FileSource {
+    /// Opens `path` in `format`; for CSV, reads the header row.
+    ///
+    /// # Errors
+    /// [`SourceError::Open`] when the file cannot be opened, or a CSV file has no readable header.
+    pub fn open(path: &Path, format: FileFormat) -> Result<FileSource, SourceError> {
+        let open_err = |source| SourceError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = File::open(path).map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if meta.is_dir() {
+            return Err(open_err(std::io::Error::other("it is a directory")));
+        }
+        let inner = match format {
+            FileFormat::Jsonl | FileFormat::Lines => Inner::Lines {
+                reader: BufReader::with_capacity(256 * 1024, file),
+                buf: Vec::with_capacity(1024),
+                cursor: Cursor::default(),
+            },
+            FileFormat::Csv => {
+                let mut reader = csv::ReaderBuilder::new()
+                    .has_headers(true)
+                    .flexible(false)
+                    .buffer_capacity(256 * 1024)
+                    .from_reader(file);
+                let headers = reader
+                    .headers()
+                    .map_err(|e| open_err(std::io::Error::other(format!("CSV header row: {e}"))))?
+                    .iter()
+                    .map(str::to_string)
+                    .collect();
+                Inner::Csv {
+                    reader: Box::new(reader),
+                    headers,
+                    record: csv::StringRecord::new(),
+                }
+            }
+        };
+        Ok(FileSource {
+            path: path.to_path_buf(),
+            format,
+            len: meta.len(),
+            inner,
+        })
+    }
+
+    fn read_err(&self, offset: u64, message: String) -> SourceError {
+        SourceError::Read {
+            path: self.path.display().to_string(),
+            offset,
+            message,
+        }
+    }
+}
+
+/// Turns one line of a line-based format into a record.
+fn line_record(format: FileFormat, line: u64, bytes: &[u8]) -> Record {
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            return Record::Bad {
+                line,
+                reason: format!("not valid UTF-8: {e}"),
+            }
+        }
+    };
+    match format {
+        FileFormat::Jsonl => match serde_json::from_str::<IgnoredAny>(text) {
+            Ok(_) => Record::Item(Item {
+                line,
+                data: text.to_string(),
+            }),
+            Err(e) => Record::Bad {
+                line,
+                reason: format!("not valid JSON: {e}"),
+            },
+        },
+        // Serializing a &str cannot fail.
+        _ => Record::Item(Item {
+            line,
+            data: serde_json::to_string(text).unwrap_or_default(),
+        }),
+    }
+}
+
+impl Source for FileSource {
+    fn next(&mut self) -> Result<Option<Read>, SourceError> {
+        let format = self.format;
+        match &mut self.inner {
+            Inner::Lines {
+                reader,
+                buf,
+                cursor,
+            } => loop {
+                buf.clear();
+                let start = *cursor;
+                let n = match reader.read_until(b'\n', buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let offset = cursor.offset;
+                        return Err(self.read_err(offset, e.to_string()));
+                    }
+                };
+                if n == 0 {
+                    return Ok(None);
+                }
+                cursor.offset += n as u64;
+                cursor.lines += 1;
+                let line = cursor.lines;
+                let bytes = buf.trim_ascii();
+                if bytes.is_empty() {
+                    continue;
+                }
+                return Ok(Some(Read {
+                    record: line_record(format, line, bytes),
+                    start: Position {
+                        line,
+                        offset: start.offset,
+                    },
+                }));
+            },
+            Inner::Csv {
+                reader,
+                headers,
+                record,
+            } => loop {
+                let result = reader.read_record(record);
+                let pos = record.position().cloned();
+                match result {
+                    Ok(false) => return Ok(None),
+                    Ok(true) => {
+                        let Some(pos) = pos else { continue };
+                        let start = Position {
+                            line: pos.line(),
+                            offset: pos.byte(),
+                        };
+                        if record.iter().all(str::is_empty) {
+                            continue;
+                        }
+                        let object: serde_json::Map<String, serde_json::Value> = headers
+                            .iter()
+                            .zip(record.iter())
+                            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.to_string())))
+                            .collect();
+                        return Ok(Some(Read {
+                            record: Record::Item(Item {
+                                line: start.line,
+                                data: serde_json::Value::Object(object).to_string(),
+                            }),
+                            start,
+                        }));
+                    }
+                    Err(e) => {
+                        let at = e.position().cloned();
+                        match e.into_kind() {
+                            csv::ErrorKind::UnequalLengths {
+                                pos,
+                                expected_len,
+                                len,
+                            } => {
+                                let pos = pos.or(at).unwrap_or_else(csv::Position::new);
+                                return Ok(Some(Read {
+                                    record: Record::Bad {
+                                        line: pos.line(),
+                                        reason: format!(
+                                            "CSV record has {len} fields, the header has {expected_len}"
+                                        ),
+                                    },
+                                    start: Position {
+                                        line: pos.line(),
+                                        offset: pos.byte(),
+                                    },
+                                }));
+                            }
+                            csv::ErrorKind::Utf8 { pos, err } => {
+                                let pos = pos.or(at).unwrap_or_else(csv::Position::new);
+                                return Ok(Some(Read {
+                                    record: Record::Bad {
+                                        line: pos.line(),
+                                        reason: format!("not valid UTF-8: {err}"),
+                                    },
+                                    start: Position {
+                                        line: pos.line(),
+                                        offset: pos.byte(),
+                                    },
+                                }));
+                            }
+                            other => {
+                                let offset = reader.position().byte();
+                                return Err(self.read_err(offset, format!("{other:?}")));
+                            }
+                        }
+                    }
+                }
+            },
+        }
+    }
+
+    fn cursor(&self) -> Cursor {
+        match &self.inner {
+            Inner::Lines { cursor, .. } => *cursor,
+            Inner::Csv { reader, .. } => {
+                let p = reader.position();
+                Cursor {
+                    offset: p.byte(),
+                    lines: p.line().saturating_sub(1),
+                }
+            }
+        }
+    }
+
+    fn len(&self) -> Option<u64> {
+        Some(self.len)
+    }
+
+    fn describe(&self) -> String {
+        format!("file {} ({})", self.path.display(), self.format)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn source(format: FileFormat, text: &[u8]) -> (tempfile::NamedTempFile, FileSource) {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(text).expect("write");
+        let s = FileSource::open(f.path(), format).expect("open");
+        (f, s)
+    }
+
+    fn all(s: &mut FileSource) -> Vec<Read> {
+        std::iter::from_fn(|| s.next().expect("read")).collect()
+    }
+
+    #[test]
+    fn jsonl_keeps_lines_offsets_and_reports_bad_lines() {
+        let (_f, mut s) = source(FileFormat::Jsonl, b"{\"id\":1}\n\n{oops\n{\"id\":3}\r\n");
+        let reads = all(&mut s);
+        assert_eq!(reads.len(), 3);
+        assert_eq!(
+            reads[0],
+            Read {
+                record: Record::Item(Item {
+                    line: 1,
+                    data: "{\"id\":1}".into()
+                }),
+                start: Position { line: 1, offset: 0 }
+            }
+        );
+        assert!(
+            matches!(&reads[1].record, Record::Bad { line: 3, reason } if reason.contains("JSON"))
+        );
+        assert_eq!(
+            reads[1].start,
+            Position {
+                line: 3,
+                offset: 10
+            }
+        );
+        assert_eq!(
+            reads[2].start,
+            Position {
+                line: 4,
+                offset: 16
+            }
+        );
+        assert_eq!(
+            s.cursor(),
+            Cursor {
+                offset: 26,
+                lines: 4
+            }
+        );
+    }
+
+    #[test]
+    fn lines_become_json_strings() {
+        let (_f, mut s) = source(FileFormat::Lines, b"a \"quoted\" line\nlast");
+        let reads = all(&mut s);
+        assert_eq!(
+            reads[0].record,
+            Record::Item(Item {
+                line: 1,
+                data: r#""a \"quoted\" line""#.into()
+            })
+        );
+        assert_eq!(
+            reads[1].start,
+            Position {
+                line: 2,
+                offset: 16
+            }
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_is_bad_data() {
+        let (_f, mut s) = source(FileFormat::Lines, b"ok\n\xff\xfe\n");
+        let reads = all(&mut s);
+        assert!(matches!(&reads[1].record, Record::Bad { line: 2, .. }));
+    }
+
+    #[test]
+    fn csv_uses_headers_quotes_and_reports_short_rows() {
+        let text = b"id,name\n1,\"a, \"\"b\"\"\"\n2,\"multi\nline\"\n3\n4,d\n";
+        let (_f, mut s) = source(FileFormat::Csv, text);
+        let reads = all(&mut s);
+        assert_eq!(reads.len(), 4);
+        assert_eq!(
+            reads[0].record,
+            Record::Item(Item {
+                line: 2,
+                data: r#"{"id":"1","name":"a, \"b\""}"#.into()
+            })
+        );
+        assert_eq!(reads[0].start.offset, 8);
+        assert_eq!(reads[1].start.line, 3);
+        assert!(
+            matches!(&reads[2].record, Record::Bad { line: 5, reason } if reason.contains("1 fields"))
+        );
+        assert_eq!(reads[3].start.line, 6);
+    }
+
+    #[test]
+    fn a_missing_file_cannot_be_opened() {
+        let err = FileSource::open(Path::new("/nonexistent/x.jsonl"), FileFormat::Jsonl)
+            .expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/x.jsonl"));
+    }
+}

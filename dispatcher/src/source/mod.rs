@@ -1,0 +1,97 @@
+//! Sources: where a run's records come from, read once, as a stream.
+//!
+//! A [`Source`] yields [`Read`]s in order: an item, or a record that could not be read (bad
+//! data, skipped and reported with its line). Each read carries where it starts, so a chunk
+//! knows its position and the checkpoint after it is exact. Reading is blocking; the dispatcher
+//! runs a source on its own thread.
+
+mod file;
+
+use hopper_common::job::SourceSpec;
+use hopper_common::{Item, Position};
+
+pub use file::FileSource;
+
+/// A source that cannot go on. At the start of a run this is bad input (exit 2); mid-run the
+/// run stops and can be resumed from its checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The input cannot be opened.
+    #[error("cannot open input {path}: {source}")]
+    Open {
+        /// The input file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Reading failed part-way.
+    #[error("cannot read input {path} at byte {offset}: {message}")]
+    Read {
+        /// The input file.
+        path: String,
+        /// Where reading stopped.
+        offset: u64,
+        /// Why.
+        message: String,
+    },
+}
+
+/// One record as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// A good item.
+    Item(Item),
+    /// A record that could not be read; it is skipped and reported.
+    Bad {
+        /// Its line number.
+        line: u64,
+        /// Why it could not be read.
+        reason: String,
+    },
+}
+
+/// A record and where it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read {
+    /// The record.
+    pub record: Record,
+    /// Its start: line number and byte offset.
+    pub start: Position,
+}
+
+/// Where reading stands: the byte offset of the next record, and how many lines lie before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cursor {
+    /// Byte offset of the next record.
+    pub offset: u64,
+    /// Lines consumed so far.
+    pub lines: u64,
+}
+
+/// A stream of records.
+pub trait Source: Send {
+    /// The next record, or `None` at the end.
+    ///
+    /// # Errors
+    /// [`SourceError::Read`] when the input cannot be read further.
+    fn next(&mut self) -> Result<Option<Read>, SourceError>;
+
+    /// Where the next record starts.
+    fn cursor(&self) -> Cursor;
+
+    /// The input's size in bytes, when known, for progress.
+    fn len(&self) -> Option<u64>;
+
+    /// What this source reads, for people: `file data/x.jsonl (jsonl)`.
+    fn describe(&self) -> String;
+}
+
+/// Opens the source a job names.
+///
+/// # Errors
+/// [`SourceError::Open`] when the input cannot be opened.
+pub fn open(spec: &SourceSpec) -> Result<Box<dyn Source>, SourceError> {
+    match spec {
+        SourceSpec::File { path, format } => Ok(Box::new(FileSource::open(path, *format)?)),
+    }
+}
