@@ -10,12 +10,14 @@
 //! - [`codec`]: their MessagePack encoding, in a versioned envelope.
 //! - [`topology`]: the queues of a job and how they are declared.
 //! - [`broker`]: connections and message properties.
+//! - [`shutdown`]: stopping on SIGINT or SIGTERM.
 //! - [`state`]: the execution context ([`StateStore`]) and its SQLite implementation.
 
 pub mod broker;
 pub mod codec;
 pub mod job;
 pub mod message;
+pub mod shutdown;
 pub mod state;
 pub mod topology;
 

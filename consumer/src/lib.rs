@@ -1,1 +1,48 @@
-//! placeholder
+//! The Hopper consumer: takes chunks of a job from RabbitMQ, runs a [`Processor`] over each,
+//! replies with the outcome and acks.
+//!
+//! The `hopper-consumer` binary runs the built-in processors a job file names. To run your own
+//! code, implement [`Processor`] and call [`run()`]:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use hopper_consumer::{async_trait, run, Chunk, ConsumerOptions, ProcessError, Processed, Processor};
+//!
+//! struct Shout;
+//!
+//! #[async_trait]
+//! impl Processor for Shout {
+//!     async fn process(&self, chunk: &Chunk) -> Result<Processed, ProcessError> {
+//!         let mut out = Processed::all_done();
+//!         for item in &chunk.items {
+//!             match item.parse::<String>() {
+//!                 Ok(text) => println!("{}", text.to_uppercase()),
+//!                 Err(e) => out.bad_item(item, e.to_string()),
+//!             }
+//!         }
+//!         Ok(out)
+//!     }
+//! }
+//!
+//! # async fn example() -> anyhow::Result<()> {
+//! let job = hopper_consumer::Job::load("job.toml".as_ref())?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! run(&job, Arc::new(Shout), ConsumerOptions::default(), shutdown).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`processor`]: the [`Processor`] trait, its outcome types and the built-in processors
+//!   (`exec`, `file`, `noop`).
+//! - [`worker`]: the loop that takes, processes, replies and acks.
+
+pub mod processor;
+pub mod worker;
+
+pub use async_trait::async_trait;
+pub use hopper_common::{BadItem, Chunk, Item, Job};
+pub use processor::{
+    build, BuildError, ExecProcessor, FileProcessor, NoopProcessor, ProcessError, Processed,
+    Processor,
+};
+pub use worker::{run, ConsumerError, ConsumerOptions, ConsumerSummary};

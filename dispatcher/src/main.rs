@@ -44,6 +44,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HOPPER_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -84,7 +85,7 @@ async fn run_job(path: PathBuf) -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(hopper_common::shutdown::cancel_on_signal(shutdown.clone()));
     let opts = RunOptions {
         interactive: std::io::stderr().is_terminal(),
         ..RunOptions::default()
@@ -168,22 +169,4 @@ async fn status(path: PathBuf, run: Option<u64>, json: bool) -> ExitCode {
         print!("{}", report.table());
     }
     ExitCode::SUCCESS
-}
-
-/// Cancels `token` on SIGINT or SIGTERM.
-async fn stop_on_signal(token: CancellationToken) {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-    tracing::warn!("stop requested; finishing");
-    token.cancel();
 }

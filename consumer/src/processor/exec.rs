@@ -1,0 +1,220 @@
+//! `exec`: runs a command per chunk, without a shell.
+//!
+//! The protocol, for the command's author:
+//! - **stdin**: the chunk's items, one JSON value per line, in source order.
+//! - **environment**: `HOPPER_JOB`, `HOPPER_RUN`, `HOPPER_SEQ`, `HOPPER_ATTEMPT` and
+//!   `HOPPER_FIRST_LINE` (the source line of the first item). `HOPPER_RUN`/`HOPPER_SEQ` identify
+//!   the chunk: use them to make the command's effect idempotent.
+//! - **working directory**: the job file's directory.
+//! - **stdout**: to refuse one item as bad data, print one line
+//!   `{"index": N, "reason": "..."}` where `N` is the 0-based index of the item on stdin. The
+//!   item is skipped and reported with its source line; other stdout lines are logged at debug.
+//! - **stderr**: logged by the consumer, line by line, tagged with the chunk.
+//! - **exit status**: 0, the chunk is done (but for the refused items). Anything else, or death
+//!   by a signal: a transient failure, and the chunk comes back after the job's backoff.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use async_trait::async_trait;
+use hopper_common::Chunk;
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::process::Command;
+use tracing::{debug, warn};
+
+use super::{ProcessError, Processed, Processor};
+
+/// Runs a command per chunk.
+#[derive(Debug, Clone)]
+pub struct ExecProcessor {
+    command: Vec<String>,
+    dir: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BadLine {
+    index: usize,
+    reason: String,
+}
+
+impl ExecProcessor {
+    /// Runs `command` (program, then arguments) in `dir`.
+    ///
+    /// # Errors
+    /// A message when the program cannot be found: a path relative to `dir`, or a name on `PATH`.
+    pub fn new(command: Vec<String>, dir: PathBuf) -> Result<ExecProcessor, String> {
+        let program = command
+            .first()
+            .ok_or_else(|| "the command is empty".to_string())?;
+        if !program_exists(program, &dir) {
+            return Err(format!(
+                "program {program:?} not found (a path is taken relative to {}; a bare name is looked up on PATH)",
+                dir.display()
+            ));
+        }
+        Ok(ExecProcessor { command, dir })
+    }
+}
+
+fn program_exists(program: &str, dir: &Path) -> bool {
+    if program.contains('/') {
+        return dir.join(program).is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
+}
+
+#[async_trait]
+impl Processor for ExecProcessor {
+    async fn process(&self, chunk: &Chunk) -> Result<Processed, ProcessError> {
+        let program = &self.command[0];
+        let mut child = Command::new(program)
+            .args(&self.command[1..])
+            .current_dir(&self.dir)
+            .env("HOPPER_JOB", &chunk.job)
+            .env("HOPPER_RUN", chunk.run.to_string())
+            .env("HOPPER_SEQ", chunk.seq.to_string())
+            .env("HOPPER_ATTEMPT", chunk.attempt.to_string())
+            .env("HOPPER_FIRST_LINE", chunk.position.line.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| ProcessError::Transient(format!("cannot start {program:?}: {e}")))?;
+
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(ProcessError::Transient(
+                "the command's pipes could not be opened".into(),
+            ));
+        };
+
+        // Feed stdin while reading stdout and stderr, so a chatty command never blocks on a
+        // full pipe. A command that stops reading early closes the pipe: its exit status decides.
+        let data: Vec<u8> = chunk.items.iter().fold(Vec::new(), |mut buf, item| {
+            buf.extend_from_slice(item.data.as_bytes());
+            buf.push(b'\n');
+            buf
+        });
+        let feed = async move {
+            let mut w = BufWriter::new(stdin);
+            let _ = w.write_all(&data).await;
+            let _ = w.shutdown().await;
+        };
+        let (job, run, seq) = (&chunk.job, chunk.run, chunk.seq);
+        let read_stdout = async {
+            let mut bad = Vec::new();
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                match serde_json::from_str::<BadLine>(&line) {
+                    Ok(b) => bad.push(b),
+                    Err(_) => debug!(job = %job, run, seq, stdout = %line, "command output"),
+                }
+            }
+            bad
+        };
+        let read_stderr = async {
+            let mut last = String::new();
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                warn!(job = %job, run, seq, stderr = %line, "command stderr");
+                last = line;
+            }
+            last
+        };
+        let ((), bad, last_stderr) = tokio::join!(feed, read_stdout, read_stderr);
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| ProcessError::Transient(format!("waiting for {program:?}: {e}")))?;
+        if !status.success() {
+            let mut msg = format!("{program:?} {status}");
+            if !last_stderr.is_empty() {
+                msg.push_str(&format!("; last stderr line: {last_stderr}"));
+            }
+            return Err(ProcessError::Transient(msg));
+        }
+        let mut processed = Processed::all_done();
+        for b in bad {
+            match chunk.items.get(b.index) {
+                Some(item) => processed.bad_item(item, b.reason),
+                None => warn!(job = %job, run, seq, index = b.index,
+                              "command reported a bad item at an index past the chunk's end; ignored"),
+            }
+        }
+        Ok(processed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hopper_common::{Item, Position};
+
+    fn chunk() -> Chunk {
+        Chunk {
+            job: "j".into(),
+            run: 1,
+            seq: 2,
+            attempt: 3,
+            position: Position {
+                line: 10,
+                offset: 0,
+            },
+            items: (0..3)
+                .map(|i| Item {
+                    line: 10 + i,
+                    data: format!("{{\"id\":{i}}}"),
+                })
+                .collect(),
+        }
+    }
+
+    fn sh(script: &str) -> ExecProcessor {
+        ExecProcessor::new(
+            vec!["sh".into(), "-c".into(), script.into()],
+            std::env::temp_dir(),
+        )
+        .expect("sh exists")
+    }
+
+    #[tokio::test]
+    async fn bad_items_are_reported_by_index_with_their_source_line() {
+        let p = sh(r#"cat >/dev/null; echo '{"index": 1, "reason": "no price"}'; echo hello"#);
+        let out = p.process(&chunk()).await.expect("done");
+        assert_eq!(out.bad_items.len(), 1);
+        assert_eq!(out.bad_items[0].line, 11);
+        assert_eq!(out.bad_items[0].reason, "no price");
+    }
+
+    #[tokio::test]
+    async fn items_and_identity_reach_the_command() {
+        let p = sh(
+            r#"n=$(wc -l); [ "$n" = 3 ] && [ "$HOPPER_SEQ" = 2 ] && [ "$HOPPER_ATTEMPT" = 3 ] && [ "$HOPPER_FIRST_LINE" = 10 ]"#,
+        );
+        p.process(&chunk()).await.expect("done");
+    }
+
+    #[tokio::test]
+    async fn a_failing_command_is_transient_with_its_last_stderr_line() {
+        let p = sh("echo first >&2; echo boom >&2; exit 3");
+        match p.process(&chunk()).await {
+            Err(ProcessError::Transient(msg)) => {
+                assert!(msg.contains("exit status: 3"), "{msg}");
+                assert!(msg.contains("boom"), "{msg}");
+            }
+            other => panic!("expected a transient failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_missing_program_is_refused_up_front() {
+        let err = ExecProcessor::new(vec!["no-such-program-hopper".into()], std::env::temp_dir())
+            .expect_err("missing");
+        assert!(err.contains("no-such-program-hopper"));
+    }
+}

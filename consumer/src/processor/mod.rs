@@ -1,0 +1,105 @@
+//! Processors: what a consumer does with a chunk.
+//!
+//! A [`Processor`] takes a whole [`Chunk`] and either finishes it (some items possibly refused
+//! as bad, with reasons) or fails it with a [`ProcessError`] that says what happens next:
+//! retry the chunk later, or park it for good. Processing must be idempotent per chunk
+//! (`job`, `run`, `seq`): a chunk can be delivered twice (a consumer died after committing and
+//! before acking), and the second delivery must not apply its items twice.
+//!
+//! Built-in kinds: [`ExecProcessor`] (`exec`), [`FileProcessor`] (`file`), [`NoopProcessor`]
+//! (`noop`). A custom processor is any type implementing [`Processor`], run with
+//! [`crate::run`]; see `consumer/examples/custom_processor.rs`.
+
+mod exec;
+mod file;
+mod noop;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use hopper_common::{BadItem, Chunk, Item, Job, ProcessorSpec};
+
+pub use exec::ExecProcessor;
+pub use file::FileProcessor;
+pub use noop::NoopProcessor;
+
+/// What a processor made of a chunk it finished: every item not listed in `bad_items` is done.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Processed {
+    /// Items refused, with reasons. They are skipped and reported; the rest of the run goes on.
+    pub bad_items: Vec<BadItem>,
+}
+
+impl Processed {
+    /// Every item done.
+    pub fn all_done() -> Processed {
+        Processed::default()
+    }
+
+    /// Marks `item` as bad: skipped, and reported with its line and `reason`.
+    pub fn bad_item(&mut self, item: &Item, reason: impl Into<String>) {
+        self.bad_items.push(BadItem {
+            line: item.line,
+            reason: reason.into(),
+        });
+    }
+}
+
+/// A chunk that could not be finished. The variant is the decision.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProcessError {
+    /// Might work later (a timeout, a deadlock, a service down): the chunk is retried after the
+    /// job's backoff, up to `max_attempts`, then parked on the dead queue.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Cannot work however often it is tried: the chunk is parked on the dead queue now.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+/// Processes chunks. Implement it to run your own code on every chunk of a job.
+#[async_trait]
+pub trait Processor: Send + Sync + 'static {
+    /// Processes one chunk and commits its effect, idempotently per (`run`, `seq`).
+    ///
+    /// # Errors
+    /// A [`ProcessError`] saying whether to retry the chunk.
+    async fn process(&self, chunk: &Chunk) -> Result<Processed, ProcessError>;
+}
+
+/// A job file's processor cannot be built on this host.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// `kind = "custom"` needs Rust code: run it through the library.
+    #[error("job file {file}: processor kind \"custom\" runs only through the hopper-consumer library (see consumer/examples/custom_processor.rs)")]
+    Custom {
+        /// The job file.
+        file: String,
+    },
+    /// The `exec` command's program cannot be found.
+    #[error("job file {file}: field `processor.command`: {message}")]
+    Command {
+        /// The job file.
+        file: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Builds the processor a job file names, for the `hopper-consumer` binary.
+///
+/// # Errors
+/// [`BuildError`] for a custom processor or a command that cannot be found.
+pub fn build(job: &Job) -> Result<Arc<dyn Processor>, BuildError> {
+    let file = job.file.display().to_string();
+    match &job.processor {
+        ProcessorSpec::Exec { command } => {
+            let p = ExecProcessor::new(command.clone(), job.dir.clone())
+                .map_err(|message| BuildError::Command { file, message })?;
+            Ok(Arc::new(p))
+        }
+        ProcessorSpec::File { dir } => Ok(Arc::new(FileProcessor::new(dir.clone()))),
+        ProcessorSpec::Noop => Ok(Arc::new(NoopProcessor::default())),
+        ProcessorSpec::Custom { .. } => Err(BuildError::Custom { file }),
+    }
+}
