@@ -1,1 +1,295 @@
-//! placeholder
+//! Helpers shared by the end-to-end tests: a reachable broker (or a clear failure), the real
+//! binaries, a job of its own per test (own name, queues, state file and directory), and
+//! clean-up of the queues whatever the test's outcome.
+//!
+//! The broker is `HOPPER_TEST_AMQP_URL`, by default the local RabbitMQ with guest/guest.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use hopper_common::{Job, Topology};
+use tokio::process::{Child, Command};
+
+/// The broker the tests use.
+pub fn broker_url() -> String {
+    std::env::var("HOPPER_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+/// Connects to the test broker, or panics saying how to start one: a test that needs a broker
+/// never passes without one.
+pub async fn require_broker() -> lapin::Connection {
+    let url = broker_url();
+    let connect = hopper_common::connect(&url, "hopper-tests");
+    match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => panic!(
+            "these tests need RabbitMQ: {e}. Start it (`rabbitmq-server -detached`, or \
+             `docker compose up -d rabbitmq`) or set HOPPER_TEST_AMQP_URL."
+        ),
+        Err(_) => panic!(
+            "these tests need RabbitMQ at {}: no answer in 10 s",
+            hopper_common::job::redact_url(&url)
+        ),
+    }
+}
+
+/// The path of a workspace binary, built (once per test process) if needed.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."));
+    let built = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let status = std::process::Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "hopper-dispatcher",
+                "-p",
+                "hopper-consumer",
+                "--bins",
+            ])
+            .current_dir(&root)
+            .status()
+            .map_err(|e| format!("cannot run cargo build: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("cargo build of the binaries failed: {status}"))
+        }
+    });
+    if let Err(e) = built {
+        panic!("{e}");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("debug").join(name)
+}
+
+/// A job of the test's own: a unique name, a temporary directory holding the job file, its
+/// input, state and output. Its queues are deleted when it is dropped.
+pub struct TestJob {
+    /// The job's name (unique per test and process).
+    pub name: String,
+    /// The directory of the job file; relative paths in it resolve here.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestJob {
+    /// A job named `<prefix>-<pid>-<n>`; `body` is the job file after its `name` and `[broker]`.
+    pub fn new(prefix: &str, body: &str) -> TestJob {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "test-{prefix}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let text = format!(
+            "name = \"{name}\"\n[broker]\nurl = \"{}\"\n{body}",
+            broker_url()
+        );
+        std::fs::write(dir.path().join("job.toml"), text).expect("write the job file");
+        TestJob { name, dir }
+    }
+
+    /// The job file.
+    pub fn file(&self) -> PathBuf {
+        self.dir.path().join("job.toml")
+    }
+
+    /// A path in the job's directory.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// The validated job.
+    pub fn job(&self) -> Job {
+        Job::load(&self.file()).expect("the test's job file is valid")
+    }
+
+    /// Starts a `hopper-consumer` on this job; its stderr goes to `consumer-<n>.log`.
+    pub fn start_consumer(&self, n: u32, concurrency: u16) -> Consumer {
+        let log = self.path(&format!("consumer-{n}.log"));
+        let err = std::fs::File::create(&log).expect("consumer log");
+        let child = Command::new(bin("hopper-consumer"))
+            .arg(self.file())
+            .args(["--concurrency", &concurrency.to_string()])
+            .stdout(Stdio::null())
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start hopper-consumer");
+        Consumer { child, log }
+    }
+
+    /// Runs `hopper-dispatcher ARGS` (the job file is appended) to its end, within `limit`.
+    pub async fn dispatcher(&self, args: &[&str], limit: Duration) -> Output {
+        let mut cmd = Command::new(bin("hopper-dispatcher"));
+        cmd.args(args).arg(self.file());
+        run(cmd, limit).await
+    }
+
+    /// `status --json` of the latest run.
+    pub async fn status(&self) -> serde_json::Value {
+        let out = self
+            .dispatcher(&["status", "--json"], Duration::from_secs(30))
+            .await;
+        assert!(out.status.success(), "status failed: {}", out.stderr);
+        serde_json::from_str(&out.stdout).expect("status --json prints JSON")
+    }
+
+    /// Messages waiting in one of the job's queues.
+    pub async fn queue_depth(&self, conn: &lapin::Connection, queue: &str) -> u32 {
+        let ch = conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("the queue exists");
+        q.message_count()
+    }
+}
+
+impl Drop for TestJob {
+    fn drop(&mut self) {
+        // Delete the job's queues, whatever the test's outcome, from a thread of its own (Drop
+        // may run inside the test's runtime, which must not be blocked on).
+        let Ok(job) = Job::load(&self.file()) else {
+            return;
+        };
+        let topology = Topology::for_job(&job);
+        let url = broker_url();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let connect = hopper_common::connect(&url, "hopper-tests cleanup");
+                if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(5), connect).await {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = topology.delete(&ch).await;
+                    }
+                    let _ = conn.close(200, "cleanup".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A running `hopper-consumer`; killed if dropped while running.
+pub struct Consumer {
+    child: Child,
+    /// Its stderr.
+    pub log: PathBuf,
+}
+
+impl Consumer {
+    /// Sends SIGTERM and waits (at most `limit`) for it to finish the chunks in hand and exit.
+    pub async fn stop(mut self, limit: Duration) -> ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => panic!("waiting for the consumer: {e}"),
+            Err(_) => panic!(
+                "the consumer did not stop within {limit:?} of SIGTERM; its log: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// A finished process.
+#[derive(Debug)]
+pub struct Output {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+impl Output {
+    /// The exit code (-1 when killed by a signal).
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+}
+
+/// Runs a command to its end, or kills it after `limit` and panics.
+pub async fn run(mut cmd: Command, limit: Duration) -> Output {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().expect("start the command");
+    match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(Ok(out)) => Output {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        },
+        Ok(Err(e)) => panic!("running {cmd:?}: {e}"),
+        Err(_) => panic!("{cmd:?} did not finish within {limit:?}"),
+    }
+}
+
+/// Writes `n` JSON lines `{"id": 1..=n, ...}` of about `width` bytes each.
+pub fn write_jsonl(path: &Path, n: u64, width: usize) {
+    use std::io::Write;
+    let file = std::fs::File::create(path).expect("create input");
+    let mut w = std::io::BufWriter::new(file);
+    for id in 1..=n {
+        let head = format!("{{\"id\":{id},\"name\":\"product {id}\",\"pad\":\"");
+        let pad = width.saturating_sub(head.len() + 3);
+        writeln!(w, "{head}{}\"}}", "x".repeat(pad)).expect("write input");
+    }
+    w.flush().expect("flush input");
+}
+
+/// The `id` of every JSON line in every `*.jsonl` file under `dir`, sorted.
+pub fn output_ids(dir: &Path) -> Vec<u64> {
+    let mut ids = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "jsonl") {
+                let text = std::fs::read_to_string(&p).expect("read output");
+                for line in text.lines() {
+                    let v: serde_json::Value = serde_json::from_str(line).expect("output is JSON");
+                    ids.push(v["id"].as_u64().expect("an id"));
+                }
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids
+}
