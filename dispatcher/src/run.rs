@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use hopper_common::broker::{self, process_identity};
 use hopper_common::state::{
     now_ms, Checkpoint, FailureClass, FailureRecord, NewChunk, Progress as Recorded,
@@ -50,6 +50,10 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 
 /// Times one chunk may be refused (nacked or returned) by the broker before the run stops.
 const MAX_REPUBLISH: u32 = 5;
+
+/// Replies (and confirms) already delivered are applied together, up to this many, in one
+/// state-store transaction: one transaction per message would make the store the bottleneck.
+const BATCH: usize = 256;
 
 /// How a run is started.
 #[derive(Debug, Clone)]
@@ -286,7 +290,7 @@ pub async fn run(
     };
 
     // The reader runs ahead by at most the channel's capacity.
-    let (tx, mut rx) = mpsc::channel::<Result<RawChunk, SourceError>>(2);
+    let (tx, mut rx) = mpsc::channel::<Result<RawChunk, SourceError>>(4);
     let mut chunker = Chunker::new(source, job.chunking);
     tokio::task::spawn_blocking(move || loop {
         let next = chunker.next_chunk();
@@ -329,25 +333,44 @@ pub async fn run(
             biased;
             _ = shutdown.cancelled() => break End::Interrupted,
             delivery = replies.next() => match delivery {
-                Some(Ok(delivery)) => d.on_reply(delivery).await?,
+                Some(Ok(first)) => {
+                    let mut batch = vec![first];
+                    while batch.len() < BATCH {
+                        match replies.next().now_or_never() {
+                            Some(Some(Ok(more))) => batch.push(more),
+                            Some(Some(Err(e))) => {
+                                return Err(broker_err("receive replies", &d.topology.replies)(e))
+                            }
+                            Some(None) | None => break,
+                        }
+                    }
+                    d.on_replies(batch).await?;
+                }
                 Some(Err(e)) => return Err(broker_err("receive replies", &d.topology.replies)(e)),
                 None => {
                     return Err(DispatchError::ConsumerCancelled { queue: d.topology.replies.clone() })
                 }
             },
-            Some((seq, confirmation)) = d.confirms.next(), if !d.confirms.is_empty() => {
-                d.on_confirm(seq, confirmation).await?;
+            Some(first) = d.confirms.next(), if !d.confirms.is_empty() => {
+                let mut batch = vec![first];
+                while batch.len() < BATCH {
+                    match d.confirms.next().now_or_never() {
+                        Some(Some(more)) => batch.push(more),
+                        Some(None) | None => break,
+                    }
+                }
+                d.on_confirms(batch).await?;
             }
             _ = &mut rate_timer, if held.is_some() && room => {
                 if let Some(chunk) = held.take() {
-                    d.dispatch(chunk).await?;
+                    d.dispatch(vec![chunk]).await?;
                 }
             }
             next = rx.recv(), if held.is_none() && !exhausted && room => match next {
                 None => {
                     exhausted = true;
                     d.checkpoint.exhausted = true;
-                    d.record(None, &[]).await?;
+                    d.record(&[], &[]).await?;
                     info!(job = %job.name, run, items = d.read, chunks = d.checkpoint.next_seq - 1,
                           "source exhausted; waiting for the last replies");
                 }
@@ -355,7 +378,20 @@ pub async fn run(
                 Some(Ok(chunk)) => {
                     let at = started + d.throttle.next_allowed_at();
                     if at <= tokio::time::Instant::now() {
-                        d.dispatch(chunk).await?;
+                        // Without a rate, take every chunk already read that fits the window, to
+                        // record them in one transaction.
+                        let mut batch = vec![chunk];
+                        while d.throttle.is_unlimited()
+                            && d.throttle.has_room(d.outstanding.len() + batch.len())
+                        {
+                            match rx.try_recv() {
+                                Ok(Ok(more)) => batch.push(more),
+                                Ok(Err(e)) => return Err(e.into()),
+                                // An exhausted reader is seen by the next recv().
+                                Err(_) => break,
+                            }
+                        }
+                        d.dispatch(batch).await?;
                     } else {
                         rate_timer.as_mut().reset(at);
                         held = Some(chunk);
@@ -424,14 +460,14 @@ impl Dispatch<'_> {
 
     async fn record(
         &self,
-        chunk: Option<&NewChunk>,
+        chunks: &[NewChunk],
         bad: &[FailureRecord],
     ) -> Result<(), DispatchError> {
         self.store
             .record(
                 self.run,
                 Recorded {
-                    chunk,
+                    chunks,
                     checkpoint: &self.checkpoint,
                     bad_data: bad,
                 },
@@ -440,13 +476,14 @@ impl Dispatch<'_> {
         Ok(())
     }
 
-    /// Records a chunk, then publishes it.
-    async fn dispatch(&mut self, raw: RawChunk) -> Result<(), DispatchError> {
+    /// Records chunks (one transaction), then publishes them.
+    async fn dispatch(&mut self, raws: Vec<RawChunk>) -> Result<(), DispatchError> {
         let (job, run) = (&self.job.name, self.run);
-        let bad: Vec<FailureRecord> = raw
-            .bad
-            .into_iter()
-            .map(|(line, reason)| {
+        let mut bad = Vec::new();
+        let mut new = Vec::with_capacity(raws.len());
+        let mut chunks = Vec::with_capacity(raws.len());
+        for raw in raws {
+            bad.extend(raw.bad.into_iter().map(|(line, reason)| {
                 warn!(job = %job, run, line, reason = %reason, "skipping a record that cannot be read");
                 FailureRecord {
                     seq: None,
@@ -454,49 +491,51 @@ impl Dispatch<'_> {
                     class: FailureClass::BadData,
                     reason,
                 }
-            })
-            .collect();
-        self.skipped += bad.len() as u64;
-        self.checkpoint.offset = raw.end.offset;
-        self.checkpoint.line = raw.end.lines;
-        if raw.items.is_empty() {
-            return self.record(None, &bad).await;
+            }));
+            self.checkpoint.offset = raw.end.offset;
+            self.checkpoint.line = raw.end.lines;
+            if raw.items.is_empty() {
+                continue;
+            }
+            let seq = self.checkpoint.next_seq;
+            self.checkpoint.next_seq += 1;
+            new.push(NewChunk {
+                seq,
+                position: raw.position,
+                end_offset: raw.end.offset,
+                items: raw.items.len() as u64,
+            });
+            chunks.push(Chunk {
+                job: job.clone(),
+                run,
+                seq,
+                attempt: 1,
+                position: raw.position,
+                items: raw.items,
+            });
         }
-        let seq = self.checkpoint.next_seq;
-        self.checkpoint.next_seq += 1;
-        let items = raw.items.len() as u64;
-        let new = NewChunk {
-            seq,
-            position: raw.position,
-            end_offset: raw.end.offset,
-            items,
-        };
-        self.record(Some(&new), &bad).await?;
+        self.skipped += bad.len() as u64;
+        self.record(&new, &bad).await?;
 
-        let chunk = Chunk {
-            job: job.clone(),
-            run,
-            seq,
-            attempt: 1,
-            position: raw.position,
-            items: raw.items,
-        };
-        let payload = Arc::new(codec::encode_chunk(&chunk)?);
-        let props = broker::chunk_properties(&chunk);
-        self.outstanding.insert(
-            seq,
-            Outstanding {
-                items,
-                since: Instant::now(),
-                message: Some((payload, props)),
-                refusals: 0,
-                reported_stuck: false,
-            },
-        );
-        self.publish(seq).await?;
-        self.throttle.sent(items);
-        self.read += items;
-        debug!(job = %self.job.name, run, seq, items, "chunk published");
+        for chunk in chunks {
+            let (seq, items) = (chunk.seq, chunk.items.len() as u64);
+            let payload = Arc::new(codec::encode_chunk(&chunk)?);
+            let props = broker::chunk_properties(&chunk);
+            self.outstanding.insert(
+                seq,
+                Outstanding {
+                    items,
+                    since: Instant::now(),
+                    message: Some((payload, props)),
+                    refusals: 0,
+                    reported_stuck: false,
+                },
+            );
+            self.publish(seq).await?;
+            self.throttle.sent(items);
+            self.read += items;
+            debug!(job = %self.job.name, run, seq, items, "chunk published");
+        }
         Ok(())
     }
 
@@ -525,74 +564,86 @@ impl Dispatch<'_> {
         Ok(())
     }
 
-    async fn on_confirm(
+    async fn on_confirms(
         &mut self,
-        seq: u64,
-        confirmation: lapin::Result<Confirmation>,
+        confirms: Vec<(u64, lapin::Result<Confirmation>)>,
     ) -> Result<(), DispatchError> {
-        let refused = match confirmation {
-            Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => None,
-            Ok(Confirmation::Ack(Some(returned))) => {
-                Some(format!("returned unroutable ({})", returned.reply_text))
-            }
-            Ok(Confirmation::Nack(_)) => Some("nacked by the broker".to_string()),
-            Err(e) => return Err(broker_err("confirm chunk", &self.topology.chunks)(e)),
-        };
-        let Some(o) = self.outstanding.get_mut(&seq) else {
-            // Its final reply came before its confirm: nothing left to do.
-            return Ok(());
-        };
-        match refused {
-            None => {
-                o.message = None;
-                self.store.mark_in_flight(self.run, seq).await?;
-            }
-            Some(why) => {
-                o.refusals += 1;
-                if o.refusals > MAX_REPUBLISH {
-                    return Err(DispatchError::Refused {
-                        run: self.run,
-                        seq,
-                        times: o.refusals,
-                        queue: self.topology.chunks.clone(),
-                    });
+        let mut confirmed = Vec::with_capacity(confirms.len());
+        for (seq, confirmation) in confirms {
+            let refused = match confirmation {
+                Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => None,
+                Ok(Confirmation::Ack(Some(returned))) => {
+                    Some(format!("returned unroutable ({})", returned.reply_text))
                 }
-                warn!(job = %self.job.name, run = self.run, seq, why = %why,
-                      "chunk not accepted; declaring the queues again and publishing it again");
-                self.topology
-                    .declare(&self.channel)
-                    .await
-                    .map_err(broker_err("declare queues", &self.topology.chunks))?;
-                self.publish(seq).await?;
+                Ok(Confirmation::Nack(_)) => Some("nacked by the broker".to_string()),
+                Err(e) => return Err(broker_err("confirm chunk", &self.topology.chunks)(e)),
+            };
+            let Some(o) = self.outstanding.get_mut(&seq) else {
+                // Its final reply came before its confirm: nothing left to do.
+                continue;
+            };
+            match refused {
+                None => {
+                    o.message = None;
+                    confirmed.push(seq);
+                }
+                Some(why) => {
+                    o.refusals += 1;
+                    if o.refusals > MAX_REPUBLISH {
+                        return Err(DispatchError::Refused {
+                            run: self.run,
+                            seq,
+                            times: o.refusals,
+                            queue: self.topology.chunks.clone(),
+                        });
+                    }
+                    warn!(job = %self.job.name, run = self.run, seq, why = %why,
+                          "chunk not accepted; declaring the queues again and publishing it again");
+                    self.topology
+                        .declare(&self.channel)
+                        .await
+                        .map_err(broker_err("declare queues", &self.topology.chunks))?;
+                    self.publish(seq).await?;
+                }
             }
+        }
+        if !confirmed.is_empty() {
+            self.store.mark_in_flight(self.run, &confirmed).await?;
         }
         Ok(())
     }
 
-    async fn on_reply(&mut self, delivery: Delivery) -> Result<(), DispatchError> {
-        match codec::decode_reply(&delivery.data) {
-            Err(e) => warn!(job = %self.job.name,
-                            message_id = ?delivery.properties.message_id(),
-                            error = %e, "dropping a reply that cannot be read"),
-            Ok(reply) => {
-                let applied = self.store.apply_reply(&reply).await?;
-                if reply.run != self.run {
-                    debug!(job = %self.job.name, run = reply.run, seq = reply.seq, ?applied,
-                           "reply of another run");
-                } else {
-                    if applied == hopper_common::state::Applied::Recorded {
-                        self.log_outcome(&reply);
-                    }
-                    if reply.outcome.is_final() {
-                        self.outstanding.remove(&reply.seq);
-                    }
-                }
+    /// Applies replies in one transaction, then acks them all at once (they are the only
+    /// deliveries on this channel, taken in order, so a multiple ack of the last covers them).
+    async fn on_replies(&mut self, deliveries: Vec<Delivery>) -> Result<(), DispatchError> {
+        let mut replies = Vec::with_capacity(deliveries.len());
+        for delivery in &deliveries {
+            match codec::decode_reply(&delivery.data) {
+                Ok(reply) => replies.push(reply),
+                Err(e) => warn!(job = %self.job.name,
+                                message_id = ?delivery.properties.message_id(),
+                                error = %e, "dropping a reply that cannot be read"),
             }
         }
-        delivery
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(broker_err("ack reply", &self.topology.replies))?;
+        let applied = self.store.apply_replies(&replies).await?;
+        for (reply, applied) in replies.iter().zip(applied) {
+            if reply.run != self.run {
+                debug!(job = %self.job.name, run = reply.run, seq = reply.seq, ?applied,
+                       "reply of another run");
+                continue;
+            }
+            if applied == hopper_common::state::Applied::Recorded {
+                self.log_outcome(reply);
+            }
+            if reply.outcome.is_final() {
+                self.outstanding.remove(&reply.seq);
+            }
+        }
+        if let Some(last) = deliveries.last() {
+            last.ack(BasicAckOptions { multiple: true })
+                .await
+                .map_err(broker_err("ack replies", &self.topology.replies))?;
+        }
         Ok(())
     }
 
@@ -603,6 +654,9 @@ impl Dispatch<'_> {
                 processed,
                 bad_items,
             } => {
+                if let Some(o) = self.outstanding.get(&seq) {
+                    debug!(job = %job, run, seq, ms = o.since.elapsed().as_millis() as u64, "chunk done");
+                }
                 self.processed += processed;
                 self.skipped += bad_items.len() as u64;
                 for b in bad_items {

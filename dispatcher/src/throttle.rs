@@ -39,6 +39,11 @@ impl Throttle {
         self.window
     }
 
+    /// True when no item rate is set.
+    pub fn is_unlimited(&self) -> bool {
+        self.rate <= 0.0
+    }
+
     /// Changes the window (0 pauses).
     pub fn set_window(&mut self, window: usize) {
         self.window = window;

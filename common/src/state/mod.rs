@@ -2,9 +2,9 @@
 //! watched (`status`), resumed and retried.
 //!
 //! Invariants the dispatcher relies on:
-//! - [`StateStore::record`] writes a chunk (status `pending`) together with the source checkpoint
-//!   in one transaction, *before* the chunk is published (record, then publish).
-//! - [`StateStore::apply_reply`] applies a reply at most once per chunk: a reply for a chunk that
+//! - [`StateStore::record`] writes chunks (status `pending`) together with the source checkpoint
+//!   after them in one transaction, *before* they are published (record, then publish).
+//! - [`StateStore::apply_replies`] applies a reply at most once per chunk: a reply for a chunk that
 //!   already has a final status, or an older attempt, is a [`Applied::Duplicate`]; a reply for a
 //!   chunk the store does not know is [`Applied::Unknown`]. Neither changes anything.
 //! - Counters are derived from the chunk and failure rows, never kept twice.
@@ -209,15 +209,15 @@ pub struct FailureRecord {
 /// What [`StateStore::record`] writes, in one transaction.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress<'a> {
-    /// The chunk about to be published, if the records read made one.
-    pub chunk: Option<&'a NewChunk>,
-    /// Where reading stands after it.
+    /// The chunks about to be published, in seq order (none when only bad records were read).
+    pub chunks: &'a [NewChunk],
+    /// Where reading stands after them.
     pub checkpoint: &'a Checkpoint,
     /// Records that could not be read, skipped.
     pub bad_data: &'a [FailureRecord],
 }
 
-/// What [`StateStore::apply_reply`] did.
+/// What [`StateStore::apply_replies`] did with one reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
     /// The reply changed the chunk.
@@ -296,16 +296,17 @@ pub trait StateStore: Send + Sync {
     /// The run `id` of `job`, or its latest run when `id` is `None`.
     async fn run(&self, job: &str, id: Option<RunId>) -> Result<Option<RunRecord>, StateError>;
 
-    /// Records a chunk (as `pending`), the checkpoint after it and the bad records met on the
-    /// way, in one transaction. Called before the chunk is published.
+    /// Records chunks (as `pending`), the checkpoint after them and the bad records met on the
+    /// way, in one transaction. Called before the chunks are published.
     async fn record(&self, run: RunId, progress: Progress<'_>) -> Result<(), StateError>;
 
-    /// The broker confirmed the chunk: `pending` becomes `in_flight`. A chunk that already has
-    /// a reply is left as it is.
-    async fn mark_in_flight(&self, run: RunId, seq: u64) -> Result<(), StateError>;
+    /// The broker confirmed these chunks: `pending` becomes `in_flight`. A chunk that already
+    /// has a reply is left as it is. One transaction.
+    async fn mark_in_flight(&self, run: RunId, seqs: &[u64]) -> Result<(), StateError>;
 
-    /// Applies a consumer's reply, at most once per chunk and attempt.
-    async fn apply_reply(&self, reply: &Reply) -> Result<Applied, StateError>;
+    /// Applies consumers' replies, each at most once per chunk and attempt, in one transaction;
+    /// one [`Applied`] per reply, in order.
+    async fn apply_replies(&self, replies: &[Reply]) -> Result<Vec<Applied>, StateError>;
 
     /// The dispatcher is alive.
     async fn heartbeat(&self, run: RunId) -> Result<(), StateError>;

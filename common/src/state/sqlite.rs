@@ -218,6 +218,107 @@ fn insert_failures(
     Ok(())
 }
 
+/// Applies one reply inside `tx`: at most once per chunk, and a retry only once per attempt.
+fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, Fail> {
+    let found: Option<(String, i64, i64)> = tx
+        .query_row(
+            "SELECT c.status, c.attempts, c.line FROM chunks c JOIN runs r ON r.id = c.run
+             WHERE c.run = ?1 AND c.seq = ?2 AND r.job = ?3",
+            params![reply.run as i64, reply.seq as i64, reply.job],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((status, attempts, line)) = found else {
+        return Ok(Applied::Unknown);
+    };
+    if matches!(status.as_str(), "done" | "failed" | "dead") {
+        return Ok(Applied::Duplicate);
+    }
+    let (run, seq, now) = (reply.run as i64, reply.seq as i64, now_ms() as i64);
+    let attempt = i64::from(reply.attempt);
+    let finish =
+        |tx: &rusqlite::Transaction<'_>, status: &str, processed: u64, error: Option<&str>| {
+            tx.execute(
+                "UPDATE chunks SET status = ?3, processed = ?4, attempts = MAX(attempts, ?5),
+             finished_at = ?6, last_error = COALESCE(?7, last_error), consumer = ?8
+             WHERE run = ?1 AND seq = ?2",
+                params![
+                    run,
+                    seq,
+                    status,
+                    processed as i64,
+                    attempt,
+                    now,
+                    error,
+                    reply.consumer
+                ],
+            )
+        };
+    match &reply.outcome {
+        Outcome::Done {
+            processed,
+            bad_items,
+        } => {
+            finish(tx, "done", *processed, None)?;
+            let failures: Vec<FailureRecord> = bad_items
+                .iter()
+                .map(|b| FailureRecord {
+                    seq: Some(reply.seq),
+                    position: b.line,
+                    class: FailureClass::BadItem,
+                    reason: b.reason.clone(),
+                })
+                .collect();
+            insert_failures(tx, reply.run, &failures)?;
+        }
+        Outcome::Retrying {
+            error,
+            next_attempt,
+        } => {
+            if attempts >= i64::from(*next_attempt) {
+                return Ok(Applied::Duplicate);
+            }
+            // The chunk comes back after its delay; its stuck clock starts again.
+            tx.execute(
+                "UPDATE chunks SET status = 'in_flight', attempts = ?3, last_error = ?4,
+                 consumer = ?5, dispatched_at = ?6 WHERE run = ?1 AND seq = ?2",
+                params![
+                    run,
+                    seq,
+                    i64::from(*next_attempt),
+                    error,
+                    reply.consumer,
+                    now
+                ],
+            )?;
+        }
+        Outcome::Dead { error } | Outcome::Failed { error } => {
+            let (status, reason) = match &reply.outcome {
+                Outcome::Dead { .. } => (
+                    "dead",
+                    format!(
+                        "parked on the dead queue after {} attempts: {error}",
+                        reply.attempt
+                    ),
+                ),
+                _ => ("failed", format!("failed permanently: {error}")),
+            };
+            finish(tx, status, 0, Some(error))?;
+            insert_failures(
+                tx,
+                reply.run,
+                &[FailureRecord {
+                    seq: Some(reply.seq),
+                    position: line as u64,
+                    class: FailureClass::Chunk,
+                    reason,
+                }],
+            )?;
+        }
+    }
+    Ok(Applied::Recorded)
+}
+
 #[async_trait]
 impl StateStore for SqliteStore {
     async fn create_run(&self, job: &str, source: &str) -> Result<RunRecord, StateError> {
@@ -241,24 +342,26 @@ impl StateStore for SqliteStore {
     }
 
     async fn record(&self, run: RunId, progress: Progress<'_>) -> Result<(), StateError> {
-        let chunk = progress.chunk.copied();
+        let chunks = progress.chunks.to_vec();
         let ckpt = *progress.checkpoint;
         let bad = progress.bad_data.to_vec();
         self.with(move |conn| {
             let tx = conn.transaction()?;
-            if let Some(c) = chunk {
-                tx.prepare_cached(
+            {
+                let mut insert = tx.prepare_cached(
                     "INSERT INTO chunks (run, seq, line, offset, end_offset, items, status)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')",
-                )?
-                .execute(params![
-                    run as i64,
-                    c.seq as i64,
-                    c.position.line as i64,
-                    c.position.offset as i64,
-                    c.end_offset as i64,
-                    c.items as i64
-                ])?;
+                )?;
+                for c in &chunks {
+                    insert.execute(params![
+                        run as i64,
+                        c.seq as i64,
+                        c.position.line as i64,
+                        c.position.offset as i64,
+                        c.end_offset as i64,
+                        c.items as i64
+                    ])?;
+                }
             }
             insert_failures(&tx, run, &bad)?;
             tx.prepare_cached(
@@ -279,122 +382,36 @@ impl StateStore for SqliteStore {
         .await
     }
 
-    async fn mark_in_flight(&self, run: RunId, seq: u64) -> Result<(), StateError> {
+    async fn mark_in_flight(&self, run: RunId, seqs: &[u64]) -> Result<(), StateError> {
+        let seqs = seqs.to_vec();
         self.with(move |conn| {
-            conn.prepare_cached(
-                "UPDATE chunks SET status = 'in_flight', dispatched_at = ?3
-                 WHERE run = ?1 AND seq = ?2 AND status = 'pending'",
-            )?
-            .execute(params![run as i64, seq as i64, now_ms() as i64])?;
+            let tx = conn.transaction()?;
+            {
+                let mut update = tx.prepare_cached(
+                    "UPDATE chunks SET status = 'in_flight', dispatched_at = ?3
+                     WHERE run = ?1 AND seq = ?2 AND status = 'pending'",
+                )?;
+                let now = now_ms() as i64;
+                for seq in seqs {
+                    update.execute(params![run as i64, seq as i64, now])?;
+                }
+            }
+            tx.commit()?;
             Ok(())
         })
         .await
     }
 
-    async fn apply_reply(&self, reply: &Reply) -> Result<Applied, StateError> {
-        let reply = reply.clone();
+    async fn apply_replies(&self, replies: &[Reply]) -> Result<Vec<Applied>, StateError> {
+        let replies = replies.to_vec();
         self.with(move |conn| {
             let tx = conn.transaction()?;
-            let found: Option<(String, i64, i64)> = tx
-                .query_row(
-                    "SELECT c.status, c.attempts, c.line FROM chunks c JOIN runs r ON r.id = c.run
-                     WHERE c.run = ?1 AND c.seq = ?2 AND r.job = ?3",
-                    params![reply.run as i64, reply.seq as i64, reply.job],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
-            let Some((status, attempts, line)) = found else {
-                return Ok(Applied::Unknown);
-            };
-            if matches!(status.as_str(), "done" | "failed" | "dead") {
-                return Ok(Applied::Duplicate);
-            }
-            let (run, seq, now) = (reply.run as i64, reply.seq as i64, now_ms() as i64);
-            let attempt = i64::from(reply.attempt);
-            let finish = |tx: &rusqlite::Transaction<'_>,
-                          status: &str,
-                          processed: u64,
-                          error: Option<&str>| {
-                tx.execute(
-                    "UPDATE chunks SET status = ?3, processed = ?4, attempts = MAX(attempts, ?5),
-                     finished_at = ?6, last_error = COALESCE(?7, last_error), consumer = ?8
-                     WHERE run = ?1 AND seq = ?2",
-                    params![
-                        run,
-                        seq,
-                        status,
-                        processed as i64,
-                        attempt,
-                        now,
-                        error,
-                        reply.consumer
-                    ],
-                )
-            };
-            match &reply.outcome {
-                Outcome::Done {
-                    processed,
-                    bad_items,
-                } => {
-                    finish(&tx, "done", *processed, None)?;
-                    let failures: Vec<FailureRecord> = bad_items
-                        .iter()
-                        .map(|b| FailureRecord {
-                            seq: Some(reply.seq),
-                            position: b.line,
-                            class: FailureClass::BadItem,
-                            reason: b.reason.clone(),
-                        })
-                        .collect();
-                    insert_failures(&tx, reply.run, &failures)?;
-                }
-                Outcome::Retrying {
-                    error,
-                    next_attempt,
-                } => {
-                    if attempts >= i64::from(*next_attempt) {
-                        return Ok(Applied::Duplicate);
-                    }
-                    // The chunk comes back after its delay; its stuck clock starts again.
-                    tx.execute(
-                        "UPDATE chunks SET status = 'in_flight', attempts = ?3, last_error = ?4,
-                         consumer = ?5, dispatched_at = ?6 WHERE run = ?1 AND seq = ?2",
-                        params![
-                            run,
-                            seq,
-                            i64::from(*next_attempt),
-                            error,
-                            reply.consumer,
-                            now
-                        ],
-                    )?;
-                }
-                Outcome::Dead { error } | Outcome::Failed { error } => {
-                    let (status, reason) = match &reply.outcome {
-                        Outcome::Dead { .. } => (
-                            "dead",
-                            format!(
-                                "parked on the dead queue after {} attempts: {error}",
-                                reply.attempt
-                            ),
-                        ),
-                        _ => ("failed", format!("failed permanently: {error}")),
-                    };
-                    finish(&tx, status, 0, Some(error))?;
-                    insert_failures(
-                        &tx,
-                        reply.run,
-                        &[FailureRecord {
-                            seq: Some(reply.seq),
-                            position: line as u64,
-                            class: FailureClass::Chunk,
-                            reason,
-                        }],
-                    )?;
-                }
-            }
+            let applied = replies
+                .iter()
+                .map(|r| apply_one(&tx, r))
+                .collect::<Result<Vec<_>, _>>()?;
             tx.commit()?;
-            Ok(Applied::Recorded)
+            Ok(applied)
         })
         .await
     }
@@ -540,6 +557,39 @@ mod tests {
         }
     }
 
+    async fn apply(store: &SqliteStore, reply: &Reply) -> Applied {
+        let applied = store
+            .apply_replies(std::slice::from_ref(reply))
+            .await
+            .expect("apply");
+        applied[0]
+    }
+
+    #[tokio::test]
+    async fn a_batch_applies_each_reply_once_in_order() {
+        let (_dir, store, _run) = store_with_two_chunks().await;
+        let done = reply(
+            1,
+            1,
+            Outcome::Done {
+                processed: 10,
+                bad_items: vec![],
+            },
+        );
+        let applied = store
+            .apply_replies(&[
+                done.clone(),
+                done,
+                reply(7, 1, Outcome::Dead { error: "x".into() }),
+            ])
+            .await
+            .expect("apply");
+        assert_eq!(
+            applied,
+            vec![Applied::Recorded, Applied::Duplicate, Applied::Unknown]
+        );
+    }
+
     async fn store_with_two_chunks() -> (tempfile::TempDir, SqliteStore, RunId) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SqliteStore::open(&dir.path().join("s.db")).expect("open");
@@ -571,7 +621,7 @@ mod tests {
                 .record(
                     run,
                     Progress {
-                        chunk: Some(&chunk),
+                        chunks: &[chunk],
                         checkpoint: &ckpt,
                         bad_data: bad,
                     },
@@ -585,7 +635,7 @@ mod tests {
     #[tokio::test]
     async fn replies_apply_once() {
         let (_dir, store, run) = store_with_two_chunks().await;
-        store.mark_in_flight(run, 1).await.expect("in flight");
+        store.mark_in_flight(run, &[1]).await.expect("in flight");
         let done = reply(
             1,
             1,
@@ -597,20 +647,11 @@ mod tests {
                 }],
             },
         );
-        assert_eq!(
-            store.apply_reply(&done).await.expect("apply"),
-            Applied::Recorded
-        );
-        assert_eq!(
-            store.apply_reply(&done).await.expect("apply"),
-            Applied::Duplicate
-        );
+        assert_eq!(apply(&store, &done).await, Applied::Recorded);
+        assert_eq!(apply(&store, &done).await, Applied::Duplicate);
         let mut other_run = done.clone();
         other_run.run = 99;
-        assert_eq!(
-            store.apply_reply(&other_run).await.expect("apply"),
-            Applied::Unknown
-        );
+        assert_eq!(apply(&store, &other_run).await, Applied::Unknown);
 
         let s = store
             .status(run, Duration::from_secs(600))
@@ -640,14 +681,8 @@ mod tests {
                 next_attempt: 2,
             },
         );
-        assert_eq!(
-            store.apply_reply(&retrying).await.expect("apply"),
-            Applied::Recorded
-        );
-        assert_eq!(
-            store.apply_reply(&retrying).await.expect("apply"),
-            Applied::Duplicate
-        );
+        assert_eq!(apply(&store, &retrying).await, Applied::Recorded);
+        assert_eq!(apply(&store, &retrying).await, Applied::Duplicate);
         let dead = reply(
             2,
             2,
@@ -655,10 +690,7 @@ mod tests {
                 error: "exit 1".into(),
             },
         );
-        assert_eq!(
-            store.apply_reply(&dead).await.expect("apply"),
-            Applied::Recorded
-        );
+        assert_eq!(apply(&store, &dead).await, Applied::Recorded);
         let s = store
             .status(run, Duration::from_secs(600))
             .await
@@ -677,7 +709,7 @@ mod tests {
     #[tokio::test]
     async fn chunks_in_flight_past_their_timeout_are_stuck() {
         let (_dir, store, run) = store_with_two_chunks().await;
-        store.mark_in_flight(run, 2).await.expect("in flight");
+        store.mark_in_flight(run, &[2]).await.expect("in flight");
         tokio::time::sleep(Duration::from_millis(5)).await;
         let s = store
             .status(run, Duration::from_millis(1))
