@@ -2,7 +2,8 @@
 //! dispatcher's peak memory for a small and a large input.
 //!
 //! ```text
-//! cargo run --release -p hopper-bench -- [--records 1000000] [--width 200] [--memory-small 100000] [--memory-large 2000000]
+//! cargo run --release -p hopper-bench -- [--records 1000000] [--width 200] [--rounds 5]
+//!     [--window 32] [--prefetch 4] [--memory-small 100000] [--memory-large 2000000]
 //! ```
 //!
 //! Both sides move the same input: `records` JSON lines of about `width` bytes, cut into
@@ -44,6 +45,7 @@ struct Args {
     window: usize,
     prefetch: u16,
     rounds: usize,
+    only: Option<String>,
     url: String,
 }
 
@@ -55,7 +57,8 @@ fn args() -> Result<Args> {
         memory_large: 2_000_000,
         window: 32,
         prefetch: 4,
-        rounds: 3,
+        rounds: 5,
+        only: None,
         url: std::env::var("AMQP_URL")
             .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()),
     };
@@ -67,6 +70,7 @@ fn args() -> Result<Args> {
             "--width" => a.width = value()?.parse()?,
             "--memory-small" => a.memory_small = value()?.parse()?,
             "--memory-large" => a.memory_large = value()?.parse()?,
+            "--only" => a.only = Some(value()?),
             "--rounds" => a.rounds = value()?.parse()?,
             "--window" => a.window = value()?.parse()?,
             "--prefetch" => a.prefetch = value()?.parse()?,
@@ -379,6 +383,22 @@ async fn main() -> Result<()> {
     let mut raws = Vec::new();
     let mut hoppers = Vec::new();
     for round in 1..=a.rounds.max(1) {
+        // `--only raw|hopper` times one side alone, to look at it with other tools.
+        match a.only.as_deref() {
+            Some("raw") => {
+                let r = raw(&a.url, &input, shape).await?;
+                println!("raw lapin: {:.2} s", r.as_secs_f64());
+                continue;
+            }
+            Some("hopper") => {
+                let name = format!("bench-{pid}-r{round}");
+                let h = hopper(&bins, &a.url, dir.path(), &name, &input, shape).await?;
+                println!("hopper: {:.2} s", h.took.as_secs_f64());
+                continue;
+            }
+            Some(other) => bail!("--only takes raw or hopper, not {other}"),
+            None => {}
+        }
         let r = raw(&a.url, &input, shape).await?;
         let h = hopper(
             &bins,
@@ -397,6 +417,9 @@ async fn main() -> Result<()> {
         );
         raws.push(r.as_secs_f64());
         hoppers.push(h.took.as_secs_f64());
+    }
+    if a.only.is_some() {
+        return Ok(());
     }
     let (raw_s, hopper_s) = (median(&mut raws), median(&mut hoppers));
     println!(

@@ -153,7 +153,7 @@ fn string(s: &str) -> AMQPValue {
 /// `1s`, `90s`, `250ms`: short, and sorts the tiers readably in the management UI.
 fn delay_name(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")

@@ -225,7 +225,9 @@ async fn handle(ctx: Arc<Context>, delivery: Delivery) {
     debug!(job = %job, run, seq, attempt, items = chunk.items.len(),
            redelivered = delivery.redelivered, "chunk received");
 
+    let started = std::time::Instant::now();
     let result = ctx.processor.process(&chunk).await;
+    let processed_in = started.elapsed();
     let outcome = match result {
         Ok(p) => Outcome::Done {
             processed: (chunk.items.len() - p.bad_items.len().min(chunk.items.len())) as u64,
@@ -275,11 +277,15 @@ async fn handle(ctx: Arc<Context>, delivery: Delivery) {
     if let Err(e) = publish(&ctx.channel, &ctx.topology.replies, &payload, props).await {
         return give_back(delivery, &e.to_string(), job, run, seq).await;
     }
+    let replied_in = started.elapsed() - processed_in;
     match delivery.ack(BasicAckOptions::default()).await {
         Ok(_) => {
             if final_outcome {
                 ctx.chunks.fetch_add(1, Ordering::Relaxed);
             }
+            debug!(job = %job, run, seq, attempt,
+                   process_ms = processed_in.as_secs_f64() * 1000.0,
+                   reply_ms = replied_in.as_secs_f64() * 1000.0, "chunk finished");
         }
         // The channel is gone: the broker delivers the chunk again, and its reply is a duplicate.
         Err(e) => warn!(job = %job, run, seq, error = %e, "ack failed; the chunk will come again"),

@@ -107,11 +107,6 @@ impl Chunker {
             bad,
         }))
     }
-
-    /// The input's size in bytes, when known.
-    pub fn source_len(&self) -> Option<u64> {
-        self.source.len()
-    }
 }
 
 #[cfg(test)]

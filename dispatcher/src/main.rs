@@ -4,7 +4,7 @@
 //! run could not go on: broker or state store unreachable); 2 bad usage, bad job file or input.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
     })
 }
 
-fn load(path: &PathBuf) -> Result<Job, ExitCode> {
+fn load(path: &Path) -> Result<Job, ExitCode> {
     Job::load(path).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(2)

@@ -210,7 +210,7 @@ pub async fn run(
 ) -> Result<RunSummary, DispatchError> {
     // The input is checked before anything else: a missing file sends nothing.
     let source = source::open(&job.source)?;
-    let total_bytes = source.len();
+    let total_bytes = source.size_bytes();
     let describe = source.describe();
 
     if let Some(prev) = store.run(&job.name, None).await? {

@@ -47,15 +47,9 @@ pub fn bin(name: &str) -> PathBuf {
     let built = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
         let status = std::process::Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "hopper-dispatcher",
-                "-p",
-                "hopper-consumer",
-                "--bins",
-            ])
+            // The same selection as `cargo test --workspace`, so that features unify the same
+            // way and this build finds everything fresh instead of recompiling the dependencies.
+            .args(["build", "--quiet", "--workspace", "--all-targets"])
             .current_dir(&root)
             .status()
             .map_err(|e| format!("cannot run cargo build: {e}"))?;

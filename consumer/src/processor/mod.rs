@@ -17,7 +17,9 @@ mod noop;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use hopper_common::{BadItem, Chunk, Item, Job, ProcessorSpec};
+use hopper_common::{BadItem, Chunk, Item, Job};
+
+pub use hopper_common::ProcessorSpec;
 
 pub use exec::ExecProcessor;
 pub use file::FileProcessor;

@@ -253,7 +253,7 @@ impl Source for FileSource {
         }
     }
 
-    fn len(&self) -> Option<u64> {
+    fn size_bytes(&self) -> Option<u64> {
         Some(self.len)
     }
 

@@ -80,7 +80,7 @@ pub trait Source: Send {
     fn cursor(&self) -> Cursor;
 
     /// The input's size in bytes, when known, for progress.
-    fn len(&self) -> Option<u64>;
+    fn size_bytes(&self) -> Option<u64>;
 
     /// What this source reads, for people: `file data/x.jsonl (jsonl)`.
     fn describe(&self) -> String;
