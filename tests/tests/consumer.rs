@@ -1,0 +1,230 @@
+//! The consumer's promises: SIGTERM finishes the chunk in hand; poison goes to the dead queue
+//! and the consumer stays up.
+
+use std::time::Duration;
+
+use hopper_tests::{output_ids, require_broker, write_jsonl, TestJob};
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use lapin::BasicProperties;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+#[tokio::test]
+async fn sigterm_finishes_and_acks_the_chunk_in_hand_then_exits_0() {
+    let _conn = require_broker().await;
+    let t = TestJob::new(
+        "sigterm",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[throttle]
+window = 1
+[processor]
+kind = "exec"
+command = ["sh", "slow.sh"]
+"#,
+    );
+    // The first chunk signals that it started, then takes a while; the others are quick.
+    std::fs::write(
+        t.path("slow.sh"),
+        r#"mkdir -p out
+if [ "$HOPPER_SEQ" = 1 ]; then touch started; sleep 2; fi
+cat > "out/$HOPPER_SEQ.tmp" && mv "out/$HOPPER_SEQ.tmp" "out/$HOPPER_SEQ.jsonl"
+"#,
+    )
+    .expect("script");
+    write_jsonl(&t.path("input.jsonl"), 30, 40);
+    let first = t.start_consumer(1, 1);
+    let dispatcher = {
+        let file = t.file();
+        tokio::spawn(async move {
+            let mut cmd = tokio::process::Command::new(hopper_tests::bin("hopper-dispatcher"));
+            cmd.arg("run").arg(file);
+            hopper_tests::run(cmd, LIMIT).await
+        })
+    };
+    // Wait for the slow chunk to be in hand, then ask the consumer to stop.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !t.path("started").exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "chunk 1 never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = first.log.clone();
+    let status = first.stop(Duration::from_secs(30)).await;
+    assert!(status.success(), "exit status {status}");
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        text.contains("chunks=1"),
+        "it finished the chunk in hand: {text}"
+    );
+    assert!(t.path("out/1.jsonl").exists());
+
+    // Another consumer does the rest; chunk 1 is not done again.
+    let second = t.start_consumer(2, 1);
+    let out = dispatcher.await.expect("dispatcher task");
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let status = t.status().await;
+    assert_eq!(status["state"], "completed");
+    assert_eq!(output_ids(&t.path("out")), (1..=30).collect::<Vec<u64>>());
+    let log2 = second.log.clone();
+    assert!(second.stop(Duration::from_secs(30)).await.success());
+    let text = std::fs::read_to_string(&log2).expect("log");
+    assert!(
+        text.contains("chunks=2"),
+        "the second consumer did chunks 2 and 3: {text}"
+    );
+}
+
+#[tokio::test]
+async fn an_undecodable_message_is_parked_with_its_reason_and_the_consumer_goes_on() {
+    let conn = require_broker().await;
+    let t = TestJob::new(
+        "poison",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[processor]
+kind = "file"
+dir = "out"
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 25, 40);
+    let consumer = t.start_consumer(1, 2);
+    // Declared by the consumer; wait for it, then publish poison onto the chunk queue.
+    let chunks = format!("hopper.{}.chunks", t.name);
+    let ch = conn.create_channel().await.expect("channel");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let probe = conn.create_channel().await.expect("channel");
+        let passive = probe
+            .queue_declare(
+                chunks.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await;
+        if matches!(&passive, Ok(q) if q.consumer_count() == 1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the consumer never attached"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (i, payload) in [&b"not msgpack at all"[..], &[0x92, 0x07, 0xc0][..]]
+        .iter()
+        .enumerate()
+    {
+        ch.basic_publish(
+            "".into(),
+            chunks.as_str().into(),
+            BasicPublishOptions::default(),
+            payload,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(format!("poison-{i}").into()),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    }
+
+    // The consumer is still up: a whole run goes through it.
+    let out = t.dispatcher(&["run"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert_eq!(output_ids(&t.path("out")), (1..=25).collect::<Vec<u64>>());
+
+    let dead = format!("hopper.{}.dead", t.name);
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let msg = ch
+            .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("get")
+            .expect("a parked message");
+        let headers = msg
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        let reason = match headers.inner().get("x-hopper-dead-reason") {
+            Some(lapin::types::AMQPValue::LongString(s)) => {
+                String::from_utf8_lossy(s.as_bytes()).into_owned()
+            }
+            other => panic!("no dead reason header: {other:?}"),
+        };
+        reasons.push(reason);
+    }
+    reasons.sort();
+    assert!(
+        reasons[0].starts_with("chunk has schema version 7"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].starts_with("undecodable chunk"), "{reasons:?}");
+    assert!(consumer.stop(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test]
+async fn csv_records_become_objects_named_by_the_header() {
+    let _conn = require_broker().await;
+    let t = TestJob::new(
+        "csv",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.csv"
+[chunking]
+items = 2
+[processor]
+kind = "file"
+dir = "out"
+"#,
+    );
+    std::fs::write(
+        t.path("input.csv"),
+        "id,name,note\n1,\"Smith, J\",\"said \"\"hi\"\"\"\n2,Lee,\"two\nlines\"\n3,Kim,\n",
+    )
+    .expect("input");
+    let consumer = t.start_consumer(1, 1);
+    let out = t.dispatcher(&["run"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let run = t.status().await["run"].as_u64().expect("a run id");
+    let mut lines: Vec<serde_json::Value> = ["1.jsonl", "2.jsonl"]
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(t.path(&format!("out/{run}/{f}")))
+                .expect("output")
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("json"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    lines.sort_by_key(|v| v["id"].as_str().map(str::to_string));
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["name"], "Smith, J");
+    assert_eq!(lines[0]["note"], "said \"hi\"");
+    assert_eq!(lines[1]["note"], "two\nlines");
+    assert_eq!(lines[2]["note"], "");
+    assert!(consumer.stop(Duration::from_secs(30)).await.success());
+}
