@@ -3,12 +3,15 @@
 //! Publishing and consuming use separate connections: a publisher connection blocked by a
 //! memory or disk alarm stops every frame on it, acks included.
 
+use lapin::options::ConfirmSelectOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::codec::{CONTENT_TYPE, SCHEMA_VERSION};
 use crate::job::redact_url;
+use crate::job::Job;
 use crate::message::{Chunk, Reply};
+use crate::topology::Topology;
 
 /// The broker could not be reached or refused us.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,88 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> 
             name: name.to_string(),
             source,
         })
+}
+
+/// One side's link to the broker: a connection to publish on, with a channel in confirm mode,
+/// and a separate connection to consume on, the job's queues declared.
+#[derive(Debug)]
+pub struct Link {
+    /// Publishes, with publisher confirms.
+    pub publish: Connection,
+    /// Consumes: kept apart so that a publisher blocked by a broker alarm does not stop acks.
+    pub consume: Connection,
+    /// A channel on `publish`, in confirm mode.
+    pub channel: Channel,
+}
+
+/// The broker failed while a [`Link`] was being set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The broker cannot be reached.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The broker refused a step.
+    #[error("RabbitMQ: {what} ({queue}): {source}")]
+    Broker {
+        /// The step.
+        what: &'static str,
+        /// The queue involved.
+        queue: String,
+        /// lapin's error.
+        source: lapin::Error,
+    },
+}
+
+impl Link {
+    /// Connects `role` (`hopper-dispatcher`, `hopper-consumer`) for `job`, naming the connections
+    /// after the role, the job and this process, and declares the job's queues.
+    ///
+    /// # Errors
+    /// [`LinkError`], naming the step and queue.
+    pub async fn open(job: &Job, topology: &Topology, role: &str) -> Result<Link, LinkError> {
+        let me = process_identity();
+        let step = |what: &'static str, queue: &str| {
+            let queue = queue.to_string();
+            move |source| LinkError::Broker {
+                what,
+                queue,
+                source,
+            }
+        };
+        let publish = connect(
+            &job.broker_url,
+            &format!("{role} {} publish {me}", job.name),
+        )
+        .await?;
+        let consume = connect(
+            &job.broker_url,
+            &format!("{role} {} consume {me}", job.name),
+        )
+        .await?;
+        let channel = publish
+            .create_channel()
+            .await
+            .map_err(step("open channel", &topology.chunks))?;
+        topology
+            .declare(&channel)
+            .await
+            .map_err(step("declare queues", &topology.chunks))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(step("enable publisher confirms", &topology.chunks))?;
+        Ok(Link {
+            publish,
+            consume,
+            channel,
+        })
+    }
+
+    /// Closes both connections. Best effort: what matters was confirmed and recorded already.
+    pub async fn close(&self, why: &str) {
+        let _ = self.publish.close(200, why.into()).await;
+        let _ = self.consume.close(200, why.into()).await;
+    }
 }
 
 /// `host/pid`: who is talking, for connection names and replies.

@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
-use hopper_common::broker::{self, process_identity};
-use hopper_common::{codec, Chunk, ConnectError, Job, Outcome, Reply, Topology};
+use hopper_common::broker::{self, process_identity, Link, LinkError};
+use hopper_common::{codec, Chunk, Job, Outcome, Reply, Topology};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicPublishOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation};
@@ -58,9 +58,9 @@ pub struct ConsumerSummary {
 /// Why a consumer stopped before it was asked to.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
-    /// The broker cannot be reached.
+    /// The broker cannot be reached or refused the set-up.
     #[error(transparent)]
-    Connect(#[from] ConnectError),
+    Link(#[from] LinkError),
     /// The broker failed mid-way.
     #[error("RabbitMQ: {what} ({queue}): {source}")]
     Broker {
@@ -121,28 +121,10 @@ pub async fn run(
 ) -> Result<ConsumerSummary, ConsumerError> {
     let topology = Topology::for_job(job);
     let me = process_identity();
-    let in_conn = broker::connect(
-        &job.broker_url,
-        &format!("hopper-consumer {} chunks {me}", job.name),
-    )
-    .await?;
-    let out_conn = broker::connect(
-        &job.broker_url,
-        &format!("hopper-consumer {} publish {me}", job.name),
-    )
-    .await?;
-    let out = out_conn
-        .create_channel()
-        .await
-        .map_err(broker_err("open channel", &topology.replies))?;
-    topology
-        .declare(&out)
-        .await
-        .map_err(broker_err("declare queues", &topology.chunks))?;
-    out.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(broker_err("enable publisher confirms", &topology.replies))?;
-    let input = in_conn
+    let link = Link::open(job, &topology, "hopper-consumer").await?;
+    let out = link.channel.clone();
+    let input = link
+        .consume
         .create_channel()
         .await
         .map_err(broker_err("open channel", &topology.chunks))?;
@@ -198,8 +180,7 @@ pub async fn run(
     tracker.wait().await;
     // Closing returns prefetched chunks that were never started to the queue.
     let _ = input.close(200, "consumer stopping".into()).await;
-    let _ = in_conn.close(200, "consumer stopping".into()).await;
-    let _ = out_conn.close(200, "consumer stopping".into()).await;
+    link.close("consumer stopping").await;
     let summary = ConsumerSummary {
         chunks: ctx.chunks.load(Ordering::Relaxed),
         retried: ctx.retried.load(Ordering::Relaxed),

@@ -6,9 +6,10 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use hopper_common::{open_state, Job, RunState};
+use hopper_common::{open_state, Job, RunState, StateStore};
 use hopper_dispatcher::{run, RunOptions, StatusReport};
 use tokio_util::sync::CancellationToken;
 
@@ -65,24 +66,23 @@ fn main() -> ExitCode {
     })
 }
 
-fn load(path: &Path) -> Result<Job, ExitCode> {
-    Job::load(path).map_err(|e| {
+/// The job file, validated, and its state store; the exit code to leave with when either fails.
+fn open(path: &Path) -> Result<(Job, Arc<dyn StateStore>), ExitCode> {
+    let job = Job::load(path).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(2)
-    })
+    })?;
+    let store = open_state(&job).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(1)
+    })?;
+    Ok((job, store))
 }
 
 async fn run_job(path: PathBuf) -> ExitCode {
-    let job = match load(&path) {
-        Ok(j) => j,
+    let (job, store) = match open(&path) {
+        Ok(opened) => opened,
         Err(code) => return code,
-    };
-    let store = match open_state(&job) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(hopper_common::shutdown::cancel_on_signal(shutdown.clone()));
@@ -124,16 +124,9 @@ async fn run_job(path: PathBuf) -> ExitCode {
 }
 
 async fn status(path: PathBuf, run: Option<u64>, json: bool) -> ExitCode {
-    let job = match load(&path) {
-        Ok(j) => j,
+    let (job, store) = match open(&path) {
+        Ok(opened) => opened,
         Err(code) => return code,
-    };
-    let store = match open_state(&job) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
     };
     let record = match store.run(&job.name, run).await {
         Ok(Some(r)) => r,

@@ -20,21 +20,18 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use hopper_common::broker::{self, process_identity};
+use hopper_common::broker::{self, process_identity, Link, LinkError};
 use hopper_common::state::{
     now_ms, Checkpoint, FailureClass, FailureRecord, NewChunk, Progress as Recorded,
 };
 use hopper_common::{
-    codec, Chunk, CodecError, ConnectError, Job, Outcome, RunId, RunState, RunStatus, StateError,
-    StateStore, Topology,
+    codec, Chunk, CodecError, Job, Outcome, RunId, RunState, RunStatus, StateError, StateStore,
+    Topology,
 };
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -90,9 +87,9 @@ pub enum DispatchError {
     /// The input cannot be opened (bad input: nothing was sent) or read part-way.
     #[error(transparent)]
     Source(#[from] SourceError),
-    /// The broker cannot be reached.
+    /// The broker cannot be reached or refused the set-up.
     #[error(transparent)]
-    Connect(#[from] ConnectError),
+    Link(#[from] LinkError),
     /// The broker failed or closed something mid-run.
     #[error("RabbitMQ: {what} ({queue}): {source}")]
     Broker {
@@ -226,29 +223,10 @@ pub async fn run(
 
     let topology = Topology::for_job(job);
     let me = process_identity();
-    let pub_conn = broker::connect(
-        &job.broker_url,
-        &format!("hopper-dispatcher {} publish {me}", job.name),
-    )
-    .await?;
-    let sub_conn = broker::connect(
-        &job.broker_url,
-        &format!("hopper-dispatcher {} replies {me}", job.name),
-    )
-    .await?;
-    let channel = pub_conn
-        .create_channel()
-        .await
-        .map_err(broker_err("open channel", &topology.chunks))?;
-    topology
-        .declare(&channel)
-        .await
-        .map_err(broker_err("declare queues", &topology.chunks))?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(broker_err("enable publisher confirms", &topology.chunks))?;
-    let sub = sub_conn
+    let link = Link::open(job, &topology, "hopper-dispatcher").await?;
+    let channel = link.channel.clone();
+    let sub = link
+        .consume
         .create_channel()
         .await
         .map_err(broker_err("open channel", &topology.replies))?;
@@ -415,7 +393,7 @@ pub async fn run(
     let state = match end {
         End::Interrupted => {
             warn!(job = %job.name, run, "interrupted; the run stays `running`");
-            close(&pub_conn, &sub_conn).await;
+            link.close("run interrupted").await;
             return Err(DispatchError::Interrupted { run, read: d.read });
         }
         End::SkipLimit => {
@@ -437,14 +415,8 @@ pub async fn run(
     info!(job = %job.name, run, state = %state, processed = status.items.processed,
           skipped = status.items.skipped, failed = status.items.failed,
           seconds = started.elapsed().as_secs_f64(), "run finished");
-    close(&pub_conn, &sub_conn).await;
+    link.close("run over").await;
     Ok(RunSummary { run, state, status })
-}
-
-async fn close(pub_conn: &Connection, sub_conn: &Connection) {
-    // Best effort: the run's outcome is already recorded.
-    let _ = pub_conn.close(200, "run over".into()).await;
-    let _ = sub_conn.close(200, "run over".into()).await;
 }
 
 impl Dispatch<'_> {
