@@ -12,10 +12,11 @@
 //!   finishes, replies and acks the ones it holds, then closes; chunks prefetched but not
 //!   started go back to the queue when the channel closes.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use hopper_common::broker::{self, process_identity, Link, LinkError};
 use hopper_common::{codec, Chunk, Job, Outcome, Reply, Topology};
 use lapin::message::Delivery;
@@ -207,7 +208,21 @@ async fn handle(ctx: Arc<Context>, delivery: Delivery) {
            redelivered = delivery.redelivered, "chunk received");
 
     let started = std::time::Instant::now();
-    let result = ctx.processor.process(&chunk).await;
+    // A panicking processor must not lose the delivery (and with it a prefetch slot): the panic
+    // is a transient failure of this chunk.
+    let result = AssertUnwindSafe(ctx.processor.process(&chunk))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_string());
+            Err(ProcessError::Transient(format!(
+                "the processor panicked: {what}"
+            )))
+        });
     let processed_in = started.elapsed();
     let outcome = match result {
         Ok(p) => Outcome::Done {

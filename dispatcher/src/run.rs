@@ -270,7 +270,7 @@ pub async fn run(
     // The reader runs ahead by at most the channel's capacity.
     let (tx, mut rx) = mpsc::channel::<Result<RawChunk, SourceError>>(4);
     let mut chunker = Chunker::new(source, job.chunking);
-    tokio::task::spawn_blocking(move || loop {
+    let reader = tokio::task::spawn_blocking(move || loop {
         let next = chunker.next_chunk();
         let last = !matches!(next, Ok(Some(_)));
         let sent = match next {
@@ -386,7 +386,10 @@ pub async fn run(
             }
         }
     };
+    // Dropping the receiver stops the reader at its next chunk; wait for it, so no thread
+    // outlives the run.
     drop(rx);
+    let _ = reader.await;
     progress.update(&d.snapshot());
     progress.finish();
 
