@@ -1,16 +1,13 @@
-//! Connecting to RabbitMQ and the AMQP properties of Hopper's messages.
+//! Connecting to RabbitMQ: one connection, or the two-connection [`Link`] of one side.
 //!
 //! Publishing and consuming use separate connections: a publisher connection blocked by a
 //! memory or disk alarm stops every frame on it, acks included.
 
 use lapin::options::ConfirmSelectOptions;
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties};
 
-use crate::codec::{CONTENT_TYPE, SCHEMA_VERSION};
 use crate::job::redact_url;
 use crate::job::Job;
-use crate::message::{Chunk, Reply};
 use crate::topology::Topology;
 
 /// The broker could not be reached or refused us.
@@ -131,51 +128,4 @@ pub fn process_identity() -> String {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "unknown-host".to_string());
     format!("{host}/{}", std::process::id())
-}
-
-fn headers(job: &str, run: u64, seq: u64, attempt: u32) -> FieldTable {
-    let mut h = FieldTable::default();
-    h.insert("job".into(), AMQPValue::LongString(LongString::from(job)));
-    h.insert("run".into(), AMQPValue::LongLongInt(run as i64));
-    h.insert("seq".into(), AMQPValue::LongLongInt(seq as i64));
-    h.insert("attempt".into(), AMQPValue::LongLongInt(i64::from(attempt)));
-    h
-}
-
-fn base(kind: &str, id: String, headers: FieldTable) -> BasicProperties {
-    BasicProperties::default()
-        .with_content_type(CONTENT_TYPE.into())
-        .with_delivery_mode(2)
-        .with_type(format!("hopper.{kind}.v{SCHEMA_VERSION}").into())
-        .with_message_id(id.into())
-        .with_headers(headers)
-}
-
-/// Persistent, with a readable id (`<run>/<seq>/<attempt>`), a versioned `type` and
-/// job/run/seq/attempt headers, so a person can follow the chunk in the management UI.
-pub fn chunk_properties(chunk: &Chunk) -> BasicProperties {
-    base(
-        "chunk",
-        chunk.message_id(),
-        headers(&chunk.job, chunk.run, chunk.seq, chunk.attempt),
-    )
-}
-
-/// Like [`chunk_properties`], for a reply.
-pub fn reply_properties(reply: &Reply) -> BasicProperties {
-    base(
-        "reply",
-        format!("{}/{}/{}", reply.run, reply.seq, reply.attempt),
-        headers(&reply.job, reply.run, reply.seq, reply.attempt),
-    )
-}
-
-/// Properties of a message parked on the dead queue: the original's, plus why it was parked.
-pub fn dead_properties(original: &BasicProperties, reason: &str) -> BasicProperties {
-    let mut h = original.headers().clone().unwrap_or_default();
-    h.insert(
-        "x-hopper-dead-reason".into(),
-        AMQPValue::LongString(LongString::from(reason)),
-    );
-    original.clone().with_delivery_mode(2).with_headers(h)
 }

@@ -9,7 +9,9 @@
 //! - [`message`]: the [`Chunk`] and [`Reply`] that cross the broker.
 //! - [`codec`]: their MessagePack encoding, in a versioned envelope.
 //! - [`topology`]: the queues of a job and how they are declared.
-//! - [`broker`]: connections and message properties.
+//! - [`transport`]: the [`Transport`] between dispatcher and consumers, and its RabbitMQ
+//!   implementation.
+//! - [`broker`]: RabbitMQ connections.
 //! - [`shutdown`]: stopping on SIGINT or SIGTERM.
 //! - [`state`]: the execution context ([`StateStore`]) and its SQLite implementation.
 
@@ -20,6 +22,7 @@ pub mod message;
 pub mod shutdown;
 pub mod state;
 pub mod topology;
+pub mod transport;
 
 pub use broker::{connect, ConnectError};
 pub use codec::{CodecError, SCHEMA_VERSION};
@@ -27,6 +30,7 @@ pub use job::{FileFormat, Job, JobError, ProcessorSpec, SourceSpec, StateSpec};
 pub use message::{BadItem, Chunk, Item, Outcome, Position, Reply};
 pub use state::{RunId, RunState, RunStatus, SqliteStore, StateError, StateStore};
 pub use topology::Topology;
+pub use transport::{AmqpTransport, Incoming, Label, Route, Transport, TransportError};
 
 /// Opens the state store a job names.
 ///

@@ -46,4 +46,4 @@ pub use processor::{
     build, BuildError, ExecProcessor, FileProcessor, NoopProcessor, ProcessError, Processed,
     Processor,
 };
-pub use worker::{run, ConsumerError, ConsumerOptions, ConsumerSummary};
+pub use worker::{run, run_on, ConsumerError, ConsumerOptions, ConsumerSummary};

@@ -17,15 +17,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::{FutureExt, StreamExt};
-use hopper_common::broker::{self, process_identity, Link, LinkError};
-use hopper_common::{codec, Chunk, Job, Outcome, Reply, Topology};
-use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions,
+use hopper_common::broker::process_identity;
+use hopper_common::{
+    codec, AmqpTransport, Chunk, Incoming, Job, Label, Outcome, Reply, Route, Transport,
+    TransportError,
 };
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
@@ -59,58 +55,26 @@ pub struct ConsumerSummary {
 /// Why a consumer stopped before it was asked to.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
-    /// The broker cannot be reached or refused the set-up.
+    /// The transport cannot be reached, or failed.
     #[error(transparent)]
-    Link(#[from] LinkError),
-    /// The broker failed mid-way.
-    #[error("RabbitMQ: {what} ({queue}): {source}")]
-    Broker {
-        /// What was being done.
-        what: &'static str,
-        /// The queue involved.
-        queue: String,
-        /// lapin's error.
-        source: lapin::Error,
-    },
-    /// The broker cancelled our consumer (the queue was deleted?).
-    #[error("RabbitMQ cancelled the consumer of {queue}")]
-    Cancelled {
-        /// The chunk queue.
-        queue: String,
-    },
-}
-
-fn broker_err(what: &'static str, queue: &str) -> impl FnOnce(lapin::Error) -> ConsumerError {
-    let queue = queue.to_string();
-    move |source| ConsumerError::Broker {
-        what,
-        queue,
-        source,
-    }
+    Transport(#[from] TransportError),
+    /// The transport stopped delivering chunks (the queue was deleted?).
+    #[error("the transport stopped delivering chunks")]
+    ChunksEnded,
 }
 
 /// What every chunk task shares.
 struct Context {
     job: Job,
-    topology: Topology,
     processor: Arc<dyn Processor>,
-    channel: Channel,
+    transport: Arc<dyn Transport>,
     me: String,
     chunks: AtomicU64,
     retried: AtomicU64,
     dead: AtomicU64,
 }
 
-/// A publish the broker did not take.
-#[derive(Debug, thiserror::Error)]
-enum PublishError {
-    #[error("publish to {queue}: {source}")]
-    Lapin { queue: String, source: lapin::Error },
-    #[error("the broker did not take the message for {queue} ({why})")]
-    Refused { queue: String, why: String },
-}
-
-/// Consumes `job`'s chunks with `processor` until `shutdown` is cancelled.
+/// Consumes `job`'s chunks from RabbitMQ with `processor` until `shutdown` is cancelled.
 ///
 /// # Errors
 /// A [`ConsumerError`] when the broker cannot be reached or fails.
@@ -120,38 +84,35 @@ pub async fn run(
     opts: ConsumerOptions,
     shutdown: CancellationToken,
 ) -> Result<ConsumerSummary, ConsumerError> {
-    let topology = Topology::for_job(job);
-    let me = process_identity();
-    let link = Link::open(job, &topology, "hopper-consumer").await?;
-    let out = link.channel.clone();
-    let input = link
-        .consume
-        .create_channel()
-        .await
-        .map_err(broker_err("open channel", &topology.chunks))?;
-    input
-        .basic_qos(opts.concurrency.max(1), BasicQosOptions::default())
-        .await
-        .map_err(broker_err("set prefetch", &topology.chunks))?;
-    let tag = format!("hopper-consumer {me}");
-    let mut deliveries = input
-        .basic_consume(
-            topology.chunks.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(broker_err("consume chunks", &topology.chunks))?;
-    info!(job = %job.name, queue = %topology.chunks, concurrency = opts.concurrency,
-          processor = job.processor.kind(), "consumer started");
+    let transport = Arc::new(AmqpTransport::open(job, "hopper-consumer").await?);
+    let result = run_on(job, processor, transport.clone(), opts, shutdown).await;
+    // Closing gives back the chunks that were received but never started.
+    transport.close("consumer stopping").await;
+    result
+}
+
+/// Consumes `job`'s chunks from `transport` with `processor` until `shutdown` is cancelled.
+///
+/// # Errors
+/// A [`ConsumerError`] when the transport fails.
+pub async fn run_on(
+    job: &Job,
+    processor: Arc<dyn Processor>,
+    transport: Arc<dyn Transport>,
+    opts: ConsumerOptions,
+    shutdown: CancellationToken,
+) -> Result<ConsumerSummary, ConsumerError> {
+    let mut inbox = transport
+        .receive(Route::Chunks, opts.concurrency.max(1))
+        .await?;
+    info!(job = %job.name, concurrency = opts.concurrency, processor = job.processor.kind(),
+          "consumer started");
 
     let ctx = Arc::new(Context {
         job: job.clone(),
-        topology,
         processor,
-        channel: out,
-        me,
+        transport: Arc::clone(&transport),
+        me: process_identity(),
         chunks: AtomicU64::new(0),
         retried: AtomicU64::new(0),
         dead: AtomicU64::new(0),
@@ -161,27 +122,21 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
-            next = deliveries.next() => match next {
-                Some(Ok(delivery)) => {
-                    tracker.spawn(handle(Arc::clone(&ctx), delivery));
+            next = inbox.next() => match next {
+                Some(Ok(message)) => {
+                    tracker.spawn(handle(Arc::clone(&ctx), message));
                 }
-                Some(Err(e)) => break Err(broker_err("receive chunks", &ctx.topology.chunks)(e)),
-                None => break Err(ConsumerError::Cancelled { queue: ctx.topology.chunks.clone() }),
+                Some(Err(e)) => break Err(ConsumerError::from(e)),
+                None => break Err(ConsumerError::ChunksEnded),
             },
         }
     };
     if stopped.is_ok() {
         info!(job = %job.name, in_hand = tracker.len(), "stopping: finishing the chunks in hand");
-        // Best effort: if it fails, closing the channel below stops deliveries all the same.
-        let _ = input
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await;
+        transport.stop_receiving().await;
     }
     tracker.close();
     tracker.wait().await;
-    // Closing returns prefetched chunks that were never started to the queue.
-    let _ = input.close(200, "consumer stopping".into()).await;
-    link.close("consumer stopping").await;
     let summary = ConsumerSummary {
         chunks: ctx.chunks.load(Ordering::Relaxed),
         retried: ctx.retried.load(Ordering::Relaxed),
@@ -192,23 +147,23 @@ pub async fn run(
     stopped.map(|()| summary)
 }
 
-/// One delivery, from decoding to ack.
-async fn handle(ctx: Arc<Context>, delivery: Delivery) {
+/// One message, from decoding to ack.
+async fn handle(ctx: Arc<Context>, message: Incoming) {
     let job = &ctx.job.name;
-    let chunk = match codec::decode_chunk(&delivery.data) {
+    let chunk = match codec::decode_chunk(&message.payload) {
         Ok(c) if c.job == *job => c,
         Ok(c) => {
             let why = format!("a chunk of job {:?} on the queue of job {job:?}", c.job);
-            return park_poison(&ctx, delivery, why).await;
+            return park_poison(&ctx, message, why).await;
         }
-        Err(e) => return park_poison(&ctx, delivery, e.to_string()).await,
+        Err(e) => return park_poison(&ctx, message, e.to_string()).await,
     };
     let (run, seq, attempt) = (chunk.run, chunk.seq, chunk.attempt);
     debug!(job = %job, run, seq, attempt, items = chunk.items.len(),
-           redelivered = delivery.redelivered, "chunk received");
+           redelivered = message.redelivered, "chunk received");
 
     let started = std::time::Instant::now();
-    // A panicking processor must not lose the delivery (and with it a prefetch slot): the panic
+    // A panicking processor must not lose the message (and with it a prefetch slot): the panic
     // is a transient failure of this chunk.
     let result = AssertUnwindSafe(ctx.processor.process(&chunk))
         .catch_unwind()
@@ -224,6 +179,7 @@ async fn handle(ctx: Arc<Context>, delivery: Delivery) {
             )))
         });
     let processed_in = started.elapsed();
+    let label = Label::chunk(&chunk);
     let outcome = match result {
         Ok(p) => Outcome::Done {
             processed: (chunk.items.len() - p.bad_items.len().min(chunk.items.len())) as u64,
@@ -240,19 +196,19 @@ async fn handle(ctx: Arc<Context>, delivery: Delivery) {
                         next_attempt: next,
                     }
                 }
-                Err(e) => return give_back(delivery, &e.to_string(), job, run, seq).await,
+                Err(e) => return give_back(message, &e, &label).await,
             }
         }
         Err(ProcessError::Transient(error)) => {
-            match park(&ctx, &delivery.data, &delivery.properties, &error).await {
+            match park(&ctx, &message.payload, label.clone().parked(&error)).await {
                 Ok(()) => Outcome::Dead { error },
-                Err(e) => return give_back(delivery, &e.to_string(), job, run, seq).await,
+                Err(e) => return give_back(message, &e, &label).await,
             }
         }
         Err(ProcessError::Permanent(error)) => {
-            match park(&ctx, &delivery.data, &delivery.properties, &error).await {
+            match park(&ctx, &message.payload, label.clone().parked(&error)).await {
                 Ok(()) => Outcome::Failed { error },
-                Err(e) => return give_back(delivery, &e.to_string(), job, run, seq).await,
+                Err(e) => return give_back(message, &e, &label).await,
             }
         }
     };
@@ -265,17 +221,19 @@ async fn handle(ctx: Arc<Context>, delivery: Delivery) {
         consumer: ctx.me.clone(),
         outcome,
     };
-    let payload = match codec::encode_reply(&reply) {
-        Ok(p) => p,
-        Err(e) => return give_back(delivery, &e.to_string(), job, run, seq).await,
+    let sent = match codec::encode_reply(&reply) {
+        Ok(payload) => publish(&ctx, Route::Replies, &payload, &Label::reply(&reply)).await,
+        Err(e) => {
+            error!(job = %job, run, seq, error = %e, "cannot encode the reply");
+            return;
+        }
     };
-    let props = broker::reply_properties(&reply);
-    if let Err(e) = publish(&ctx.channel, &ctx.topology.replies, &payload, props).await {
-        return give_back(delivery, &e.to_string(), job, run, seq).await;
+    if let Err(e) = sent {
+        return give_back(message, &e, &label).await;
     }
     let replied_in = started.elapsed() - processed_in;
-    match delivery.ack(BasicAckOptions::default()).await {
-        Ok(_) => {
+    match message.ack().await {
+        Ok(()) => {
             if final_outcome {
                 ctx.chunks.fetch_add(1, Ordering::Relaxed);
             }
@@ -283,122 +241,62 @@ async fn handle(ctx: Arc<Context>, delivery: Delivery) {
                    process_ms = processed_in.as_secs_f64() * 1000.0,
                    reply_ms = replied_in.as_secs_f64() * 1000.0, "chunk finished");
         }
-        // The channel is gone: the broker delivers the chunk again, and its reply is a duplicate.
+        // The transport is gone: the chunk comes again, and its reply is then a duplicate.
         Err(e) => warn!(job = %job, run, seq, error = %e, "ack failed; the chunk will come again"),
     }
 }
 
-/// Something failed after processing: leave the chunk to the broker to deliver again.
-async fn give_back(delivery: Delivery, why: &str, job: &str, run: u64, seq: u64) {
-    error!(job = %job, run, seq, error = %why, "cannot finish the chunk; handing it back to the queue");
-    let _ = delivery
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        })
-        .await;
+/// Something failed after processing: hand the chunk back to be delivered again.
+async fn give_back(message: Incoming, why: &TransportError, label: &Label) {
+    error!(message_id = ?label.message_id, error = %why,
+           "cannot finish the chunk; handing it back to the queue");
+    // If this fails too, the transport gives it back when the consumer goes.
+    let _ = message.give_back().await;
 }
 
-async fn send_to_retry(ctx: &Context, chunk: &Chunk, next: u32) -> Result<(), PublishError> {
-    let Some(queue) = ctx.topology.retry_queue(&ctx.job, next) else {
-        return Err(PublishError::Refused {
-            queue: format!("hopper.{}.retry.*", ctx.job.name),
-            why: format!("no delay queue for attempt {next}"),
-        });
-    };
+/// Publishes and waits until the transport holds the message.
+async fn publish(
+    ctx: &Context,
+    route: Route,
+    payload: &[u8],
+    label: &Label,
+) -> Result<(), TransportError> {
+    ctx.transport.publish(route, payload, label).await?.await
+}
+
+async fn send_to_retry(ctx: &Context, chunk: &Chunk, next: u32) -> Result<(), TransportError> {
     let mut again = chunk.clone();
     again.attempt = next;
-    let payload = codec::encode_chunk(&again).map_err(|e| PublishError::Refused {
-        queue: queue.to_string(),
+    let payload = codec::encode_chunk(&again).map_err(|e| TransportError::Refused {
+        queue: "retry".to_string(),
         why: e.to_string(),
     })?;
-    publish(
-        &ctx.channel,
-        queue,
-        &payload,
-        broker::chunk_properties(&again),
-    )
-    .await
+    publish(ctx, Route::Retry { next }, &payload, &Label::chunk(&again)).await
 }
 
-async fn park(
-    ctx: &Context,
-    data: &[u8],
-    props: &BasicProperties,
-    reason: &str,
-) -> Result<(), PublishError> {
-    publish(
-        &ctx.channel,
-        &ctx.topology.dead,
-        data,
-        broker::dead_properties(props, reason),
-    )
-    .await?;
+async fn park(ctx: &Context, payload: &[u8], label: Label) -> Result<(), TransportError> {
+    publish(ctx, Route::Dead, payload, &label).await?;
     ctx.dead.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 
-async fn park_poison(ctx: &Context, delivery: Delivery, why: String) {
-    let id = delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|s| s.to_string())
+async fn park_poison(ctx: &Context, message: Incoming, why: String) {
+    let id = message
+        .label
+        .message_id
+        .clone()
         .unwrap_or_else(|| "-".into());
     warn!(job = %ctx.job.name, message_id = %id, reason = %why,
           "parking an unreadable message on the dead queue");
-    match park(ctx, &delivery.data, &delivery.properties, &why).await {
+    let label = message.label.clone().parked(&why);
+    match park(ctx, &message.payload, label).await {
         Ok(()) => {
-            let _ = delivery.ack(BasicAckOptions::default()).await;
+            let _ = message.ack().await;
         }
         Err(e) => {
             // The quorum queue's delivery limit dead-letters it if this keeps happening.
             error!(job = %ctx.job.name, message_id = %id, error = %e, "cannot park the message");
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await;
+            let _ = message.give_back().await;
         }
-    }
-}
-
-/// Publishes a persistent message and waits for the broker's confirm.
-async fn publish(
-    channel: &Channel,
-    queue: &str,
-    payload: &[u8],
-    props: BasicProperties,
-) -> Result<(), PublishError> {
-    let lapin_err = |source| PublishError::Lapin {
-        queue: queue.to_string(),
-        source,
-    };
-    let confirm = channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            payload,
-            props,
-        )
-        .await
-        .map_err(lapin_err)?
-        .await
-        .map_err(lapin_err)?;
-    match confirm {
-        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Ack(Some(returned)) => Err(PublishError::Refused {
-            queue: queue.to_string(),
-            why: format!("unroutable: {}", returned.reply_text),
-        }),
-        Confirmation::Nack(_) => Err(PublishError::Refused {
-            queue: queue.to_string(),
-            why: "nacked".into(),
-        }),
     }
 }

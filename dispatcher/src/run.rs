@@ -20,18 +20,13 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use hopper_common::broker::{self, process_identity, Link, LinkError};
 use hopper_common::state::{
     now_ms, Checkpoint, FailureClass, FailureRecord, NewChunk, Progress as Recorded,
 };
 use hopper_common::{
-    codec, Chunk, CodecError, Job, Outcome, RunId, RunState, RunStatus, StateError, StateStore,
-    Topology,
+    codec, AmqpTransport, Chunk, CodecError, Incoming, Job, Label, Outcome, Route, RunId, RunState,
+    RunStatus, StateError, StateStore, Transport, TransportError,
 };
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -87,27 +82,14 @@ pub enum DispatchError {
     /// The input cannot be opened (bad input: nothing was sent) or read part-way.
     #[error(transparent)]
     Source(#[from] SourceError),
-    /// The broker cannot be reached or refused the set-up.
+    /// The transport cannot be reached, or failed mid-run.
     #[error(transparent)]
-    Link(#[from] LinkError),
-    /// The broker failed or closed something mid-run.
-    #[error("RabbitMQ: {what} ({queue}): {source}")]
-    Broker {
-        /// What was being done.
-        what: &'static str,
-        /// The queue involved.
-        queue: String,
-        /// lapin's error.
-        source: lapin::Error,
-    },
-    /// The broker cancelled the reply consumer (the queue was deleted?).
-    #[error("RabbitMQ cancelled the dispatcher's consumer of {queue}")]
-    ConsumerCancelled {
-        /// The replies queue.
-        queue: String,
-    },
-    /// The broker refused a chunk again and again.
-    #[error("RabbitMQ refused chunk {seq} of run {run} {times} times (queue {queue}); stopping")]
+    Transport(#[from] TransportError),
+    /// The transport stopped delivering replies (the replies queue was deleted?).
+    #[error("the transport stopped delivering replies")]
+    RepliesEnded,
+    /// The transport refused a chunk again and again.
+    #[error("chunk {seq} of run {run} was refused {times} times; stopping ({last})")]
     Refused {
         /// The run.
         run: RunId,
@@ -115,8 +97,8 @@ pub enum DispatchError {
         seq: u64,
         /// How often.
         times: u32,
-        /// The chunk queue.
-        queue: String,
+        /// The last refusal.
+        last: String,
     },
     /// The execution context cannot be read or written.
     #[error(transparent)]
@@ -152,34 +134,24 @@ impl DispatchError {
     }
 }
 
-fn broker_err(what: &'static str, queue: &str) -> impl FnOnce(lapin::Error) -> DispatchError {
-    let queue = queue.to_string();
-    move |source| DispatchError::Broker {
-        what,
-        queue,
-        source,
-    }
-}
-
 /// A chunk published and not yet finally answered.
 struct Outstanding {
     items: u64,
     since: Instant,
     /// Kept until the broker confirms, to publish again on a nack.
-    message: Option<(Arc<Vec<u8>>, BasicProperties)>,
+    message: Option<(Arc<Vec<u8>>, Label)>,
     refusals: u32,
     reported_stuck: bool,
 }
 
-type ConfirmFuture = BoxFuture<'static, (u64, lapin::Result<Confirmation>)>;
+type ConfirmFuture = BoxFuture<'static, (u64, Result<(), TransportError>)>;
 
 /// The state of a run in progress.
 struct Dispatch<'a> {
     job: &'a Job,
     run: RunId,
     store: Arc<dyn StateStore>,
-    channel: Channel,
-    topology: Topology,
+    transport: Arc<dyn Transport>,
     outstanding: HashMap<u64, Outstanding>,
     confirms: FuturesUnordered<ConfirmFuture>,
     throttle: Throttle,
@@ -195,7 +167,7 @@ enum End {
     Interrupted,
 }
 
-/// Dispatches one run of `job` to the end.
+/// Dispatches one run of `job` to the end over RabbitMQ.
 ///
 /// # Errors
 /// A [`DispatchError`]; [`DispatchError::is_bad_input`] tells the ones where nothing was sent.
@@ -205,11 +177,18 @@ pub async fn run(
     opts: RunOptions,
     shutdown: CancellationToken,
 ) -> Result<RunSummary, DispatchError> {
-    // The input is checked before anything else: a missing file sends nothing.
+    // The input and the execution context are checked before anything else: a missing file or
+    // a live dispatcher of the same job sends nothing.
     let source = source::open(&job.source)?;
-    let total_bytes = source.size_bytes();
-    let describe = source.describe();
+    refuse_if_running(job, store.as_ref()).await?;
+    let transport = Arc::new(AmqpTransport::open(job, "hopper-dispatcher").await?);
+    let result = run_on(job, source, transport.clone(), store, opts, shutdown).await;
+    transport.close("run over").await;
+    result
+}
 
+/// Refuses to start while another dispatcher of `job` is alive.
+async fn refuse_if_running(job: &Job, store: &dyn StateStore) -> Result<(), DispatchError> {
     if let Some(prev) = store.run(&job.name, None).await? {
         let age = now_ms().saturating_sub(prev.heartbeat_at);
         if !prev.state.is_final() && age < HEARTBEAT_STALE.as_millis() as u64 {
@@ -221,28 +200,25 @@ pub async fn run(
         }
     }
 
-    let topology = Topology::for_job(job);
-    let me = process_identity();
-    let link = Link::open(job, &topology, "hopper-dispatcher").await?;
-    let channel = link.channel.clone();
-    let sub = link
-        .consume
-        .create_channel()
-        .await
-        .map_err(broker_err("open channel", &topology.replies))?;
+    Ok(())
+}
+
+/// Dispatches one run of `job`, reading `source`, over `transport`.
+///
+/// # Errors
+/// A [`DispatchError`].
+pub async fn run_on(
+    job: &Job,
+    source: Box<dyn source::Source>,
+    transport: Arc<dyn Transport>,
+    store: Arc<dyn StateStore>,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, DispatchError> {
+    let total_bytes = source.size_bytes();
+    let describe = source.describe();
     let prefetch = u16::try_from((job.throttle.window * 2).clamp(64, 10_000)).unwrap_or(10_000);
-    sub.basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .map_err(broker_err("set prefetch", &topology.replies))?;
-    let mut replies = sub
-        .basic_consume(
-            topology.replies.as_str().into(),
-            format!("hopper-dispatcher {me}").as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(broker_err("consume replies", &topology.replies))?;
+    let mut replies = transport.receive(Route::Replies, prefetch).await?;
 
     let record = store.create_run(&job.name, &describe).await?;
     let run = record.id;
@@ -253,8 +229,7 @@ pub async fn run(
         job,
         run,
         store: Arc::clone(&store),
-        channel,
-        topology,
+        transport: Arc::clone(&transport),
         outstanding: HashMap::new(),
         confirms: FuturesUnordered::new(),
         throttle: Throttle::new(job.throttle),
@@ -316,18 +291,14 @@ pub async fn run(
                     while batch.len() < BATCH {
                         match replies.next().now_or_never() {
                             Some(Some(Ok(more))) => batch.push(more),
-                            Some(Some(Err(e))) => {
-                                return Err(broker_err("receive replies", &d.topology.replies)(e))
-                            }
+                            Some(Some(Err(e))) => return Err(e.into()),
                             Some(None) | None => break,
                         }
                     }
                     d.on_replies(batch).await?;
                 }
-                Some(Err(e)) => return Err(broker_err("receive replies", &d.topology.replies)(e)),
-                None => {
-                    return Err(DispatchError::ConsumerCancelled { queue: d.topology.replies.clone() })
-                }
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(DispatchError::RepliesEnded),
             },
             Some(first) = d.confirms.next(), if !d.confirms.is_empty() => {
                 let mut batch = vec![first];
@@ -396,7 +367,6 @@ pub async fn run(
     let state = match end {
         End::Interrupted => {
             warn!(job = %job.name, run, "interrupted; the run stays `running`");
-            link.close("run interrupted").await;
             return Err(DispatchError::Interrupted { run, read: d.read });
         }
         End::SkipLimit => {
@@ -418,7 +388,6 @@ pub async fn run(
     info!(job = %job.name, run, state = %state, processed = status.items.processed,
           skipped = status.items.skipped, failed = status.items.failed,
           seconds = started.elapsed().as_secs_f64(), "run finished");
-    link.close("run over").await;
     Ok(RunSummary { run, state, status })
 }
 
@@ -495,13 +464,13 @@ impl Dispatch<'_> {
         for chunk in chunks {
             let (seq, items) = (chunk.seq, chunk.items.len() as u64);
             let payload = Arc::new(codec::encode_chunk(&chunk)?);
-            let props = broker::chunk_properties(&chunk);
+            let label = Label::chunk(&chunk);
             self.outstanding.insert(
                 seq,
                 Outstanding {
                     items,
                     since: Instant::now(),
-                    message: Some((payload, props)),
+                    message: Some((payload, label)),
                     refusals: 0,
                     reported_stuck: false,
                 },
@@ -516,24 +485,14 @@ impl Dispatch<'_> {
 
     /// Publishes an outstanding chunk from its kept bytes and keeps the confirm.
     async fn publish(&mut self, seq: u64) -> Result<(), DispatchError> {
-        let Some((payload, props)) = self.outstanding.get(&seq).and_then(|o| o.message.clone())
+        let Some((payload, label)) = self.outstanding.get(&seq).and_then(|o| o.message.clone())
         else {
             return Ok(());
         };
         let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                self.topology.chunks.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &payload,
-                props,
-            )
-            .await
-            .map_err(broker_err("publish chunk", &self.topology.chunks))?;
+            .transport
+            .publish(Route::Chunks, &payload, &label)
+            .await?;
         self.confirms
             .push(Box::pin(async move { (seq, confirm.await) }));
         Ok(())
@@ -541,17 +500,18 @@ impl Dispatch<'_> {
 
     async fn on_confirms(
         &mut self,
-        confirms: Vec<(u64, lapin::Result<Confirmation>)>,
+        confirms: Vec<(u64, Result<(), TransportError>)>,
     ) -> Result<(), DispatchError> {
         let mut confirmed = Vec::with_capacity(confirms.len());
         for (seq, confirmation) in confirms {
             let refused = match confirmation {
-                Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => None,
-                Ok(Confirmation::Ack(Some(returned))) => {
-                    Some(format!("returned unroutable ({})", returned.reply_text))
-                }
-                Ok(Confirmation::Nack(_)) => Some("nacked by the broker".to_string()),
-                Err(e) => return Err(broker_err("confirm chunk", &self.topology.chunks)(e)),
+                Ok(()) => None,
+                Err(e @ TransportError::Refused { .. }) => Some(e.to_string()),
+                Err(
+                    e @ (TransportError::Connect(_)
+                    | TransportError::Broker { .. }
+                    | TransportError::Cancelled { .. }),
+                ) => return Err(e.into()),
             };
             let Some(o) = self.outstanding.get_mut(&seq) else {
                 // Its final reply came before its confirm: nothing left to do.
@@ -569,15 +529,12 @@ impl Dispatch<'_> {
                             run: self.run,
                             seq,
                             times: o.refusals,
-                            queue: self.topology.chunks.clone(),
+                            last: why,
                         });
                     }
                     warn!(job = %self.job.name, run = self.run, seq, why = %why,
                           "chunk not accepted; declaring the queues again and publishing it again");
-                    self.topology
-                        .declare(&self.channel)
-                        .await
-                        .map_err(broker_err("declare queues", &self.topology.chunks))?;
+                    self.transport.repair().await?;
                     self.publish(seq).await?;
                 }
             }
@@ -589,14 +546,14 @@ impl Dispatch<'_> {
     }
 
     /// Applies replies in one transaction, then acks them all at once (they are the only
-    /// deliveries on this channel, taken in order, so a multiple ack of the last covers them).
-    async fn on_replies(&mut self, deliveries: Vec<Delivery>) -> Result<(), DispatchError> {
-        let mut replies = Vec::with_capacity(deliveries.len());
-        for delivery in &deliveries {
-            match codec::decode_reply(&delivery.data) {
+    /// messages of the replies inbox, taken in order, so acking through the last covers them).
+    async fn on_replies(&mut self, incoming: Vec<Incoming>) -> Result<(), DispatchError> {
+        let mut replies = Vec::with_capacity(incoming.len());
+        for message in &incoming {
+            match codec::decode_reply(&message.payload) {
                 Ok(reply) => replies.push(reply),
                 Err(e) => warn!(job = %self.job.name,
-                                message_id = ?delivery.properties.message_id(),
+                                message_id = ?message.label.message_id,
                                 error = %e, "dropping a reply that cannot be read"),
             }
         }
@@ -614,10 +571,8 @@ impl Dispatch<'_> {
                 self.outstanding.remove(&reply.seq);
             }
         }
-        if let Some(last) = deliveries.last() {
-            last.ack(BasicAckOptions { multiple: true })
-                .await
-                .map_err(broker_err("ack replies", &self.topology.replies))?;
+        if let Some(last) = incoming.last() {
+            last.ack_through().await?;
         }
         Ok(())
     }

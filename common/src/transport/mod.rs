@@ -1,0 +1,224 @@
+//! The transport between dispatcher and consumers: durable routes with confirmed publishing and
+//! acknowledged, redeliverable receiving.
+//!
+//! The dispatcher and the consumers speak only [`Transport`]; [`AmqpTransport`] is RabbitMQ. The
+//! contract every implementation keeps:
+//! - a publish's [`Confirm`] resolves `Ok` only once the transport holds the message durably, and
+//!   `Err` ([`TransportError::Refused`]) when it did not take it: then nothing was sent;
+//! - a received message stays the receiver's until it is acked or given back; a receiver that
+//!   disappears without acking gives it back, and the message is delivered again;
+//! - at most `prefetch` unacked messages are handed to one receiver.
+
+mod amqp;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+
+pub use amqp::AmqpTransport;
+
+use crate::message::{Chunk, Reply};
+
+/// Where a message goes, or comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Chunks waiting for a consumer.
+    Chunks,
+    /// Replies waiting for the dispatcher.
+    Replies,
+    /// Messages parked for good: chunks that exhausted their attempts, and unreadable messages.
+    Dead,
+    /// A chunk waiting out its backoff before attempt `next`; it comes back on [`Route::Chunks`].
+    Retry {
+        /// The attempt it comes back as.
+        next: u32,
+    },
+}
+
+/// What a message is, for the people and tools following it (over AMQP: the message id, type
+/// and headers). Fields are optional because an unreadable message may carry none of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Label {
+    /// `<run>/<seq>/<attempt>`.
+    pub message_id: Option<String>,
+    /// `hopper.chunk.v1` or `hopper.reply.v1`.
+    pub kind: Option<String>,
+    /// The job.
+    pub job: Option<String>,
+    /// The run.
+    pub run: Option<u64>,
+    /// The chunk.
+    pub seq: Option<u64>,
+    /// The attempt.
+    pub attempt: Option<u32>,
+    /// Why the message was parked, on [`Route::Dead`].
+    pub dead_reason: Option<String>,
+}
+
+impl Label {
+    /// The label of a chunk.
+    pub fn chunk(c: &Chunk) -> Label {
+        Label::of("chunk", &c.job, c.run, c.seq, c.attempt)
+    }
+
+    /// The label of a reply.
+    pub fn reply(r: &Reply) -> Label {
+        Label::of("reply", &r.job, r.run, r.seq, r.attempt)
+    }
+
+    fn of(kind: &str, job: &str, run: u64, seq: u64, attempt: u32) -> Label {
+        Label {
+            message_id: Some(format!("{run}/{seq}/{attempt}")),
+            kind: Some(format!("hopper.{kind}.v{}", crate::codec::SCHEMA_VERSION)),
+            job: Some(job.to_string()),
+            run: Some(run),
+            seq: Some(seq),
+            attempt: Some(attempt),
+            dead_reason: None,
+        }
+    }
+
+    /// The same label, saying why the message is parked.
+    pub fn parked(mut self, reason: &str) -> Label {
+        self.dead_reason = Some(reason.to_string());
+        self
+    }
+}
+
+/// The transport failed. The side that sees it cannot go on with this transport: the dispatcher
+/// stops its run (it can be resumed), a consumer stops (its unacked messages come back).
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The broker cannot be reached.
+    #[error(transparent)]
+    Connect(Box<crate::broker::ConnectError>),
+    /// The broker failed a step.
+    #[error("RabbitMQ: {what} ({queue}): {source}")]
+    Broker {
+        /// The step.
+        what: &'static str,
+        /// The queue involved.
+        queue: String,
+        /// lapin's error.
+        source: Box<lapin::Error>,
+    },
+    /// The transport did not take a message (nacked, or no queue to route it to).
+    #[error("{queue} did not take the message: {why}")]
+    Refused {
+        /// The queue.
+        queue: String,
+        /// Why.
+        why: String,
+    },
+    /// Receiving stopped from the other side (the queue was deleted?).
+    #[error("receiving from {queue} was cancelled by the broker")]
+    Cancelled {
+        /// The queue.
+        queue: String,
+    },
+}
+
+impl From<crate::broker::ConnectError> for TransportError {
+    fn from(e: crate::broker::ConnectError) -> Self {
+        TransportError::Connect(Box::new(e))
+    }
+}
+
+/// Resolves once the transport holds a published message durably.
+pub type Confirm = BoxFuture<'static, Result<(), TransportError>>;
+
+/// Received messages, in order.
+pub type Inbox = BoxStream<'static, Result<Incoming, TransportError>>;
+
+/// How a received message is settled.
+#[async_trait]
+pub trait Settle: Send + Sync {
+    /// Done with it; with `through`, also with every earlier message of the same inbox.
+    async fn ack(&self, through: bool) -> Result<(), TransportError>;
+    /// Not done: deliver it again.
+    async fn give_back(&self) -> Result<(), TransportError>;
+}
+
+/// A received message. Dropping it unsettled leaves it to the transport to deliver again once
+/// the receiver is gone.
+pub struct Incoming {
+    /// The encoded message.
+    pub payload: Vec<u8>,
+    /// Its label.
+    pub label: Label,
+    /// True when delivered before (a receiver died or gave it back).
+    pub redelivered: bool,
+    settle: Box<dyn Settle>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("bytes", &self.payload.len())
+            .field("label", &self.label)
+            .field("redelivered", &self.redelivered)
+            .finish()
+    }
+}
+
+impl Incoming {
+    /// A message and how to settle it; for transport implementations.
+    pub fn new(payload: Vec<u8>, label: Label, redelivered: bool, settle: Box<dyn Settle>) -> Self {
+        Incoming {
+            payload,
+            label,
+            redelivered,
+            settle,
+        }
+    }
+
+    /// Done with this message.
+    ///
+    /// # Errors
+    /// The transport's: the message will be delivered again.
+    pub async fn ack(&self) -> Result<(), TransportError> {
+        self.settle.ack(false).await
+    }
+
+    /// Done with this message and every earlier one of its inbox.
+    ///
+    /// # Errors
+    /// The transport's: the messages will be delivered again.
+    pub async fn ack_through(&self) -> Result<(), TransportError> {
+        self.settle.ack(true).await
+    }
+
+    /// Not done: deliver it again.
+    ///
+    /// # Errors
+    /// The transport's; the message comes back when the receiver is gone all the same.
+    pub async fn give_back(&self) -> Result<(), TransportError> {
+        self.settle.give_back().await
+    }
+}
+
+/// The transport between the dispatcher and the consumers of one job.
+#[async_trait]
+pub trait Transport: Send + Sync {
+    /// Publishes `payload` to `route`. The returned [`Confirm`] resolves when the transport holds
+    /// it; keep it until then.
+    async fn publish(
+        &self,
+        route: Route,
+        payload: &[u8],
+        label: &Label,
+    ) -> Result<Confirm, TransportError>;
+
+    /// Starts receiving from `route` (`Chunks` or `Replies`), at most `prefetch` unacked.
+    async fn receive(&self, route: Route, prefetch: u16) -> Result<Inbox, TransportError>;
+
+    /// Stops handing out new messages on every inbox; messages already received can still be
+    /// settled.
+    async fn stop_receiving(&self);
+
+    /// Makes sure every route exists again (after a refused publish, for example).
+    async fn repair(&self) -> Result<(), TransportError>;
+
+    /// Closes the transport; unsettled messages are delivered again.
+    async fn close(&self, why: &str);
+}
