@@ -21,7 +21,7 @@ pub mod status;
 pub mod throttle;
 
 pub use chunker::{Chunker, RawChunk};
-pub use run::{run, run_on, DispatchError, RunOptions, RunSummary};
+pub use run::{resume, run, run_on, DispatchError, RunOptions, RunSummary, Start};
 pub use source::{FileSource, Source, SourceError};
 pub use status::StatusReport;
 pub use throttle::Throttle;

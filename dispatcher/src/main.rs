@@ -27,6 +27,10 @@ enum Command {
     Run {
         /// The job file.
         job: PathBuf,
+        /// Finish an interrupted run instead (the latest, or RUN): publish again what was
+        /// recorded but not confirmed, wait for what is in flight, read on from its checkpoint.
+        #[arg(long, value_name = "RUN")]
+        resume: Option<Option<u64>>,
     },
     /// Show where a run stands (the latest run unless --run).
     Status {
@@ -60,7 +64,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Run { job } => run_job(job).await,
+            Command::Run { job, resume } => run_job(job, resume).await,
             Command::Status { job, run, json } => status(job, run, json).await,
         }
     })
@@ -79,7 +83,7 @@ fn open(path: &Path) -> Result<(Job, Arc<dyn StateStore>), ExitCode> {
     Ok((job, store))
 }
 
-async fn run_job(path: PathBuf) -> ExitCode {
+async fn run_job(path: PathBuf, resume: Option<Option<u64>>) -> ExitCode {
     let (job, store) = match open(&path) {
         Ok(opened) => opened,
         Err(code) => return code,
@@ -90,7 +94,11 @@ async fn run_job(path: PathBuf) -> ExitCode {
         interactive: std::io::stderr().is_terminal(),
         ..RunOptions::default()
     };
-    match run(&job, store, opts, shutdown).await {
+    let result = match resume {
+        Some(run_id) => hopper_dispatcher::resume(&job, store, run_id, opts, shutdown).await,
+        None => run(&job, store, opts, shutdown).await,
+    };
+    match result {
         Ok(summary) => {
             let s = &summary.status;
             eprintln!(

@@ -14,14 +14,17 @@
 //!   committed. Replies of other runs are applied to their own run's record, never to this one.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use hopper_common::broker::process_identity;
 use hopper_common::state::{
-    now_ms, Checkpoint, FailureClass, FailureRecord, NewChunk, Progress as Recorded,
+    now_ms, Checkpoint, ChunkRecord, ChunkStatus, FailureClass, FailureRecord, NewChunk,
+    Progress as Recorded, RunRecord,
 };
 use hopper_common::{
     codec, AmqpTransport, Chunk, CodecError, Incoming, Job, Label, Outcome, Route, RunId, RunState,
@@ -33,7 +36,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::chunker::{Chunker, RawChunk};
 use crate::progress::{Progress, Snapshot};
-use crate::source::{self, SourceError};
+use crate::source::{self, Cursor, Read, Record, Source, SourceError};
 use crate::status::HEARTBEAT_STALE;
 use crate::throttle::Throttle;
 
@@ -107,17 +110,47 @@ pub enum DispatchError {
     #[error(transparent)]
     Codec(#[from] CodecError),
     /// Another dispatcher is running this job.
-    #[error("run {run} of job {job} is being dispatched by another process (heartbeat {age_secs}s ago); stop it first")]
+    #[error("run {run} of job {job} is being dispatched by {owner} (heartbeat {age_secs}s ago); stop it first")]
     AlreadyRunning {
         /// The job.
         job: String,
         /// Its running run.
         run: RunId,
+        /// The dispatcher process (`host/pid`).
+        owner: String,
         /// Seconds since that run's heartbeat.
         age_secs: u64,
     },
+    /// `--resume` found no such run.
+    #[error("job {job} has {}", match run { Some(r) => format!("no run {r}"), None => "no runs to resume".to_string() })]
+    NoSuchRun {
+        /// The job.
+        job: String,
+        /// The run asked for.
+        run: Option<RunId>,
+    },
+    /// `--resume` of a run that has ended.
+    #[error("run {run} has ended ({state}); there is nothing to resume")]
+    NotResumable {
+        /// The run.
+        run: RunId,
+        /// How it ended.
+        state: RunState,
+    },
+    /// A chunk recorded before an interruption no longer matches the input.
+    #[error("the input changed: chunk {seq} at line {line} had {expected} items, now {found}; resume with the input the run started with")]
+    InputChanged {
+        /// The chunk.
+        seq: u64,
+        /// Its first line.
+        line: u64,
+        /// Items recorded.
+        expected: u64,
+        /// Items read now.
+        found: u64,
+    },
     /// Stopped by a signal before the run finished; the run stays `running`.
-    #[error("interrupted: run {run} stopped before it finished; {read} items were dispatched")]
+    #[error("interrupted: run {run} stopped before it finished ({read} items dispatched); `run --resume {run}` finishes it")]
     Interrupted {
         /// The run.
         run: RunId,
@@ -130,7 +163,13 @@ impl DispatchError {
     /// True when the input was refused before anything was sent: the user's input is wrong
     /// (exit code 2), not the run.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, DispatchError::Source(SourceError::Open { .. }))
+        matches!(
+            self,
+            DispatchError::Source(SourceError::Open { .. })
+                | DispatchError::NoSuchRun { .. }
+                | DispatchError::NotResumable { .. }
+                | DispatchError::InputChanged { .. }
+        )
     }
 }
 
@@ -167,7 +206,7 @@ enum End {
     Interrupted,
 }
 
-/// Dispatches one run of `job` to the end over RabbitMQ.
+/// Dispatches a new run of `job` to the end over RabbitMQ.
 ///
 /// # Errors
 /// A [`DispatchError`]; [`DispatchError::is_bad_input`] tells the ones where nothing was sent.
@@ -180,50 +219,138 @@ pub async fn run(
     // The input and the execution context are checked before anything else: a missing file or
     // a live dispatcher of the same job sends nothing.
     let source = source::open(&job.source)?;
-    refuse_if_running(job, store.as_ref()).await?;
+    if let Some(prev) = store.run(&job.name, None).await? {
+        if !prev.state.is_final() {
+            refuse_if_alive(job, &prev)?;
+            warn!(job = %job.name, run = prev.id,
+                  "run {} was interrupted and stays unfinished; `run --resume {}` finishes it", prev.id, prev.id);
+        }
+    }
     let transport = Arc::new(AmqpTransport::open(job, "hopper-dispatcher").await?);
-    let result = run_on(job, source, transport.clone(), store, opts, shutdown).await;
+    let result = run_on(
+        job,
+        Start::New(source),
+        transport.clone(),
+        store,
+        opts,
+        shutdown,
+    )
+    .await;
     transport.close("run over").await;
     result
 }
 
-/// Refuses to start while another dispatcher of `job` is alive.
-async fn refuse_if_running(job: &Job, store: &dyn StateStore) -> Result<(), DispatchError> {
-    if let Some(prev) = store.run(&job.name, None).await? {
-        let age = now_ms().saturating_sub(prev.heartbeat_at);
-        if !prev.state.is_final() && age < HEARTBEAT_STALE.as_millis() as u64 {
-            return Err(DispatchError::AlreadyRunning {
-                job: job.name.clone(),
-                run: prev.id,
-                age_secs: age / 1000,
-            });
-        }
+/// Finishes an interrupted run of `job` (the latest one unless `run` names it) over RabbitMQ:
+/// publishes again what was recorded but never confirmed, waits for what is in flight, and reads
+/// on from the run's checkpoint.
+///
+/// # Errors
+/// A [`DispatchError`]; [`DispatchError::is_bad_input`] tells the ones where nothing was sent.
+pub async fn resume(
+    job: &Job,
+    store: Arc<dyn StateStore>,
+    run: Option<RunId>,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, DispatchError> {
+    let record = store
+        .run(&job.name, run)
+        .await?
+        .ok_or_else(|| DispatchError::NoSuchRun {
+            job: job.name.clone(),
+            run,
+        })?;
+    if record.state.is_final() {
+        return Err(DispatchError::NotResumable {
+            run: record.id,
+            state: record.state,
+        });
     }
-
-    Ok(())
+    refuse_if_alive(job, &record)?;
+    let source = if record.checkpoint.exhausted {
+        None
+    } else {
+        let at = Cursor {
+            offset: record.checkpoint.offset,
+            lines: record.checkpoint.line,
+        };
+        Some(source::open_at(&job.source, at)?)
+    };
+    let transport = Arc::new(AmqpTransport::open(job, "hopper-dispatcher").await?);
+    let start = Start::Resume { record, source };
+    let result = run_on(job, start, transport.clone(), store, opts, shutdown).await;
+    transport.close("run over").await;
+    result
 }
 
-/// Dispatches one run of `job`, reading `source`, over `transport`.
+/// Refuses to go on while the dispatcher that owns `run` is alive: its heartbeat is recent and,
+/// when it ran on this host, its process still exists.
+fn refuse_if_alive(job: &Job, run: &RunRecord) -> Result<(), DispatchError> {
+    let age = now_ms().saturating_sub(run.heartbeat_at);
+    if age >= HEARTBEAT_STALE.as_millis() as u64 {
+        return Ok(());
+    }
+    if let Some((host, pid)) = run.owner.as_deref().and_then(|o| o.rsplit_once('/')) {
+        let me = process_identity();
+        let same_host = me.rsplit_once('/').map(|(h, _)| h) == Some(host);
+        if same_host && !Path::new("/proc").join(pid).exists() {
+            return Ok(());
+        }
+    }
+    Err(DispatchError::AlreadyRunning {
+        job: job.name.clone(),
+        run: run.id,
+        owner: run.owner.clone().unwrap_or_else(|| "unknown".into()),
+        age_secs: age / 1000,
+    })
+}
+
+/// Where a run starts.
+pub enum Start {
+    /// A new run, reading `source` from its beginning.
+    New(Box<dyn Source>),
+    /// An interrupted run; `source` is positioned at its checkpoint (`None` once it was read to
+    /// the end).
+    Resume {
+        /// The run.
+        record: RunRecord,
+        /// The source at the run's checkpoint.
+        source: Option<Box<dyn Source>>,
+    },
+}
+
+/// Dispatches a run of `job` over `transport`, to the end.
 ///
 /// # Errors
 /// A [`DispatchError`].
 pub async fn run_on(
     job: &Job,
-    source: Box<dyn source::Source>,
+    start: Start,
     transport: Arc<dyn Transport>,
     store: Arc<dyn StateStore>,
     opts: RunOptions,
     shutdown: CancellationToken,
 ) -> Result<RunSummary, DispatchError> {
-    let total_bytes = source.size_bytes();
-    let describe = source.describe();
     let prefetch = u16::try_from((job.throttle.window * 2).clamp(64, 10_000)).unwrap_or(10_000);
     let mut replies = transport.receive(Route::Replies, prefetch).await?;
-
-    let record = store.create_run(&job.name, &describe).await?;
+    let me = process_identity();
+    let (record, source) = match start {
+        Start::New(source) => {
+            let record = store.create_run(&job.name, &source.describe(), &me).await?;
+            info!(job = %job.name, run = record.id, source = %record.source,
+                  window = job.throttle.window,
+                  broker = %hopper_common::job::redact_url(&job.broker_url), "run started");
+            (record, Some(source))
+        }
+        Start::Resume { record, source } => {
+            store.claim_run(record.id, &me).await?;
+            info!(job = %job.name, run = record.id, next_seq = record.checkpoint.next_seq,
+                  offset = record.checkpoint.offset, "run resumed");
+            (record, source)
+        }
+    };
     let run = record.id;
-    info!(job = %job.name, run, source = %describe, window = job.throttle.window,
-          broker = %hopper_common::job::redact_url(&job.broker_url), "run started");
+    let total_bytes = source.as_ref().and_then(|s| s.size_bytes());
 
     let mut d = Dispatch {
         job,
@@ -234,28 +361,32 @@ pub async fn run_on(
         confirms: FuturesUnordered::new(),
         throttle: Throttle::new(job.throttle),
         checkpoint: Checkpoint {
-            next_seq: 1,
-            ..Checkpoint::default()
+            next_seq: record.checkpoint.next_seq.max(1),
+            ..record.checkpoint
         },
         read: 0,
         processed: 0,
         skipped: 0,
     };
+    d.take_over_open_chunks().await?;
 
     // The reader runs ahead by at most the channel's capacity.
     let (tx, mut rx) = mpsc::channel::<Result<RawChunk, SourceError>>(4);
-    let mut chunker = Chunker::new(source, job.chunking);
-    let reader = tokio::task::spawn_blocking(move || loop {
-        let next = chunker.next_chunk();
-        let last = !matches!(next, Ok(Some(_)));
-        let sent = match next {
-            Ok(Some(c)) => tx.blocking_send(Ok(c)),
-            Ok(None) => return,
-            Err(e) => tx.blocking_send(Err(e)),
-        };
-        if sent.is_err() || last {
-            return;
-        }
+    let mut exhausted = source.is_none();
+    let reader = source.map(|source| {
+        let mut chunker = Chunker::new(source, job.chunking);
+        tokio::task::spawn_blocking(move || loop {
+            let next = chunker.next_chunk();
+            let last = !matches!(next, Ok(Some(_)));
+            let sent = match next {
+                Ok(Some(c)) => tx.blocking_send(Ok(c)),
+                Ok(None) => return,
+                Err(e) => tx.blocking_send(Err(e)),
+            };
+            if sent.is_err() || last {
+                return;
+            }
+        })
     });
 
     let mut progress = Progress::new(
@@ -269,7 +400,6 @@ pub async fn run_on(
     let rate_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(rate_timer);
     let mut held: Option<RawChunk> = None;
-    let mut exhausted = false;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heartbeat = Instant::now();
@@ -360,7 +490,9 @@ pub async fn run_on(
     // Dropping the receiver stops the reader at its next chunk; wait for it, so no thread
     // outlives the run.
     drop(rx);
-    let _ = reader.await;
+    if let Some(reader) = reader {
+        let _ = reader.await;
+    }
     progress.update(&d.snapshot());
     progress.finish();
 
@@ -392,6 +524,57 @@ pub async fn run_on(
 }
 
 impl Dispatch<'_> {
+    /// On resume: chunks in flight count against the window until their replies come; chunks
+    /// recorded but never confirmed are read again from their position and published again
+    /// (a consumer may then see one twice, which processing absorbs: it is idempotent per chunk).
+    async fn take_over_open_chunks(&mut self) -> Result<(), DispatchError> {
+        let open = self.store.open_chunks(self.run).await?;
+        for c in open {
+            let message = match c.status {
+                ChunkStatus::InFlight => None,
+                ChunkStatus::Pending => {
+                    let (spec, limits) = (self.job.source.clone(), self.job.chunking);
+                    let items = tokio::task::spawn_blocking(move || reread(&spec, limits, &c))
+                        .await
+                        .map_err(|e| SourceError::Read {
+                            path: String::new(),
+                            offset: c.position.offset,
+                            message: e.to_string(),
+                        })??;
+                    let chunk = Chunk {
+                        job: self.job.name.clone(),
+                        run: self.run,
+                        seq: c.seq,
+                        attempt: c.attempts.max(1),
+                        position: c.position,
+                        items,
+                    };
+                    Some((Arc::new(codec::encode_chunk(&chunk)?), Label::chunk(&chunk)))
+                }
+                ChunkStatus::Done | ChunkStatus::Failed | ChunkStatus::Dead => continue,
+            };
+            let republish = message.is_some();
+            self.outstanding.insert(
+                c.seq,
+                Outstanding {
+                    items: c.items,
+                    since: Instant::now(),
+                    message,
+                    refusals: 0,
+                    reported_stuck: false,
+                },
+            );
+            if republish {
+                self.publish(c.seq).await?;
+            }
+        }
+        if !self.outstanding.is_empty() {
+            info!(job = %self.job.name, run = self.run, chunks = self.outstanding.len(),
+                  "waiting for the chunks of the interrupted dispatcher");
+        }
+        Ok(())
+    }
+
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             read: self.read,
@@ -624,4 +807,37 @@ impl Dispatch<'_> {
             }
         }
     }
+}
+
+/// The items of a recorded chunk, read again from its position: the records between its start
+/// and its end offset, less what was bad data when it was first read.
+fn reread(
+    spec: &hopper_common::SourceSpec,
+    limits: hopper_common::job::Chunking,
+    chunk: &ChunkRecord,
+) -> Result<Vec<hopper_common::Item>, DispatchError> {
+    let at = Cursor {
+        offset: chunk.position.offset,
+        lines: chunk.position.line.saturating_sub(1),
+    };
+    let mut source = source::open_at(spec, at)?;
+    let mut items = Vec::with_capacity(chunk.items as usize);
+    while let Some(Read { record, start }) = source.next()? {
+        if start.offset >= chunk.end_offset {
+            break;
+        }
+        match record {
+            Record::Item(item) if item.data.len() as u64 <= limits.max_bytes => items.push(item),
+            Record::Item(_) | Record::Bad { .. } => {}
+        }
+    }
+    if items.len() as u64 != chunk.items {
+        return Err(DispatchError::InputChanged {
+            seq: chunk.seq,
+            line: chunk.position.line,
+            expected: chunk.items,
+            found: items.len() as u64,
+        });
+    }
+    Ok(items)
 }

@@ -125,11 +125,18 @@ impl TestJob {
         Consumer { child, log }
     }
 
-    /// Runs `hopper-dispatcher ARGS` (the job file is appended) to its end, within `limit`.
-    pub async fn dispatcher(&self, args: &[&str], limit: Duration) -> Output {
+    /// `hopper-dispatcher SUBCOMMAND JOB.toml OPTIONS...`, as the contract orders them.
+    pub fn dispatcher_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin("hopper-dispatcher"));
-        cmd.args(args).arg(self.file());
-        run(cmd, limit).await
+        if let Some((subcommand, options)) = args.split_first() {
+            cmd.arg(subcommand).arg(self.file()).args(options);
+        }
+        cmd
+    }
+
+    /// Runs `hopper-dispatcher SUBCOMMAND JOB.toml OPTIONS...` to its end, within `limit`.
+    pub async fn dispatcher(&self, args: &[&str], limit: Duration) -> Output {
+        run(self.dispatcher_command(args), limit).await
     }
 
     /// `status --json` of the latest run.

@@ -142,8 +142,57 @@ pub struct RunRecord {
     /// The dispatcher's last sign of life; a `running` run with an old heartbeat lost its
     /// dispatcher.
     pub heartbeat_at: u64,
+    /// The dispatcher process that owns the run (`host/pid`).
+    pub owner: Option<String>,
     /// Where reading stands.
     pub checkpoint: Checkpoint,
+}
+
+/// Where a chunk stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChunkStatus {
+    /// Recorded; not yet confirmed by the broker (maybe not even published).
+    Pending,
+    /// Confirmed by the broker; no final reply yet.
+    InFlight,
+    /// Processed.
+    Done,
+    /// Failed permanently.
+    Failed,
+    /// Parked on the dead queue after its last attempt.
+    Dead,
+}
+
+impl FromStr for ChunkStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "pending" => ChunkStatus::Pending,
+            "in_flight" => ChunkStatus::InFlight,
+            "done" => ChunkStatus::Done,
+            "failed" => ChunkStatus::Failed,
+            "dead" => ChunkStatus::Dead,
+            other => return Err(format!("unknown chunk status {other:?}")),
+        })
+    }
+}
+
+/// A recorded chunk, as a resumed run needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRecord {
+    /// Its seq.
+    pub seq: u64,
+    /// Where it starts in the source.
+    pub position: Position,
+    /// The byte offset just past its last record.
+    pub end_offset: u64,
+    /// How many items it carries.
+    pub items: u64,
+    /// Where it stands.
+    pub status: ChunkStatus,
+    /// Its current attempt.
+    pub attempts: u32,
 }
 
 /// A chunk about to be published.
@@ -290,8 +339,20 @@ pub struct RunStatus {
 /// state between dispatcher hosts.
 #[async_trait]
 pub trait StateStore: Send + Sync {
-    /// Starts a run of `job` reading `source` (a description for people), in state `running`.
-    async fn create_run(&self, job: &str, source: &str) -> Result<RunRecord, StateError>;
+    /// Starts a run of `job` reading `source` (a description for people), in state `running`,
+    /// owned by `owner` (`host/pid`).
+    async fn create_run(
+        &self,
+        job: &str,
+        source: &str,
+        owner: &str,
+    ) -> Result<RunRecord, StateError>;
+
+    /// A dispatcher takes over an interrupted run: it becomes the owner, with a fresh heartbeat.
+    async fn claim_run(&self, run: RunId, owner: &str) -> Result<(), StateError>;
+
+    /// The run's chunks without a final outcome (`pending` and `in_flight`), in seq order.
+    async fn open_chunks(&self, run: RunId) -> Result<Vec<ChunkRecord>, StateError>;
 
     /// The run `id` of `job`, or its latest run when `id` is `None`.
     async fn run(&self, job: &str, id: Option<RunId>) -> Result<Option<RunRecord>, StateError>;

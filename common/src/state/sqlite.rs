@@ -2,7 +2,9 @@
 //!
 //! Each call runs on tokio's blocking pool behind one mutex-guarded connection: the dispatcher is
 //! the only writer, and `status` readers open their own connection (WAL lets them read while it
-//! writes). `synchronous = NORMAL` makes a commit survive a crash of the process (SIGKILL) but
+//! writes; opening an up-to-date store writes nothing). Write transactions are `IMMEDIATE`: they
+//! take the write lock up front and wait for it, where a deferred one that read first could
+//! fail outright on a lock taken by another connection in between. `synchronous = NORMAL` makes a commit survive a crash of the process (SIGKILL) but
 //! not of the machine; losing the last commits on power loss means chunks are read and
 //! published again, which idempotent processors absorb.
 
@@ -11,15 +13,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    now_ms, Applied, Checkpoint, ChunkCounts, FailureClass, FailureRecord, ItemCounts, Progress,
-    RunId, RunRecord, RunState, RunStatus, StateError, StateStore, StuckChunk,
+    now_ms, Applied, Checkpoint, ChunkCounts, ChunkRecord, ChunkStatus, FailureClass,
+    FailureRecord, ItemCounts, Progress, RunId, RunRecord, RunState, RunStatus, StateError,
+    StateStore, StuckChunk,
 };
 use crate::message::{Outcome, Reply};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS runs (
@@ -30,6 +33,7 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at    INTEGER NOT NULL,
     finished_at   INTEGER,
     heartbeat_at  INTEGER NOT NULL,
+    owner         TEXT,
     ckpt_offset   INTEGER NOT NULL DEFAULT 0,
     ckpt_line     INTEGER NOT NULL DEFAULT 0,
     next_seq      INTEGER NOT NULL DEFAULT 1,
@@ -103,9 +107,18 @@ impl SqliteStore {
                 ),
             });
         }
-        conn.execute_batch(SCHEMA).map_err(err)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(err)?;
+        // Opening an up-to-date store writes nothing: `status` runs beside a dispatcher, and a
+        // write here would make the dispatcher's next transaction start from a stale snapshot.
+        if version < SCHEMA_VERSION {
+            conn.execute_batch(SCHEMA).map_err(err)?;
+            if version == 1 {
+                // Version 2 records which dispatcher process owns a run.
+                conn.execute_batch("ALTER TABLE runs ADD COLUMN owner TEXT")
+                    .map_err(err)?;
+            }
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(err)?;
+        }
         Ok(SqliteStore {
             path: path.to_path_buf(),
             conn: Arc::new(Mutex::new(conn)),
@@ -162,6 +175,7 @@ fn read_run(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
             started_at: row.get::<_, i64>("started_at")? as u64,
             finished_at: row.get::<_, Option<i64>>("finished_at")?.map(|v| v as u64),
             heartbeat_at: row.get::<_, i64>("heartbeat_at")? as u64,
+            owner: row.get("owner")?,
             checkpoint: Checkpoint {
                 offset: row.get::<_, i64>("ckpt_offset")? as u64,
                 line: row.get::<_, i64>("ckpt_line")? as u64,
@@ -321,17 +335,68 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, F
 
 #[async_trait]
 impl StateStore for SqliteStore {
-    async fn create_run(&self, job: &str, source: &str) -> Result<RunRecord, StateError> {
-        let (job, source) = (job.to_string(), source.to_string());
+    async fn create_run(
+        &self,
+        job: &str,
+        source: &str,
+        owner: &str,
+    ) -> Result<RunRecord, StateError> {
+        let (job, source, owner) = (job.to_string(), source.to_string(), owner.to_string());
         self.with(move |conn| {
             let now = now_ms() as i64;
             conn.execute(
-                "INSERT INTO runs (job, state, source, started_at, heartbeat_at) VALUES (?1, 'running', ?2, ?3, ?3)",
-                params![job, source, now],
+                "INSERT INTO runs (job, state, source, started_at, heartbeat_at, owner)
+                 VALUES (?1, 'running', ?2, ?3, ?3, ?4)",
+                params![job, source, now, owner],
             )?;
             let id = conn.last_insert_rowid() as u64;
             run_by(conn, &job, Some(id))?
                 .ok_or_else(|| Fail::Corrupt(format!("run {id} vanished after insert")))
+        })
+        .await
+    }
+
+    async fn claim_run(&self, run: RunId, owner: &str) -> Result<(), StateError> {
+        let owner = owner.to_string();
+        self.with(move |conn| {
+            conn.execute(
+                "UPDATE runs SET owner = ?2, heartbeat_at = ?3 WHERE id = ?1",
+                params![run as i64, owner, now_ms() as i64],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn open_chunks(&self, run: RunId) -> Result<Vec<ChunkRecord>, StateError> {
+        self.with(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT seq, line, offset, end_offset, items, status, attempts FROM chunks
+                 WHERE run = ?1 AND status IN ('pending', 'in_flight') ORDER BY seq",
+            )?;
+            let rows = stmt.query_map(params![run as i64], |r| {
+                Ok((
+                    ChunkRecord {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        position: crate::message::Position {
+                            line: r.get::<_, i64>(1)? as u64,
+                            offset: r.get::<_, i64>(2)? as u64,
+                        },
+                        end_offset: r.get::<_, i64>(3)? as u64,
+                        items: r.get::<_, i64>(4)? as u64,
+                        status: ChunkStatus::Pending,
+                        attempts: r.get::<_, i64>(6)? as u32,
+                    },
+                    r.get::<_, String>(5)?,
+                ))
+            })?;
+            let mut open = Vec::new();
+            for row in rows {
+                let (mut chunk, status) = row?;
+                chunk.status = status.parse().map_err(Fail::Corrupt)?;
+                open.push(chunk);
+            }
+            Ok(open)
         })
         .await
     }
@@ -346,7 +411,7 @@ impl StateStore for SqliteStore {
         let ckpt = *progress.checkpoint;
         let bad = progress.bad_data.to_vec();
         self.with(move |conn| {
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO chunks (run, seq, line, offset, end_offset, items, status)
@@ -385,7 +450,7 @@ impl StateStore for SqliteStore {
     async fn mark_in_flight(&self, run: RunId, seqs: &[u64]) -> Result<(), StateError> {
         let seqs = seqs.to_vec();
         self.with(move |conn| {
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
                 let mut update = tx.prepare_cached(
                     "UPDATE chunks SET status = 'in_flight', dispatched_at = ?3
@@ -405,7 +470,7 @@ impl StateStore for SqliteStore {
     async fn apply_replies(&self, replies: &[Reply]) -> Result<Vec<Applied>, StateError> {
         let replies = replies.to_vec();
         self.with(move |conn| {
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let applied = replies
                 .iter()
                 .map(|r| apply_one(&tx, r))
@@ -593,7 +658,11 @@ mod tests {
     async fn store_with_two_chunks() -> (tempfile::TempDir, SqliteStore, RunId) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SqliteStore::open(&dir.path().join("s.db")).expect("open");
-        let run = store.create_run("j", "file x").await.expect("run").id;
+        let run = store
+            .create_run("j", "file x", "h/1")
+            .await
+            .expect("run")
+            .id;
         for seq in 1..=2u64 {
             let chunk = NewChunk {
                 seq,
@@ -725,9 +794,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn open_chunks_are_the_unfinished_ones() {
+        let (_dir, store, run) = store_with_two_chunks().await;
+        store.mark_in_flight(run, &[2]).await.expect("in flight");
+        let open = store.open_chunks(run).await.expect("open");
+        let statuses: Vec<(u64, ChunkStatus)> = open.iter().map(|c| (c.seq, c.status)).collect();
+        assert_eq!(
+            statuses,
+            vec![(1, ChunkStatus::Pending), (2, ChunkStatus::InFlight)]
+        );
+        assert_eq!(open[1].position.offset, 200);
+        assert_eq!(open[1].end_offset, 299);
+        let done = reply(
+            1,
+            1,
+            Outcome::Done {
+                processed: 10,
+                bad_items: vec![],
+            },
+        );
+        apply(&store, &done).await;
+        assert_eq!(store.open_chunks(run).await.expect("open").len(), 1);
+        store.claim_run(run, "h/2").await.expect("claim");
+        let r = store
+            .run("j", Some(run))
+            .await
+            .expect("run")
+            .expect("exists");
+        assert_eq!(r.owner.as_deref(), Some("h/2"));
+    }
+
+    /// Regression: `status` opened the store with writes (schema, user_version), which failed
+    /// the running dispatcher's next deferred transaction with SQLITE_BUSY (exit 1 mid-run).
+    #[tokio::test]
+    async fn opening_an_up_to_date_store_writes_nothing() {
+        let (dir, store, _run) = store_with_two_chunks().await;
+        let data_version = |s: &SqliteStore| -> i64 {
+            let conn = s.conn.lock().unwrap_or_else(|p| p.into_inner());
+            conn.pragma_query_value(None, "data_version", |r| r.get(0))
+                .expect("data_version")
+        };
+        let before = data_version(&store);
+        let reader = SqliteStore::open(&dir.path().join("s.db")).expect("second open");
+        reader
+            .status(1, Duration::from_secs(1))
+            .await
+            .expect("status");
+        assert_eq!(data_version(&store), before, "another connection committed");
+    }
+
+    #[tokio::test]
     async fn latest_run_and_finish() {
         let (_dir, store, run) = store_with_two_chunks().await;
-        let second = store.create_run("j", "file x").await.expect("run");
+        let second = store.create_run("j", "file x", "h/1").await.expect("run");
         assert_eq!(
             store.run("j", None).await.expect("run").map(|r| r.id),
             Some(second.id)

@@ -9,7 +9,7 @@
 //! record with the wrong number of fields, is bad data: reported with its line, not fatal.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use hopper_common::{FileFormat, Item, Position};
@@ -46,21 +46,40 @@ impl FileSource {
     /// # Errors
     /// [`SourceError::Open`] when the file cannot be opened, or a CSV file has no readable header.
     pub fn open(path: &Path, format: FileFormat) -> Result<FileSource, SourceError> {
+        FileSource::open_at(path, format, Cursor::default())
+    }
+
+    /// Opens `path` in `format` positioned at `at`, as a checkpoint or a chunk's position gives
+    /// it: the next record read is the one starting there. A CSV file's header row is read first.
+    ///
+    /// # Errors
+    /// [`SourceError::Open`] when the file cannot be opened or positioned.
+    pub fn open_at(path: &Path, format: FileFormat, at: Cursor) -> Result<FileSource, SourceError> {
         let open_err = |source| SourceError::Open {
             path: path.display().to_string(),
             source,
         };
-        let file = File::open(path).map_err(open_err)?;
+        let mut file = File::open(path).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         if meta.is_dir() {
             return Err(open_err(std::io::Error::other("it is a directory")));
         }
+        if at.offset > meta.len() {
+            return Err(open_err(std::io::Error::other(format!(
+                "it has {} bytes, the run's position is byte {}: was it replaced?",
+                meta.len(),
+                at.offset
+            ))));
+        }
         let inner = match format {
-            FileFormat::Jsonl | FileFormat::Lines => Inner::Lines {
-                reader: BufReader::with_capacity(256 * 1024, file),
-                buf: Vec::with_capacity(1024),
-                cursor: Cursor::default(),
-            },
+            FileFormat::Jsonl | FileFormat::Lines => {
+                file.seek(SeekFrom::Start(at.offset)).map_err(open_err)?;
+                Inner::Lines {
+                    reader: BufReader::with_capacity(256 * 1024, file),
+                    buf: Vec::with_capacity(1024),
+                    cursor: at,
+                }
+            }
             FileFormat::Csv => {
                 let mut reader = csv::ReaderBuilder::new()
                     .has_headers(true)
@@ -73,6 +92,13 @@ impl FileSource {
                     .iter()
                     .map(str::to_string)
                     .collect();
+                if at.offset > 0 {
+                    let mut pos = csv::Position::new();
+                    pos.set_byte(at.offset).set_line(at.lines + 1);
+                    reader
+                        .seek(pos)
+                        .map_err(|e| open_err(std::io::Error::other(e.to_string())))?;
+                }
                 Inner::Csv {
                     reader: Box::new(reader),
                     headers,
@@ -365,6 +391,35 @@ mod tests {
             matches!(&reads[2].record, Record::Bad { line: 5, reason } if reason.contains("1 fields"))
         );
         assert_eq!(reads[3].start.line, 6);
+    }
+
+    #[test]
+    fn opened_at_a_cursor_it_reads_on_from_there() {
+        for (format, text) in [
+            (
+                FileFormat::Jsonl,
+                &b"{\"id\":1}\n{\"id\":2}\n{\"id\":3}\n"[..],
+            ),
+            (FileFormat::Csv, &b"id,name\n1,a\n2,\"b\nb\"\n3,c\n"[..]),
+        ] {
+            let (f, mut s) = source(format, text);
+            let first = s.next().expect("read").expect("a record");
+            let at = s.cursor();
+            let rest: Vec<Read> = all(&mut s);
+            let mut again = FileSource::open_at(f.path(), format, at).expect("open at");
+            assert_eq!(all(&mut again), rest, "{format}");
+            assert_ne!(rest[0], first);
+        }
+    }
+
+    #[test]
+    fn a_position_past_the_end_is_refused() {
+        let (f, _) = source(FileFormat::Jsonl, b"{}\n");
+        let at = Cursor {
+            offset: 99,
+            lines: 9,
+        };
+        assert!(FileSource::open_at(f.path(), FileFormat::Jsonl, at).is_err());
     }
 
     #[test]

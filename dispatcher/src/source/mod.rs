@@ -86,12 +86,20 @@ pub trait Source: Send {
     fn describe(&self) -> String;
 }
 
-/// Opens the source a job names.
+/// Opens the source a job names, at its beginning.
 ///
 /// # Errors
 /// [`SourceError::Open`] when the input cannot be opened.
 pub fn open(spec: &SourceSpec) -> Result<Box<dyn Source>, SourceError> {
+    open_at(spec, Cursor::default())
+}
+
+/// Opens the source a job names, positioned at `at` (a checkpoint, or where a chunk starts).
+///
+/// # Errors
+/// [`SourceError::Open`] when the input cannot be opened or positioned.
+pub fn open_at(spec: &SourceSpec, at: Cursor) -> Result<Box<dyn Source>, SourceError> {
     match spec {
-        SourceSpec::File { path, format } => Ok(Box::new(FileSource::open(path, *format)?)),
+        SourceSpec::File { path, format } => Ok(Box::new(FileSource::open_at(path, *format, at)?)),
     }
 }

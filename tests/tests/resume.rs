@@ -1,0 +1,142 @@
+//! A dispatcher killed at any point (SIGKILL) is resumed with `run --resume`: nothing lost,
+//! nothing processed twice by the `file` processor, one run that ends `completed`.
+
+use std::time::Duration;
+
+use hopper_tests::{output_ids, require_broker, write_jsonl, TestJob};
+
+const RECORDS: u64 = 60_000;
+
+/// Starts the dispatcher, waits until the run has read `beyond` more records than `read`, and
+/// kills it with SIGKILL. Returns how far the run had read.
+async fn kill_after_progress(t: &TestJob, args: &[&str], read: u64, beyond: u64) -> u64 {
+    let log = t.path(&format!("dispatcher-{read}.log"));
+    let mut child = t
+        .dispatcher_command(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("dispatcher log"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the dispatcher");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run made no progress"
+        );
+        if let Some(status) = child.try_wait().expect("poll the dispatcher") {
+            panic!(
+                "the dispatcher ended before it was killed: {status}; its log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        let out = t
+            .dispatcher(&["status", "--json"], Duration::from_secs(30))
+            .await;
+        if out.status.success() {
+            let status: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+            let now = status["items"]["read"].as_u64().unwrap_or(0);
+            if now >= read + beyond {
+                child.kill().await.expect("SIGKILL the dispatcher");
+                return now;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_dispatcher_killed_three_times_resumes_to_every_record_exactly_once() {
+    let _conn = require_broker().await;
+    let t = TestJob::new(
+        "resume",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 500
+[throttle]
+window = 8
+rate = 12000
+[processor]
+kind = "file"
+dir = "out"
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), RECORDS, 80);
+    let c1 = t.start_consumer(1, 2);
+    let c2 = t.start_consumer(2, 2);
+
+    let mut read = kill_after_progress(&t, &["run"], 0, 5_000).await;
+    let run = t.status().await["run"].clone();
+    for _ in 0..2 {
+        read = kill_after_progress(&t, &["run", "--resume"], read, 8_000).await;
+        assert!(read < RECORDS, "killed before the end");
+    }
+    let out = t
+        .dispatcher(&["run", "--resume"], Duration::from_secs(120))
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(out.stderr.contains("run resumed"), "{}", out.stderr);
+
+    let status = t.status().await;
+    assert_eq!(status["run"], run, "one run, resumed");
+    assert_eq!(status["state"], "completed");
+    assert_eq!(status["items"]["read"], RECORDS);
+    assert_eq!(status["items"]["processed"], RECORDS);
+    assert_eq!(status["chunks"]["total"], RECORDS / 500);
+    assert_eq!(status["chunks"]["done"], RECORDS / 500);
+    let ids = output_ids(&t.path("out"));
+    assert!(
+        ids == (1..=RECORDS).collect::<Vec<u64>>(),
+        "every record exactly once: {} ids",
+        ids.len()
+    );
+    assert!(c1.stop(Duration::from_secs(30)).await.success());
+    assert!(c2.stop(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test]
+async fn resume_refuses_a_run_that_has_ended_and_a_run_that_does_not_exist() {
+    let _conn = require_broker().await;
+    let t = TestJob::new(
+        "resume-refused",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[processor]
+kind = "noop"
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 10, 40);
+    let out = t
+        .dispatcher(&["run", "--resume"], Duration::from_secs(30))
+        .await;
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(out.stderr.contains("no runs to resume"), "{}", out.stderr);
+
+    let consumer = t.start_consumer(1, 1);
+    let out = t.dispatcher(&["run"], Duration::from_secs(60)).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let out = t
+        .dispatcher(&["run", "--resume"], Duration::from_secs(30))
+        .await;
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("has ended (completed)"),
+        "{}",
+        out.stderr
+    );
+    let out = t
+        .dispatcher(&["run", "--resume", "999999"], Duration::from_secs(30))
+        .await;
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(out.stderr.contains("no run 999999"), "{}", out.stderr);
+    assert!(consumer.stop(Duration::from_secs(30)).await.success());
+}
