@@ -175,12 +175,13 @@ impl DispatchError {
 
 /// A chunk published and not yet finally answered.
 struct Outstanding {
-    items: u64,
+    /// Where it is in the source, to read it again if it must be published again.
+    record: ChunkRecord,
+    /// Since when it has been waiting for its final reply (reset by a retry).
     since: Instant,
     /// Kept until the broker confirms, to publish again on a nack.
     message: Option<(Arc<Vec<u8>>, Label)>,
     refusals: u32,
-    reported_stuck: bool,
 }
 
 type ConfirmFuture = BoxFuture<'static, (u64, Result<(), TransportError>)>;
@@ -479,10 +480,10 @@ pub async fn run_on(
             },
             _ = tick.tick() => {
                 progress.update(&d.snapshot());
+                d.republish_stuck().await?;
                 if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
                     last_heartbeat = Instant::now();
                     d.store.heartbeat(run).await?;
-                    d.report_stuck();
                 }
             }
         }
@@ -532,36 +533,17 @@ impl Dispatch<'_> {
         for c in open {
             let message = match c.status {
                 ChunkStatus::InFlight => None,
-                ChunkStatus::Pending => {
-                    let (spec, limits) = (self.job.source.clone(), self.job.chunking);
-                    let items = tokio::task::spawn_blocking(move || reread(&spec, limits, &c))
-                        .await
-                        .map_err(|e| SourceError::Read {
-                            path: String::new(),
-                            offset: c.position.offset,
-                            message: e.to_string(),
-                        })??;
-                    let chunk = Chunk {
-                        job: self.job.name.clone(),
-                        run: self.run,
-                        seq: c.seq,
-                        attempt: c.attempts.max(1),
-                        position: c.position,
-                        items,
-                    };
-                    Some((Arc::new(codec::encode_chunk(&chunk)?), Label::chunk(&chunk)))
-                }
+                ChunkStatus::Pending => Some(self.message_for(&c).await?),
                 ChunkStatus::Done | ChunkStatus::Failed | ChunkStatus::Dead => continue,
             };
             let republish = message.is_some();
             self.outstanding.insert(
                 c.seq,
                 Outstanding {
-                    items: c.items,
+                    record: c,
                     since: Instant::now(),
                     message,
                     refusals: 0,
-                    reported_stuck: false,
                 },
             );
             if republish {
@@ -571,6 +553,51 @@ impl Dispatch<'_> {
         if !self.outstanding.is_empty() {
             info!(job = %self.job.name, run = self.run, chunks = self.outstanding.len(),
                   "waiting for the chunks of the interrupted dispatcher");
+        }
+        Ok(())
+    }
+
+    /// A recorded chunk as a message again: its items read again from the source.
+    async fn message_for(&self, c: &ChunkRecord) -> Result<(Arc<Vec<u8>>, Label), DispatchError> {
+        let (spec, limits, record) = (self.job.source.clone(), self.job.chunking, *c);
+        let items = tokio::task::spawn_blocking(move || reread(&spec, limits, &record))
+            .await
+            .map_err(|e| SourceError::Read {
+                path: String::new(),
+                offset: c.position.offset,
+                message: e.to_string(),
+            })??;
+        let chunk = Chunk {
+            job: self.job.name.clone(),
+            run: self.run,
+            seq: c.seq,
+            attempt: c.attempts.max(1),
+            position: c.position,
+            items,
+        };
+        Ok((Arc::new(codec::encode_chunk(&chunk)?), Label::chunk(&chunk)))
+    }
+
+    /// Chunks confirmed but without a final reply for longer than the job's `chunk_timeout` (a
+    /// consumer froze or vanished while holding them) are read again and published again, as
+    /// the same attempt: whichever copy finishes first is applied, the other is a duplicate.
+    async fn republish_stuck(&mut self) -> Result<(), DispatchError> {
+        let timeout = self.job.retry.chunk_timeout;
+        let stuck: Vec<(ChunkRecord, u64)> = self
+            .outstanding
+            .values()
+            .filter(|o| o.message.is_none() && o.since.elapsed() > timeout)
+            .map(|o| (o.record, o.since.elapsed().as_secs()))
+            .collect();
+        for (c, secs) in stuck {
+            warn!(job = %self.job.name, run = self.run, seq = c.seq, attempt = c.attempts, secs,
+                  "chunk stuck: in flight past chunk_timeout; publishing it again");
+            let message = self.message_for(&c).await?;
+            if let Some(o) = self.outstanding.get_mut(&c.seq) {
+                o.message = Some(message);
+                o.since = Instant::now();
+            }
+            self.publish(c.seq).await?;
         }
         Ok(())
     }
@@ -644,18 +671,24 @@ impl Dispatch<'_> {
         self.skipped += bad.len() as u64;
         self.record(&new, &bad).await?;
 
-        for chunk in chunks {
+        for (chunk, record) in chunks.into_iter().zip(&new) {
             let (seq, items) = (chunk.seq, chunk.items.len() as u64);
             let payload = Arc::new(codec::encode_chunk(&chunk)?);
             let label = Label::chunk(&chunk);
             self.outstanding.insert(
                 seq,
                 Outstanding {
-                    items,
+                    record: ChunkRecord {
+                        seq,
+                        position: record.position,
+                        end_offset: record.end_offset,
+                        items,
+                        status: ChunkStatus::Pending,
+                        attempts: 1,
+                    },
                     since: Instant::now(),
                     message: Some((payload, label)),
                     refusals: 0,
-                    reported_stuck: false,
                 },
             );
             self.publish(seq).await?;
@@ -784,7 +817,7 @@ impl Dispatch<'_> {
                       error = %error, "chunk failed; it will be retried");
                 if let Some(o) = self.outstanding.get_mut(&seq) {
                     o.since = Instant::now();
-                    o.reported_stuck = false;
+                    o.record.attempts = *next_attempt;
                 }
             }
             Outcome::Dead { error } => {
@@ -793,17 +826,6 @@ impl Dispatch<'_> {
             }
             Outcome::Failed { error } => {
                 error!(job = %job, run, seq, attempt, error = %error, "chunk failed permanently")
-            }
-        }
-    }
-
-    fn report_stuck(&mut self) {
-        let timeout = self.job.retry.chunk_timeout;
-        for (seq, o) in &mut self.outstanding {
-            if !o.reported_stuck && o.since.elapsed() > timeout {
-                o.reported_stuck = true;
-                warn!(job = %self.job.name, run = self.run, seq = *seq, items = o.items,
-                      secs = o.since.elapsed().as_secs(), "chunk stuck: in flight past chunk_timeout");
             }
         }
     }

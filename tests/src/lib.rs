@@ -204,6 +204,16 @@ pub struct Consumer {
 }
 
 impl Consumer {
+    /// Sends the signal `name` (`STOP`, `CONT`, `KILL`...) to the consumer process.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("the consumer is running");
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid} failed");
+    }
+
     /// Sends SIGTERM and waits (at most `limit`) for it to finish the chunks in hand and exit.
     pub async fn stop(mut self, limit: Duration) -> ExitStatus {
         if let Some(pid) = self.child.id() {
