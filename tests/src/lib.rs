@@ -148,6 +148,34 @@ impl TestJob {
         serde_json::from_str(&out.stdout).expect("status --json prints JSON")
     }
 
+    /// Waits (at most 30 s) until `n` consumers are attached to the job's chunk queue.
+    pub async fn wait_for_consumers(&self, conn: &lapin::Connection, n: u32) {
+        let chunks = format!("hopper.{}.chunks", self.name);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            // A passive declare of a missing queue closes its channel: a new one each time.
+            let ch = conn.create_channel().await.expect("channel");
+            let q = ch
+                .queue_declare(
+                    chunks.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await;
+            if matches!(&q, Ok(q) if q.consumer_count() == n) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} consumers never attached to {chunks}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Messages waiting in one of the job's queues.
     pub async fn queue_depth(&self, conn: &lapin::Connection, queue: &str) -> u32 {
         let ch = conn.create_channel().await.expect("channel");

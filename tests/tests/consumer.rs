@@ -104,30 +104,9 @@ dir = "out"
     write_jsonl(&t.path("input.jsonl"), 25, 40);
     let consumer = t.start_consumer(1, 2);
     // Declared by the consumer; wait for it, then publish poison onto the chunk queue.
+    t.wait_for_consumers(&conn, 1).await;
     let chunks = format!("hopper.{}.chunks", t.name);
     let ch = conn.create_channel().await.expect("channel");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let probe = conn.create_channel().await.expect("channel");
-        let passive = probe
-            .queue_declare(
-                chunks.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await;
-        if matches!(&passive, Ok(q) if q.consumer_count() == 1) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the consumer never attached"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     for (i, payload) in [&b"not msgpack at all"[..], &[0x92, 0x07, 0xc0][..]]
         .iter()
         .enumerate()

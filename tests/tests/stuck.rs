@@ -30,29 +30,7 @@ chunk_timeout = "2s"
     write_jsonl(&t.path("input.jsonl"), 100, 40);
     // The first consumer attaches, then freezes: the chunks the broker hands it are stuck.
     let frozen = t.start_consumer(1, 2);
-    let chunks = format!("hopper.{}.chunks", t.name);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let ch = conn.create_channel().await.expect("channel");
-        let q = ch
-            .queue_declare(
-                chunks.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await;
-        if matches!(&q, Ok(q) if q.consumer_count() == 1) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the consumer never attached"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    t.wait_for_consumers(&conn, 1).await;
     frozen.signal("STOP");
     let healthy = t.start_consumer(2, 2);
 
