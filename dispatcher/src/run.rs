@@ -369,6 +369,14 @@ pub async fn run_on(
         processed: 0,
         skipped: 0,
     };
+    if record.checkpoint.next_seq > 1 {
+        // A resumed run goes on counting from where it was: skips before the interruption count
+        // against the skip limit too.
+        let so_far = store.status(run, job.retry.chunk_timeout).await?;
+        d.read = so_far.items.read;
+        d.processed = so_far.items.processed;
+        d.skipped = so_far.items.skipped;
+    }
     d.take_over_open_chunks().await?;
 
     // The reader runs ahead by at most the channel's capacity.

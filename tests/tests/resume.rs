@@ -140,3 +140,47 @@ kind = "noop"
     assert!(out.stderr.contains("no run 999999"), "{}", out.stderr);
     assert!(consumer.stop(Duration::from_secs(30)).await.success());
 }
+
+/// Regression: a resumed run started counting skipped items from zero, so skips before the
+/// interruption no longer counted against the skip limit.
+#[tokio::test]
+async fn skips_before_an_interruption_still_count_against_the_skip_limit() {
+    let _conn = require_broker().await;
+    let t = TestJob::new(
+        "resume-skips",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 100
+[throttle]
+window = 2
+rate = 2000
+[processor]
+kind = "noop"
+[failures]
+skip_limit = 1
+"#,
+    );
+    // One bad line early, one late: two skips in all, one more than the limit.
+    write_jsonl(&t.path("input.jsonl"), 6000, 40);
+    let text = std::fs::read_to_string(t.path("input.jsonl")).expect("input");
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[10] = "{not json";
+    lines[5900] = "{not json either";
+    std::fs::write(t.path("input.jsonl"), lines.join("\n") + "\n").expect("input");
+    let consumer = t.start_consumer(1, 2);
+
+    kill_after_progress(&t, &["run"], 0, 1_000).await;
+    assert_eq!(t.status().await["items"]["skipped"], 1);
+    let out = t
+        .dispatcher(&["run", "--resume"], Duration::from_secs(120))
+        .await;
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("skip limit"), "{}", out.stderr);
+    assert_eq!(t.status().await["state"], "failed");
+    assert!(consumer.stop(Duration::from_secs(30)).await.success());
+}
