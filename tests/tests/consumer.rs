@@ -207,3 +207,58 @@ dir = "out"
     assert_eq!(lines[2]["note"], "");
     assert!(consumer.stop(Duration::from_secs(30)).await.success());
 }
+
+#[tokio::test]
+async fn a_consumer_killed_mid_chunk_loses_nothing_and_duplicates_nothing() {
+    let conn = require_broker().await;
+    let t = TestJob::new(
+        "sigkill",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 20
+[throttle]
+window = 4
+[processor]
+kind = "exec"
+command = ["sh", "work.sh"]
+"#,
+    );
+    // Every chunk marks that it started, takes a moment, then writes its file atomically.
+    std::fs::write(
+        t.path("work.sh"),
+        r#"mkdir -p out started
+touch "started/$HOPPER_SEQ.$$"
+sleep 0.2
+cat > "out/$HOPPER_SEQ.tmp.$$" && mv "out/$HOPPER_SEQ.tmp.$$" "out/$HOPPER_SEQ.jsonl"
+"#,
+    )
+    .expect("script");
+    write_jsonl(&t.path("input.jsonl"), 400, 40);
+    let doomed = t.start_consumer(1, 2);
+    t.wait_for_consumers(&conn, 1).await;
+    let dispatcher = {
+        let cmd = t.dispatcher_command(&["run"]);
+        tokio::spawn(hopper_tests::run(cmd, Duration::from_secs(120)))
+    };
+    // Kill the first consumer once it is in the middle of its chunks.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(t.path("started")).map_or(0, |d| d.count()) < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no chunk started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    doomed.signal("KILL");
+    let survivor = t.start_consumer(2, 2);
+
+    let out = dispatcher.await.expect("dispatcher task");
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let status = t.status().await;
+    assert_eq!(status["state"], "completed");
+    assert_eq!(status["items"]["processed"], 400);
+    assert_eq!(output_ids(&t.path("out")), (1..=400).collect::<Vec<u64>>());
+    assert!(survivor.stop(Duration::from_secs(30)).await.success());
+}
