@@ -113,9 +113,12 @@ impl Link {
     }
 
     /// Closes both connections. Best effort: what matters was confirmed and recorded already.
+    /// Bounded, because closing a connection the broker dropped can wait forever for its
+    /// close-ok.
     pub async fn close(&self, why: &str) {
-        let _ = self.publish.close(200, why.into()).await;
-        let _ = self.consume.close(200, why.into()).await;
+        let limit = std::time::Duration::from_secs(1);
+        let _ = tokio::time::timeout(limit, self.publish.close(200, why.into())).await;
+        let _ = tokio::time::timeout(limit, self.consume.close(200, why.into())).await;
     }
 }
 

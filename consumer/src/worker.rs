@@ -58,9 +58,6 @@ pub enum ConsumerError {
     /// The transport cannot be reached, or failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// The transport stopped delivering chunks (the queue was deleted?).
-    #[error("the transport stopped delivering chunks")]
-    ChunksEnded,
 }
 
 /// What every chunk task shares.
@@ -126,8 +123,24 @@ pub async fn run_on(
                 Some(Ok(message)) => {
                     tracker.spawn(handle(Arc::clone(&ctx), message));
                 }
+                // The connection is gone: chunks in hand can no longer be acked and come again.
+                Some(Err(e)) if e.is_connection_lost() => {
+                    warn!(job = %job.name, error = %e, "lost the broker; reconnecting");
+                    match reconnect(&transport, opts.concurrency).await {
+                        Ok(again) => inbox = again,
+                        Err(e) => break Err(e.into()),
+                    }
+                    info!(job = %job.name, "reconnected to the broker");
+                }
                 Some(Err(e)) => break Err(ConsumerError::from(e)),
-                None => break Err(ConsumerError::ChunksEnded),
+                None => {
+                    warn!(job = %job.name, "the broker stopped delivering chunks; reconnecting");
+                    match reconnect(&transport, opts.concurrency).await {
+                        Ok(again) => inbox = again,
+                        Err(e) => break Err(e.into()),
+                    }
+                    info!(job = %job.name, "reconnected to the broker");
+                }
             },
         }
     };
@@ -145,6 +158,15 @@ pub async fn run_on(
     info!(job = %job.name, chunks = summary.chunks, retried = summary.retried, dead = summary.dead,
           "consumer stopped");
     stopped.map(|()| summary)
+}
+
+/// Connects again and receives chunks again.
+async fn reconnect(
+    transport: &Arc<dyn Transport>,
+    prefetch: u16,
+) -> Result<hopper_common::transport::Inbox, TransportError> {
+    transport.reconnect().await?;
+    transport.receive(Route::Chunks, prefetch.max(1)).await
 }
 
 /// One message, from decoding to ack.

@@ -421,9 +421,10 @@ pub async fn run_on(
             break End::Exhausted;
         }
         let room = d.throttle.has_room(d.outstanding.len());
+        let step: Result<Option<End>, DispatchError> = async {
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break End::Interrupted,
+            _ = shutdown.cancelled() => return Ok(Some(End::Interrupted)),
             delivery = replies.next() => match delivery {
                 Some(Ok(first)) => {
                     let mut batch = vec![first];
@@ -494,6 +495,24 @@ pub async fn run_on(
                     d.store.heartbeat(run).await?;
                 }
             }
+        }
+        Ok(None)
+        }
+        .await;
+        match step {
+            Ok(Some(end)) => break end,
+            Ok(None) => {}
+            Err(DispatchError::Transport(e)) if e.is_connection_lost() => {
+                warn!(job = %job.name, run, error = %e, "lost the broker; reconnecting");
+                replies = d.recover(prefetch).await?;
+                info!(job = %job.name, run, "reconnected to the broker");
+            }
+            Err(DispatchError::RepliesEnded) => {
+                warn!(job = %job.name, run, "the broker stopped delivering replies; reconnecting");
+                replies = d.recover(prefetch).await?;
+                info!(job = %job.name, run, "reconnected to the broker");
+            }
+            Err(e) => return Err(e),
         }
     };
     // Dropping the receiver stops the reader at its next chunk; wait for it, so no thread
@@ -705,6 +724,28 @@ impl Dispatch<'_> {
             debug!(job = %self.job.name, run, seq, items, "chunk published");
         }
         Ok(())
+    }
+
+    /// After the connection was lost: connect again, publish again every chunk the broker had
+    /// not confirmed (the old confirms are void; confirmed chunks are safe in their durable
+    /// queue), and receive replies again (unacked ones come again and are duplicates).
+    async fn recover(
+        &mut self,
+        prefetch: u16,
+    ) -> Result<hopper_common::transport::Inbox, DispatchError> {
+        self.confirms = FuturesUnordered::new();
+        self.transport.reconnect().await?;
+        let replies = self.transport.receive(Route::Replies, prefetch).await?;
+        let unconfirmed: Vec<u64> = self
+            .outstanding
+            .iter()
+            .filter(|(_, o)| o.message.is_some())
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in unconfirmed {
+            self.publish(seq).await?;
+        }
+        Ok(replies)
     }
 
     /// Publishes an outstanding chunk from its kept bytes and keeps the confirm.

@@ -24,12 +24,17 @@ use crate::codec::CONTENT_TYPE;
 use crate::job::Job;
 use crate::topology::Topology;
 
+/// How long [`Transport::reconnect`] keeps trying before it gives up.
+const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Hopper's transport over RabbitMQ.
 #[derive(Debug)]
 pub struct AmqpTransport {
     job: Job,
     topology: Topology,
-    link: Link,
+    role: String,
+    /// Swapped whole by [`Transport::reconnect`]; cloned out, never held across an await.
+    link: std::sync::RwLock<std::sync::Arc<Link>>,
     /// Channels and consumer tags of the inboxes, to stop them.
     receivers: Mutex<Vec<(Channel, String)>>,
 }
@@ -72,9 +77,14 @@ impl AmqpTransport {
         Ok(AmqpTransport {
             job: job.clone(),
             topology,
-            link,
+            role: role.to_string(),
+            link: std::sync::RwLock::new(std::sync::Arc::new(link)),
             receivers: Mutex::new(Vec::new()),
         })
+    }
+
+    fn link(&self) -> std::sync::Arc<Link> {
+        std::sync::Arc::clone(&self.link.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn queue(&self, route: Route) -> Result<&str, TransportError> {
@@ -201,8 +211,8 @@ impl Transport for AmqpTransport {
         label: &Label,
     ) -> Result<Confirm, TransportError> {
         let queue = self.queue(route)?.to_string();
-        let confirm = self
-            .link
+        let link = self.link();
+        let confirm = link
             .channel
             .basic_publish(
                 "".into(),
@@ -233,8 +243,8 @@ impl Transport for AmqpTransport {
 
     async fn receive(&self, route: Route, prefetch: u16) -> Result<Inbox, TransportError> {
         let queue = self.queue(route)?.to_string();
-        let channel = self
-            .link
+        let link = self.link();
+        let channel = link
             .consume
             .create_channel()
             .await
@@ -281,13 +291,52 @@ impl Transport for AmqpTransport {
 
     async fn repair(&self) -> Result<(), TransportError> {
         self.topology
-            .declare(&self.link.channel)
+            .declare(&self.link().channel)
             .await
             .map_err(broker("declare queues", &self.topology.chunks))
     }
 
+    async fn reconnect(&self) -> Result<(), TransportError> {
+        let deadline = std::time::Instant::now() + RECONNECT_FOR;
+        let mut delay = std::time::Duration::from_millis(200);
+        self.link().close("reconnecting").await;
+        self.receivers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        loop {
+            // A broker that is starting can accept the connection and not answer: bounded.
+            let attempt = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                Link::open(&self.job, &self.topology, &self.role),
+            )
+            .await;
+            let failure = match attempt {
+                Ok(Ok(link)) => {
+                    *self.link.write().unwrap_or_else(|p| p.into_inner()) =
+                        std::sync::Arc::new(link);
+                    return Ok(());
+                }
+                Ok(Err(e)) => TransportError::from(e),
+                Err(_) => TransportError::Broker {
+                    what: "reconnect",
+                    queue: self.topology.chunks.clone(),
+                    source: Box::new(lapin::Error::from(lapin::ErrorKind::IOError(
+                        std::sync::Arc::new(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+                    ))),
+                },
+            };
+            if std::time::Instant::now() + delay >= deadline {
+                return Err(failure);
+            }
+            tracing::debug!(error = %failure, "broker still unreachable");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
+
     async fn close(&self, why: &str) {
-        self.link.close(why).await;
+        self.link().close(why).await;
     }
 }
 

@@ -118,6 +118,19 @@ pub enum TransportError {
     },
 }
 
+impl TransportError {
+    /// True when the connection to the broker is gone: [`Transport::reconnect`] may help. A
+    /// refused message is not such an error: the transport is fine, the message was not taken.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            TransportError::Connect(_)
+            | TransportError::Broker { .. }
+            | TransportError::Cancelled { .. } => true,
+            TransportError::Refused { .. } => false,
+        }
+    }
+}
+
 impl From<crate::broker::ConnectError> for TransportError {
     fn from(e: crate::broker::ConnectError) -> Self {
         TransportError::Connect(Box::new(e))
@@ -218,6 +231,11 @@ pub trait Transport: Send + Sync {
 
     /// Makes sure every route exists again (after a refused publish, for example).
     async fn repair(&self) -> Result<(), TransportError>;
+
+    /// After the connection was lost: connects again, with backoff, for a bounded time, and
+    /// declares the routes again. Inboxes and unconfirmed publishes from before are void:
+    /// receive again, and publish again whatever was not confirmed.
+    async fn reconnect(&self) -> Result<(), TransportError>;
 
     /// Closes the transport; unsettled messages are delivered again.
     async fn close(&self, why: &str);
