@@ -119,29 +119,25 @@ pub async fn run_on(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
-            next = inbox.next() => match next {
-                Some(Ok(message)) => {
-                    tracker.spawn(handle(Arc::clone(&ctx), message));
-                }
-                // The connection is gone: chunks in hand can no longer be acked and come again.
-                Some(Err(e)) if e.is_connection_lost() => {
-                    warn!(job = %job.name, error = %e, "lost the broker; reconnecting");
-                    match reconnect(&transport, opts.concurrency).await {
-                        Ok(again) => inbox = again,
-                        Err(e) => break Err(e.into()),
+            next = inbox.next() => {
+                // The connection is gone (or the broker stopped delivering): chunks in hand can
+                // no longer be acked and come again.
+                let why = match next {
+                    Some(Ok(message)) => {
+                        tracker.spawn(handle(Arc::clone(&ctx), message));
+                        continue;
                     }
-                    info!(job = %job.name, "reconnected to the broker");
+                    Some(Err(e)) if e.is_connection_lost() => e.to_string(),
+                    Some(Err(e)) => break Err(ConsumerError::from(e)),
+                    None => "the broker stopped delivering chunks".to_string(),
+                };
+                warn!(job = %job.name, error = %why, "lost the broker; reconnecting");
+                match reconnect(&transport, opts.concurrency).await {
+                    Ok(again) => inbox = again,
+                    Err(e) => break Err(e.into()),
                 }
-                Some(Err(e)) => break Err(ConsumerError::from(e)),
-                None => {
-                    warn!(job = %job.name, "the broker stopped delivering chunks; reconnecting");
-                    match reconnect(&transport, opts.concurrency).await {
-                        Ok(again) => inbox = again,
-                        Err(e) => break Err(e.into()),
-                    }
-                    info!(job = %job.name, "reconnected to the broker");
-                }
-            },
+                info!(job = %job.name, "reconnected to the broker");
+            }
         }
     };
     if stopped.is_ok() {

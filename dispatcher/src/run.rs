@@ -160,6 +160,24 @@ pub enum DispatchError {
 }
 
 impl DispatchError {
+    /// True when the broker went away (the connection dropped, or it stopped delivering
+    /// replies): reconnecting may let the run go on.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            DispatchError::Transport(e) => e.is_connection_lost(),
+            DispatchError::RepliesEnded => true,
+            DispatchError::Source(_)
+            | DispatchError::Refused { .. }
+            | DispatchError::State(_)
+            | DispatchError::Codec(_)
+            | DispatchError::AlreadyRunning { .. }
+            | DispatchError::NoSuchRun { .. }
+            | DispatchError::NotResumable { .. }
+            | DispatchError::InputChanged { .. }
+            | DispatchError::Interrupted { .. } => false,
+        }
+    }
+
     /// True when the input was refused before anything was sent: the user's input is wrong
     /// (exit code 2), not the run.
     pub fn is_bad_input(&self) -> bool {
@@ -502,13 +520,8 @@ pub async fn run_on(
         match step {
             Ok(Some(end)) => break end,
             Ok(None) => {}
-            Err(DispatchError::Transport(e)) if e.is_connection_lost() => {
+            Err(e) if e.is_connection_lost() => {
                 warn!(job = %job.name, run, error = %e, "lost the broker; reconnecting");
-                replies = d.recover(prefetch).await?;
-                info!(job = %job.name, run, "reconnected to the broker");
-            }
-            Err(DispatchError::RepliesEnded) => {
-                warn!(job = %job.name, run, "the broker stopped delivering replies; reconnecting");
                 replies = d.recover(prefetch).await?;
                 info!(job = %job.name, run, "reconnected to the broker");
             }

@@ -141,11 +141,7 @@ impl<'a> StatusReport<'a> {
                 "line", "chunk", "class"
             );
             for f in &self.failures {
-                let class = match f.class {
-                    hopper_common::state::FailureClass::BadData => "bad_data",
-                    hopper_common::state::FailureClass::BadItem => "bad_item",
-                    hopper_common::state::FailureClass::Chunk => "chunk",
-                };
+                let class = f.class.as_str();
                 let seq = f.seq.map_or_else(|| "-".to_string(), |s| s.to_string());
                 let _ = writeln!(
                     out,

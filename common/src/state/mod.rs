@@ -221,7 +221,8 @@ pub enum FailureClass {
 }
 
 impl FailureClass {
-    fn as_str(self) -> &'static str {
+    /// The class as stored and printed.
+    pub fn as_str(self) -> &'static str {
         match self {
             FailureClass::BadData => "bad_data",
             FailureClass::BadItem => "bad_item",
