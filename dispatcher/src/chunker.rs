@@ -6,6 +6,7 @@
 //! `max_bytes` on its own is bad data (it could never be sent).
 
 use hopper_common::job::Chunking;
+use hopper_common::state::{BadData, Retried};
 use hopper_common::{Item, Position};
 
 use crate::source::{Cursor, Read, Record, Source, SourceError};
@@ -19,8 +20,45 @@ pub struct RawChunk {
     pub end: Cursor,
     /// Its items, possibly none when only bad records were met.
     pub items: Vec<Item>,
-    /// Bad records met while cutting it: line and reason.
-    pub bad: Vec<(u64, String)>,
+    /// Bad records met while cutting it.
+    pub bad: Vec<BadData>,
+    /// For a chunk read again by `retry`: what it takes over from.
+    pub retry: Option<RetryOf>,
+}
+
+/// What a chunk read again by `retry` takes over from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryOf {
+    /// The failed chunks and skipped items it dispatches again.
+    pub retried: Vec<Retried>,
+    /// How many of those were skipped items (they stop counting against the skip limit).
+    pub skipped: u64,
+}
+
+/// Something that hands out chunks one after another: the [`Chunker`] over a whole source, or
+/// `retry`'s reader of failed records.
+pub trait Chunks: Send {
+    /// The next chunk, or `None` at the end.
+    ///
+    /// # Errors
+    /// The source's read error.
+    fn next_chunk(&mut self) -> Result<Option<RawChunk>, SourceError>;
+}
+
+impl Chunks for Chunker {
+    fn next_chunk(&mut self) -> Result<Option<RawChunk>, SourceError> {
+        Chunker::next_chunk(self)
+    }
+}
+
+/// A bad record met at `start`, the source's cursor being just past it.
+pub(crate) fn bad_data(start: Position, after: Cursor, reason: String) -> BadData {
+    BadData {
+        position: start,
+        end_offset: after.offset,
+        end_line: after.lines.max(start.line),
+        reason,
+    }
 }
 
 /// Cuts chunks from a source.
@@ -58,17 +96,17 @@ impl Chunker {
                 },
             };
             match read.record {
-                Record::Bad { line, reason } => bad.push((line, reason)),
+                Record::Bad { reason, .. } => {
+                    bad.push(bad_data(read.start, self.source.cursor(), reason))
+                }
                 Record::Item(item) => {
                     let size = item.data.len() as u64;
                     if size > self.limits.max_bytes {
-                        bad.push((
-                            item.line,
-                            format!(
-                                "item of {size} bytes is larger than chunking.max_bytes ({})",
-                                self.limits.max_bytes
-                            ),
-                        ));
+                        let reason = format!(
+                            "item of {size} bytes is larger than chunking.max_bytes ({})",
+                            self.limits.max_bytes
+                        );
+                        bad.push(bad_data(read.start, self.source.cursor(), reason));
                         continue;
                     }
                     if !items.is_empty() && bytes + size > self.limits.max_bytes {
@@ -105,6 +143,7 @@ impl Chunker {
             end,
             items,
             bad,
+            retry: None,
         }))
     }
 }
@@ -172,8 +211,15 @@ mod tests {
         let chunks = all(&mut c);
         assert_eq!(chunks.len(), 1);
         assert_eq!(chunks[0].items.len(), 2);
-        let lines: Vec<u64> = chunks[0].bad.iter().map(|b| b.0).collect();
+        let lines: Vec<u64> = chunks[0].bad.iter().map(|b| b.position.line).collect();
         assert_eq!(lines, vec![2, 3]);
+        // Each bad record keeps where it starts and ends, for `retry` to seek to.
+        let spans: Vec<(u64, u64, u64)> = chunks[0]
+            .bad
+            .iter()
+            .map(|b| (b.position.offset, b.end_offset, b.end_line))
+            .collect();
+        assert_eq!(spans, vec![(2, 12, 2), (12, 15, 3)]);
     }
 
     #[test]

@@ -10,17 +10,20 @@
 //! - [`chunker`]: cuts records into chunks by item count and bytes.
 //! - [`throttle`]: the window of outstanding chunks and the item rate with its ramp-up.
 //! - [`mod@run`]: one run, from the first record to the last reply.
+//! - [`mod@retry`]: `retry`, reading again only what a run failed on.
 //! - [`progress`]: the progress bar or progress log lines.
 //! - [`status`]: a run's state as a table or as the `status --json` object.
 
 pub mod chunker;
 pub mod progress;
+pub mod retry;
 pub mod run;
 pub mod source;
 pub mod status;
 pub mod throttle;
 
-pub use chunker::{Chunker, RawChunk};
+pub use chunker::{Chunker, Chunks, RawChunk, RetryOf};
+pub use retry::{retry, Plan, RetryReader};
 pub use run::{resume, run, run_on, DispatchError, RunOptions, RunSummary, Start};
 pub use source::{FileSource, Source, SourceError};
 pub use status::StatusReport;

@@ -32,6 +32,16 @@ enum Command {
         #[arg(long, value_name = "RUN")]
         resume: Option<Option<u64>>,
     },
+    /// Dispatch again only what a run failed on (failed and dead chunks, bad data, bad items),
+    /// after the input was fixed in place: each failed record is read again from the byte
+    /// offset the run recorded, and the run ends again (`completed` when all of it succeeds).
+    Retry {
+        /// The job file.
+        job: PathBuf,
+        /// The run whose failures to dispatch again.
+        #[arg(long)]
+        run: u64,
+    },
     /// Show where a run stands (the latest run unless --run).
     Status {
         /// The job file.
@@ -64,7 +74,8 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Run { job, resume } => run_job(job, resume).await,
+            Command::Run { job, resume } => run_job(job, Start::Run(resume)).await,
+            Command::Retry { job, run } => run_job(job, Start::Retry(run)).await,
             Command::Status { job, run, json } => status(job, run, json).await,
         }
     })
@@ -83,7 +94,13 @@ fn open(path: &Path) -> Result<(Job, Arc<dyn StateStore>), ExitCode> {
     Ok((job, store))
 }
 
-async fn run_job(path: PathBuf, resume: Option<Option<u64>>) -> ExitCode {
+/// What `run_job` does: a run (new, or resumed), or a retry.
+enum Start {
+    Run(Option<Option<u64>>),
+    Retry(u64),
+}
+
+async fn run_job(path: PathBuf, start: Start) -> ExitCode {
     let (job, store) = match open(&path) {
         Ok(opened) => opened,
         Err(code) => return code,
@@ -94,9 +111,12 @@ async fn run_job(path: PathBuf, resume: Option<Option<u64>>) -> ExitCode {
         interactive: std::io::stderr().is_terminal(),
         ..RunOptions::default()
     };
-    let result = match resume {
-        Some(run_id) => hopper_dispatcher::resume(&job, store, run_id, opts, shutdown).await,
-        None => run(&job, store, opts, shutdown).await,
+    let result = match start {
+        Start::Run(Some(run_id)) => {
+            hopper_dispatcher::resume(&job, store, run_id, opts, shutdown).await
+        }
+        Start::Run(None) => run(&job, store, opts, shutdown).await,
+        Start::Retry(run_id) => hopper_dispatcher::retry(&job, store, run_id, opts, shutdown).await,
     };
     match result {
         Ok(summary) => {

@@ -23,8 +23,8 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use hopper_common::broker::process_identity;
 use hopper_common::state::{
-    now_ms, Checkpoint, ChunkRecord, ChunkStatus, FailureClass, FailureRecord, NewChunk,
-    Progress as Recorded, RunRecord,
+    now_ms, BadData, Checkpoint, ChunkRecord, ChunkStatus, NewChunk, Progress as Recorded, Retried,
+    RunRecord,
 };
 use hopper_common::{
     codec, AmqpTransport, Chunk, CodecError, Incoming, Job, Label, Outcome, Route, RunId, RunState,
@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::chunker::{Chunker, RawChunk};
+use crate::chunker::{Chunker, Chunks, RawChunk};
 use crate::progress::{Progress, Snapshot};
 use crate::source::{self, Cursor, Read, Record, Source, SourceError};
 use crate::status::HEARTBEAT_STALE;
@@ -149,6 +149,14 @@ pub enum DispatchError {
         /// Items read now.
         found: u64,
     },
+    /// `retry` of a run that stopped before reading all its input.
+    #[error("run {run} ended {state} before reading all its input; `retry` only dispatches again what failed, it does not read on")]
+    NotRetryable {
+        /// The run.
+        run: RunId,
+        /// How it ended.
+        state: RunState,
+    },
     /// Stopped by a signal before the run finished; the run stays `running`.
     #[error("interrupted: run {run} stopped before it finished ({read} items dispatched); `run --resume {run}` finishes it")]
     Interrupted {
@@ -174,6 +182,7 @@ impl DispatchError {
             | DispatchError::NoSuchRun { .. }
             | DispatchError::NotResumable { .. }
             | DispatchError::InputChanged { .. }
+            | DispatchError::NotRetryable { .. }
             | DispatchError::Interrupted { .. } => false,
         }
     }
@@ -183,8 +192,9 @@ impl DispatchError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            DispatchError::Source(SourceError::Open { .. })
+            DispatchError::Source(SourceError::Open { .. } | SourceError::Moved { .. })
                 | DispatchError::NoSuchRun { .. }
+                | DispatchError::NotRetryable { .. }
                 | DispatchError::NotResumable { .. }
                 | DispatchError::InputChanged { .. }
         )
@@ -217,6 +227,9 @@ struct Dispatch<'a> {
     read: u64,
     processed: u64,
     skipped: u64,
+    /// Reading again what failed (`retry`): the checkpoint and the read count stay as the first
+    /// reading left them.
+    retrying: bool,
 }
 
 enum End {
@@ -304,7 +317,7 @@ pub async fn resume(
 
 /// Refuses to go on while the dispatcher that owns `run` is alive: its heartbeat is recent and,
 /// when it ran on this host, its process still exists.
-fn refuse_if_alive(job: &Job, run: &RunRecord) -> Result<(), DispatchError> {
+pub(crate) fn refuse_if_alive(job: &Job, run: &RunRecord) -> Result<(), DispatchError> {
     let age = now_ms().saturating_sub(run.heartbeat_at);
     if age >= HEARTBEAT_STALE.as_millis() as u64 {
         return Ok(());
@@ -336,6 +349,13 @@ pub enum Start {
         /// The source at the run's checkpoint.
         source: Option<Box<dyn Source>>,
     },
+    /// `retry` of an ended (or interrupted) run: `chunks` reads again what it failed on.
+    Retry {
+        /// The run.
+        record: RunRecord,
+        /// The failed records, read again.
+        chunks: Box<dyn Chunks>,
+    },
 }
 
 /// Dispatches a run of `job` over `transport`, to the end.
@@ -353,23 +373,32 @@ pub async fn run_on(
     let prefetch = u16::try_from((job.throttle.window * 2).clamp(64, 10_000)).unwrap_or(10_000);
     let mut replies = transport.receive(Route::Replies, prefetch).await?;
     let me = process_identity();
-    let (record, source) = match start {
+    let retrying = matches!(start, Start::Retry { .. });
+    let (record, chunks, total_bytes) = match start {
         Start::New(source) => {
             let record = store.create_run(&job.name, &source.describe(), &me).await?;
             info!(job = %job.name, run = record.id, source = %record.source,
                   window = job.throttle.window,
                   broker = %hopper_common::job::redact_url(&job.broker_url), "run started");
-            (record, Some(source))
+            let size = source.size_bytes();
+            let chunks: Box<dyn Chunks> = Box::new(Chunker::new(source, job.chunking));
+            (record, Some(chunks), size)
         }
         Start::Resume { record, source } => {
             store.claim_run(record.id, &me).await?;
             info!(job = %job.name, run = record.id, next_seq = record.checkpoint.next_seq,
                   offset = record.checkpoint.offset, "run resumed");
-            (record, source)
+            let size = source.as_ref().and_then(|s| s.size_bytes());
+            let chunks = source.map(|s| Box::new(Chunker::new(s, job.chunking)) as Box<dyn Chunks>);
+            (record, chunks, size)
+        }
+        Start::Retry { record, chunks } => {
+            store.reopen_run(record.id, &me).await?;
+            info!(job = %job.name, run = record.id, "run taken up again to retry what failed");
+            (record, Some(chunks), None)
         }
     };
     let run = record.id;
-    let total_bytes = source.as_ref().and_then(|s| s.size_bytes());
 
     let mut d = Dispatch {
         job,
@@ -386,6 +415,7 @@ pub async fn run_on(
         read: 0,
         processed: 0,
         skipped: 0,
+        retrying,
     };
     if record.checkpoint.next_seq > 1 {
         // A resumed run goes on counting from where it was: skips before the interruption count
@@ -399,9 +429,8 @@ pub async fn run_on(
 
     // The reader runs ahead by at most the channel's capacity.
     let (tx, mut rx) = mpsc::channel::<Result<RawChunk, SourceError>>(4);
-    let mut exhausted = source.is_none();
-    let reader = source.map(|source| {
-        let mut chunker = Chunker::new(source, job.chunking);
+    let mut exhausted = chunks.is_none();
+    let reader = chunks.map(|mut chunker| {
         tokio::task::spawn_blocking(move || loop {
             let next = chunker.next_chunk();
             let last = !matches!(next, Ok(Some(_)));
@@ -477,7 +506,12 @@ pub async fn run_on(
                 None => {
                     exhausted = true;
                     d.checkpoint.exhausted = true;
-                    d.record(&[], &[]).await?;
+                    if let Some(size) = total_bytes {
+                        // Past trailing blank lines too: `retry` compares the input's size with
+                        // this offset.
+                        d.checkpoint.offset = d.checkpoint.offset.max(size);
+                    }
+                    d.record(&[], &[], &[]).await?;
                     info!(job = %job.name, run, items = d.read, chunks = d.checkpoint.next_seq - 1,
                           "source exhausted; waiting for the last replies");
                 }
@@ -655,7 +689,8 @@ impl Dispatch<'_> {
     async fn record(
         &self,
         chunks: &[NewChunk],
-        bad: &[FailureRecord],
+        bad: &[BadData],
+        retried: &[Retried],
     ) -> Result<(), DispatchError> {
         self.store
             .record(
@@ -664,6 +699,8 @@ impl Dispatch<'_> {
                     chunks,
                     checkpoint: &self.checkpoint,
                     bad_data: bad,
+                    retry: self.retrying,
+                    retried,
                 },
             )
             .await?;
@@ -674,20 +711,23 @@ impl Dispatch<'_> {
     async fn dispatch(&mut self, raws: Vec<RawChunk>) -> Result<(), DispatchError> {
         let (job, run) = (&self.job.name, self.run);
         let mut bad = Vec::new();
+        let mut retried = Vec::new();
         let mut new = Vec::with_capacity(raws.len());
         let mut chunks = Vec::with_capacity(raws.len());
         for raw in raws {
-            bad.extend(raw.bad.into_iter().map(|(line, reason)| {
-                warn!(job = %job, run, line, reason = %reason, "skipping a record that cannot be read");
-                FailureRecord {
-                    seq: None,
-                    position: line,
-                    class: FailureClass::BadData,
-                    reason,
-                }
-            }));
-            self.checkpoint.offset = raw.end.offset;
-            self.checkpoint.line = raw.end.lines;
+            for b in &raw.bad {
+                warn!(job = %job, run, line = b.position.line, reason = %b.reason,
+                      "skipping a record that cannot be read");
+            }
+            bad.extend(raw.bad);
+            if let Some(of) = raw.retry {
+                // The skipped items it takes over stop counting; what is still bad counts again.
+                self.skipped = self.skipped.saturating_sub(of.skipped);
+                retried.extend(of.retried);
+            } else {
+                self.checkpoint.offset = raw.end.offset;
+                self.checkpoint.line = raw.end.lines;
+            }
             if raw.items.is_empty() {
                 continue;
             }
@@ -698,6 +738,7 @@ impl Dispatch<'_> {
                 position: raw.position,
                 end_offset: raw.end.offset,
                 items: raw.items.len() as u64,
+                end_line: raw.end.lines,
             });
             chunks.push(Chunk {
                 job: job.clone(),
@@ -709,7 +750,7 @@ impl Dispatch<'_> {
             });
         }
         self.skipped += bad.len() as u64;
-        self.record(&new, &bad).await?;
+        self.record(&new, &bad, &retried).await?;
 
         for (chunk, record) in chunks.into_iter().zip(&new) {
             let (seq, items) = (chunk.seq, chunk.items.len() as u64);
@@ -733,7 +774,9 @@ impl Dispatch<'_> {
             );
             self.publish(seq).await?;
             self.throttle.sent(items);
-            self.read += items;
+            if !self.retrying {
+                self.read += items;
+            }
             debug!(job = %self.job.name, run, seq, items, "chunk published");
         }
         Ok(())

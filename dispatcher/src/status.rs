@@ -112,8 +112,8 @@ impl<'a> StatusReport<'a> {
         let c = &self.chunks;
         let _ = writeln!(
             out,
-            "chunks   total {:>8}  pending {:>6}  in flight {:>6}  done {:>8}  failed {:>6}  dead {:>6}",
-            c.total, c.pending, c.in_flight, c.done, c.failed, c.dead
+            "chunks   total {:>8}  pending {:>6}  in flight {:>6}  done {:>8}  failed {:>6}  dead {:>6}  retried {:>6}",
+            c.total, c.pending, c.in_flight, c.done, c.failed, c.dead, c.retried
         );
         if !self.stuck.is_empty() {
             let _ = writeln!(out, "\nstuck chunks (in flight past chunk_timeout):");

@@ -206,6 +206,9 @@ pub struct NewChunk {
     pub end_offset: u64,
     /// How many items it carries.
     pub items: u64,
+    /// The line count at its end offset (its last line), so that `retry` can tell where the
+    /// chunk ends when a fix made lines longer or shorter.
+    pub end_line: u64,
 }
 
 /// What kind of failure a [`FailureRecord`] is.
@@ -256,6 +259,30 @@ pub struct FailureRecord {
     pub reason: String,
 }
 
+/// A record the dispatcher could not read, with where it lies in the source, so that `retry`
+/// can seek to it once the input is fixed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadData {
+    /// Where the record starts.
+    pub position: Position,
+    /// The byte offset just past it.
+    pub end_offset: u64,
+    /// Its last line.
+    pub end_line: u64,
+    /// Why it could not be read.
+    pub reason: String,
+}
+
+/// Something a `retry` dispatched again, so that it no longer counts as failed: a failed or
+/// dead chunk (by seq), or a skipped item (by the failure's id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retried {
+    /// A failed or dead chunk; its chunk failure goes with it.
+    Chunk(u64),
+    /// A bad-data or bad-item failure.
+    Failure(i64),
+}
+
 /// What [`StateStore::record`] writes, in one transaction.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress<'a> {
@@ -264,7 +291,52 @@ pub struct Progress<'a> {
     /// Where reading stands after them.
     pub checkpoint: &'a Checkpoint,
     /// Records that could not be read, skipped.
-    pub bad_data: &'a [FailureRecord],
+    pub bad_data: &'a [BadData],
+    /// True when these chunks and bad records were read again by `retry`: their items were
+    /// counted as read the first time.
+    pub retry: bool,
+    /// The failures these chunks (and bad records) take over from.
+    pub retried: &'a [Retried],
+}
+
+/// A failed or dead chunk that `retry` has not dispatched again yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailedChunk {
+    /// Its seq.
+    pub seq: u64,
+    /// Where it starts.
+    pub position: Position,
+    /// The byte offset just past its last record.
+    pub end_offset: u64,
+    /// Its last line; `None` for chunks recorded before this was kept (they cannot be retried).
+    pub end_line: Option<u64>,
+}
+
+/// A skipped item that `retry` has not dispatched again yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenFailure {
+    /// The failure's id in the store.
+    pub id: i64,
+    /// Its chunk (bad items), if any.
+    pub seq: Option<u64>,
+    /// Its line.
+    pub line: u64,
+    /// Bad data or bad item.
+    pub class: FailureClass,
+    /// For bad data: where the record starts and ends (`None` when recorded before this was
+    /// kept).
+    pub span: Option<(Position, u64, u64)>,
+}
+
+/// What a run has failed on and `retry` may dispatch again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retryable {
+    /// Failed and dead chunks, in seq order.
+    pub chunks: Vec<FailedChunk>,
+    /// Skipped items (bad data and bad items), in line order.
+    pub failures: Vec<OpenFailure>,
+    /// Where the chunks that hold bad items lie: seq, start, end offset and last line.
+    pub hosts: Vec<FailedChunk>,
 }
 
 /// What [`StateStore::apply_replies`] did with one reply.
@@ -293,6 +365,8 @@ pub struct ChunkCounts {
     pub failed: u64,
     /// Parked on the dead queue after their last attempt.
     pub dead: u64,
+    /// Failed or dead, then dispatched again by `retry` (counted here, not as failed or dead).
+    pub retried: u64,
 }
 
 /// Item counts.
@@ -302,9 +376,9 @@ pub struct ItemCounts {
     pub read: u64,
     /// Items processed successfully.
     pub processed: u64,
-    /// Items skipped as bad data or bad items.
+    /// Items skipped as bad data or bad items (and not dispatched again by `retry`).
     pub skipped: u64,
-    /// Items in failed or dead chunks.
+    /// Items in failed or dead chunks (not dispatched again by `retry`).
     pub failed: u64,
 }
 
@@ -330,7 +404,7 @@ pub struct RunStatus {
     pub items: ItemCounts,
     /// Chunk counts.
     pub chunks: ChunkCounts,
-    /// Every failure, in source order.
+    /// Every failure still standing (not dispatched again by `retry`), in source order.
     pub failures: Vec<FailureRecord>,
     /// Chunks past their timeout.
     pub stuck: Vec<StuckChunk>,
@@ -352,6 +426,13 @@ pub trait StateStore: Send + Sync {
     /// A dispatcher takes over an interrupted run: it becomes the owner, with a fresh heartbeat.
     async fn claim_run(&self, run: RunId, owner: &str) -> Result<(), StateError>;
 
+    /// `retry` takes an ended run up again: it is `running` again, owned by `owner`.
+    async fn reopen_run(&self, run: RunId, owner: &str) -> Result<(), StateError>;
+
+    /// The failed and dead chunks and the skipped items of a run that `retry` has not
+    /// dispatched again yet.
+    async fn retryable(&self, run: RunId) -> Result<Retryable, StateError>;
+
     /// The run's chunks without a final outcome (`pending` and `in_flight`), in seq order.
     async fn open_chunks(&self, run: RunId) -> Result<Vec<ChunkRecord>, StateError>;
 
@@ -359,7 +440,8 @@ pub trait StateStore: Send + Sync {
     async fn run(&self, job: &str, id: Option<RunId>) -> Result<Option<RunRecord>, StateError>;
 
     /// Records chunks (as `pending`), the checkpoint after them and the bad records met on the
-    /// way, in one transaction. Called before the chunks are published.
+    /// way, in one transaction; for a retry, also marks what they take over from as retried.
+    /// Called before the chunks are published.
     async fn record(&self, run: RunId, progress: Progress<'_>) -> Result<(), StateError>;
 
     /// The broker confirmed these chunks: `pending` becomes `in_flight`. A chunk that already

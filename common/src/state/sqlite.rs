@@ -16,13 +16,13 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    now_ms, Applied, Checkpoint, ChunkCounts, ChunkRecord, ChunkStatus, FailureClass,
-    FailureRecord, ItemCounts, Progress, RunId, RunRecord, RunState, RunStatus, StateError,
-    StateStore, StuckChunk,
+    now_ms, Applied, Checkpoint, ChunkCounts, ChunkRecord, ChunkStatus, FailedChunk, FailureClass,
+    FailureRecord, ItemCounts, OpenFailure, Progress, Retried, Retryable, RunId, RunRecord,
+    RunState, RunStatus, StateError, StateStore, StuckChunk,
 };
-use crate::message::{Outcome, Reply};
+use crate::message::{Outcome, Position, Reply};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS runs (
@@ -54,14 +54,22 @@ CREATE TABLE IF NOT EXISTS chunks (
     finished_at   INTEGER,
     last_error    TEXT,
     consumer      TEXT,
+    end_line      INTEGER,
+    retry         INTEGER NOT NULL DEFAULT 0,
+    retried_at    INTEGER,
     PRIMARY KEY (run, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS failures (
-    run      INTEGER NOT NULL REFERENCES runs (id),
-    seq      INTEGER,
-    position INTEGER NOT NULL,
-    class    TEXT    NOT NULL,
-    reason   TEXT    NOT NULL
+    run        INTEGER NOT NULL REFERENCES runs (id),
+    seq        INTEGER,
+    position   INTEGER NOT NULL,
+    class      TEXT    NOT NULL,
+    reason     TEXT    NOT NULL,
+    offset     INTEGER,
+    end_offset INTEGER,
+    end_line   INTEGER,
+    retry      INTEGER NOT NULL DEFAULT 0,
+    retried_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS failures_by_run ON failures (run, position);
 ";
@@ -88,7 +96,7 @@ impl SqliteStore {
             // A missing directory is reported by open() below, with the path.
             let _ = std::fs::create_dir_all(dir);
         }
-        let conn = Connection::open(path).map_err(err)?;
+        let mut conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
@@ -110,14 +118,33 @@ impl SqliteStore {
         // Opening an up-to-date store writes nothing: `status` runs beside a dispatcher, and a
         // write here would make the dispatcher's next transaction start from a stale snapshot.
         if version < SCHEMA_VERSION {
-            conn.execute_batch(SCHEMA).map_err(err)?;
+            let tx = conn.transaction().map_err(err)?;
+            // A new store gets the whole schema; an older one gets what it lacks.
+            tx.execute_batch(if version == 0 { SCHEMA } else { "" })
+                .map_err(err)?;
             if version == 1 {
                 // Version 2 records which dispatcher process owns a run.
-                conn.execute_batch("ALTER TABLE runs ADD COLUMN owner TEXT")
+                tx.execute_batch("ALTER TABLE runs ADD COLUMN owner TEXT")
                     .map_err(err)?;
             }
-            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            if (1..=2).contains(&version) {
+                // Version 3 keeps what `retry` needs: where chunks and bad records end, and
+                // what was dispatched again.
+                tx.execute_batch(
+                    "ALTER TABLE chunks ADD COLUMN end_line INTEGER;
+                     ALTER TABLE chunks ADD COLUMN retry INTEGER NOT NULL DEFAULT 0;
+                     ALTER TABLE chunks ADD COLUMN retried_at INTEGER;
+                     ALTER TABLE failures ADD COLUMN offset INTEGER;
+                     ALTER TABLE failures ADD COLUMN end_offset INTEGER;
+                     ALTER TABLE failures ADD COLUMN end_line INTEGER;
+                     ALTER TABLE failures ADD COLUMN retry INTEGER NOT NULL DEFAULT 0;
+                     ALTER TABLE failures ADD COLUMN retried_at INTEGER;",
+                )
                 .map_err(err)?;
+            }
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(err)?;
+            tx.commit().map_err(err)?;
         }
         Ok(SqliteStore {
             path: path.to_path_buf(),
@@ -410,12 +437,16 @@ impl StateStore for SqliteStore {
         let chunks = progress.chunks.to_vec();
         let ckpt = *progress.checkpoint;
         let bad = progress.bad_data.to_vec();
+        let retried = progress.retried.to_vec();
+        let retry = progress.retry;
         self.with(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = now_ms() as i64;
             {
                 let mut insert = tx.prepare_cached(
-                    "INSERT INTO chunks (run, seq, line, offset, end_offset, items, status)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')",
+                    "INSERT INTO chunks (run, seq, line, offset, end_offset, items, status,
+                                         end_line, retry)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8)",
                 )?;
                 for c in &chunks {
                     insert.execute(params![
@@ -424,11 +455,51 @@ impl StateStore for SqliteStore {
                         c.position.line as i64,
                         c.position.offset as i64,
                         c.end_offset as i64,
-                        c.items as i64
+                        c.items as i64,
+                        c.end_line as i64,
+                        retry
                     ])?;
                 }
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO failures (run, seq, position, class, reason, offset, end_offset,
+                                           end_line, retry)
+                     VALUES (?1, NULL, ?2, 'bad_data', ?3, ?4, ?5, ?6, ?7)",
+                )?;
+                for b in &bad {
+                    insert.execute(params![
+                        run as i64,
+                        b.position.line as i64,
+                        b.reason,
+                        b.position.offset as i64,
+                        b.end_offset as i64,
+                        b.end_line as i64,
+                        retry
+                    ])?;
+                }
+                let mut chunk = tx.prepare_cached(
+                    "UPDATE chunks SET retried_at = ?3 WHERE run = ?1 AND seq = ?2
+                       AND retried_at IS NULL",
+                )?;
+                let mut chunk_failure = tx.prepare_cached(
+                    "UPDATE failures SET retried_at = ?3 WHERE run = ?1 AND seq = ?2
+                       AND class = 'chunk' AND retried_at IS NULL",
+                )?;
+                let mut failure = tx.prepare_cached(
+                    "UPDATE failures SET retried_at = ?3 WHERE run = ?1 AND rowid = ?2
+                       AND retried_at IS NULL",
+                )?;
+                for r in &retried {
+                    match *r {
+                        Retried::Chunk(seq) => {
+                            chunk.execute(params![run as i64, seq as i64, now])?;
+                            chunk_failure.execute(params![run as i64, seq as i64, now])?;
+                        }
+                        Retried::Failure(id) => {
+                            failure.execute(params![run as i64, id, now])?;
+                        }
+                    }
+                }
             }
-            insert_failures(&tx, run, &bad)?;
             tx.prepare_cached(
                 "UPDATE runs SET ckpt_offset = ?2, ckpt_line = ?3, next_seq = ?4, exhausted = ?5,
                  heartbeat_at = ?6 WHERE id = ?1",
@@ -439,10 +510,102 @@ impl StateStore for SqliteStore {
                 ckpt.line as i64,
                 ckpt.next_seq as i64,
                 ckpt.exhausted,
-                now_ms() as i64
+                now
             ])?;
             tx.commit()?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn reopen_run(&self, run: RunId, owner: &str) -> Result<(), StateError> {
+        let owner = owner.to_string();
+        self.with(move |conn| {
+            conn.execute(
+                "UPDATE runs SET state = 'running', finished_at = NULL, owner = ?2,
+                 heartbeat_at = ?3 WHERE id = ?1",
+                params![run as i64, owner, now_ms() as i64],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn retryable(&self, run: RunId) -> Result<Retryable, StateError> {
+        self.with(move |conn| {
+            let failed_chunk = |r: &rusqlite::Row<'_>| -> rusqlite::Result<FailedChunk> {
+                Ok(FailedChunk {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    position: Position {
+                        line: r.get::<_, i64>(1)? as u64,
+                        offset: r.get::<_, i64>(2)? as u64,
+                    },
+                    end_offset: r.get::<_, i64>(3)? as u64,
+                    end_line: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                })
+            };
+            let chunks = conn
+                .prepare(
+                    "SELECT seq, line, offset, end_offset, end_line FROM chunks
+                     WHERE run = ?1 AND status IN ('failed', 'dead') AND retried_at IS NULL
+                     ORDER BY seq",
+                )?
+                .query_map(params![run as i64], failed_chunk)?
+                .collect::<Result<Vec<_>, _>>()?;
+            let hosts = conn
+                .prepare(
+                    "SELECT seq, line, offset, end_offset, end_line FROM chunks
+                     WHERE run = ?1 AND seq IN (SELECT seq FROM failures WHERE run = ?1
+                       AND class = 'bad_item' AND retried_at IS NULL)
+                     ORDER BY seq",
+                )?
+                .query_map(params![run as i64], failed_chunk)?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut failures = Vec::new();
+            let mut stmt = conn.prepare(
+                "SELECT rowid, seq, position, class, offset, end_offset, end_line FROM failures
+                 WHERE run = ?1 AND class IN ('bad_data', 'bad_item') AND retried_at IS NULL
+                 ORDER BY position, rowid",
+            )?;
+            let rows = stmt.query_map(params![run as i64], |r| {
+                let line = r.get::<_, i64>(2)? as u64;
+                let offset = r.get::<_, Option<i64>>(4)?;
+                let end_offset = r.get::<_, Option<i64>>(5)?;
+                let end_line = r.get::<_, Option<i64>>(6)?;
+                let span = match (offset, end_offset, end_line) {
+                    (Some(o), Some(e), Some(l)) => Some((
+                        Position {
+                            line,
+                            offset: o as u64,
+                        },
+                        e as u64,
+                        l as u64,
+                    )),
+                    _ => None,
+                };
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+                    line,
+                    r.get::<_, String>(3)?,
+                    span,
+                ))
+            })?;
+            for row in rows {
+                let (id, seq, line, class, span) = row?;
+                failures.push(OpenFailure {
+                    id,
+                    seq,
+                    line,
+                    class: class.parse().map_err(Fail::Corrupt)?,
+                    span,
+                });
+            }
+            Ok(Retryable {
+                chunks,
+                failures,
+                hosts,
+            })
         })
         .await
     }
@@ -514,16 +677,20 @@ impl StateStore for SqliteStore {
             )?;
             let record = run_by(conn, &job, Some(run))?
                 .ok_or_else(|| Fail::Corrupt(format!("run {run} vanished")))?;
+            // A chunk dispatched again by `retry` counts as `retried`, not failed or dead; the items
+            // of retry chunks were counted as read the first time.
             let (chunks, mut items) = conn.query_row(
                 "SELECT COUNT(*),
                         COALESCE(SUM(status = 'pending'), 0),
                         COALESCE(SUM(status = 'in_flight'), 0),
                         COALESCE(SUM(status = 'done'), 0),
-                        COALESCE(SUM(status = 'failed'), 0),
-                        COALESCE(SUM(status = 'dead'), 0),
-                        COALESCE(SUM(items), 0),
+                        COALESCE(SUM(status = 'failed' AND retried_at IS NULL), 0),
+                        COALESCE(SUM(status = 'dead' AND retried_at IS NULL), 0),
+                        COALESCE(SUM(CASE WHEN retry = 0 THEN items END), 0),
                         COALESCE(SUM(processed), 0),
-                        COALESCE(SUM(CASE WHEN status IN ('failed', 'dead') THEN items END), 0)
+                        COALESCE(SUM(CASE WHEN status IN ('failed', 'dead') AND retried_at IS NULL
+                                          THEN items END), 0),
+                        COALESCE(SUM(retried_at IS NOT NULL), 0)
                  FROM chunks WHERE run = ?1",
                 params![run as i64],
                 |r| {
@@ -536,6 +703,7 @@ impl StateStore for SqliteStore {
                             done: n(3)?,
                             failed: n(4)?,
                             dead: n(5)?,
+                            retried: n(9)?,
                         },
                         ItemCounts {
                             read: n(6)?,
@@ -548,8 +716,8 @@ impl StateStore for SqliteStore {
             )?;
             let mut failures = Vec::new();
             let mut stmt = conn.prepare(
-                "SELECT seq, position, class, reason FROM failures WHERE run = ?1
-                 ORDER BY position, seq",
+                "SELECT seq, position, class, reason, retry, retried_at IS NOT NULL
+                 FROM failures WHERE run = ?1 ORDER BY position, seq",
             )?;
             let rows = stmt.query_map(params![run as i64], |r| {
                 Ok((
@@ -557,18 +725,22 @@ impl StateStore for SqliteStore {
                     r.get::<_, i64>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, String>(3)?,
+                    r.get::<_, bool>(4)?,
+                    r.get::<_, bool>(5)?,
                 ))
             })?;
             for row in rows {
-                let (seq, position, class, reason) = row?;
+                let (seq, position, class, reason, found_by_retry, retried) = row?;
                 let class: FailureClass = class.parse().map_err(Fail::Corrupt)?;
+                if class == FailureClass::BadData && !found_by_retry {
+                    // Bad records are read but never put in a chunk.
+                    items.read += 1;
+                }
+                if retried {
+                    continue;
+                }
                 match class {
-                    FailureClass::BadData => {
-                        // Bad records are read but never put in a chunk.
-                        items.read += 1;
-                        items.skipped += 1;
-                    }
-                    FailureClass::BadItem => items.skipped += 1,
+                    FailureClass::BadData | FailureClass::BadItem => items.skipped += 1,
                     FailureClass::Chunk => {}
                 }
                 failures.push(FailureRecord {
@@ -608,8 +780,8 @@ impl StateStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{BadItem, Position};
-    use crate::state::NewChunk;
+    use crate::message::BadItem;
+    use crate::state::{BadData, NewChunk};
 
     fn reply(seq: u64, attempt: u32, outcome: Outcome) -> Reply {
         Reply {
@@ -672,6 +844,7 @@ mod tests {
                 },
                 end_offset: seq * 100 + 99,
                 items: 10,
+                end_line: seq * 10 + 9,
             };
             let ckpt = Checkpoint {
                 offset: seq * 100 + 99,
@@ -679,13 +852,16 @@ mod tests {
                 next_seq: seq + 1,
                 exhausted: seq == 2,
             };
-            let bad = [FailureRecord {
-                seq: None,
-                position: 5,
-                class: FailureClass::BadData,
+            let bad = [BadData {
+                position: Position {
+                    line: 5,
+                    offset: 50,
+                },
+                end_offset: 60,
+                end_line: 5,
                 reason: "not JSON".into(),
             }];
-            let bad: &[FailureRecord] = if seq == 1 { &bad } else { &[] };
+            let bad: &[BadData] = if seq == 1 { &bad } else { &[] };
             store
                 .record(
                     run,
@@ -693,6 +869,8 @@ mod tests {
                         chunks: &[chunk],
                         checkpoint: &ckpt,
                         bad_data: bad,
+                        retry: false,
+                        retried: &[],
                     },
                 )
                 .await
@@ -776,6 +954,76 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_retry_takes_failures_over_in_the_transaction_that_records_it() {
+        let (_dir, store, run) = store_with_two_chunks().await;
+        let dead = reply(2, 1, Outcome::Dead { error: "x".into() });
+        apply(&store, &dead).await;
+        let failed = store.retryable(run).await.expect("retryable");
+        assert_eq!(failed.chunks.len(), 1);
+        assert_eq!(failed.chunks[0].end_line, Some(29));
+        assert_eq!(failed.failures.len(), 1);
+        let bad_id = failed.failures[0].id;
+        assert_eq!(
+            failed.failures[0].span,
+            Some((
+                Position {
+                    line: 5,
+                    offset: 50
+                },
+                60,
+                5
+            ))
+        );
+        let ckpt = store
+            .run("j", Some(run))
+            .await
+            .expect("run")
+            .expect("exists")
+            .checkpoint;
+        let retry_chunk = NewChunk {
+            seq: 3,
+            position: Position {
+                line: 20,
+                offset: 200,
+            },
+            end_offset: 299,
+            items: 10,
+            end_line: 29,
+        };
+        store
+            .record(
+                run,
+                Progress {
+                    chunks: &[retry_chunk],
+                    checkpoint: &Checkpoint {
+                        next_seq: 4,
+                        ..ckpt
+                    },
+                    bad_data: &[],
+                    retry: true,
+                    retried: &[Retried::Chunk(2), Retried::Failure(bad_id)],
+                },
+            )
+            .await
+            .expect("record");
+        assert_eq!(
+            store.retryable(run).await.expect("retryable"),
+            Retryable::default()
+        );
+        let s = store
+            .status(run, Duration::from_secs(600))
+            .await
+            .expect("status");
+        assert_eq!(s.chunks.dead, 0);
+        assert_eq!(s.chunks.retried, 1);
+        assert_eq!(s.items.read, 21, "a retry reads nothing new");
+        assert_eq!(s.items.skipped, 0);
+        assert_eq!(s.items.failed, 0);
+        assert!(s.failures.is_empty(), "{:?}", s.failures);
+        assert_eq!(s.chunks.pending, 2);
+    }
+
+    #[tokio::test]
     async fn chunks_in_flight_past_their_timeout_are_stuck() {
         let (_dir, store, run) = store_with_two_chunks().await;
         store.mark_in_flight(run, &[2]).await.expect("in flight");
@@ -841,6 +1089,50 @@ mod tests {
             .await
             .expect("status");
         assert_eq!(data_version(&store), before, "another connection committed");
+    }
+
+    /// A store written by the previous version (schema 2) opens, keeps its runs, and can record
+    /// what `retry` needs from then on.
+    #[tokio::test]
+    async fn a_version_2_store_is_migrated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v2.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(
+                "CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL,
+                   state TEXT NOT NULL, source TEXT NOT NULL, started_at INTEGER NOT NULL,
+                   finished_at INTEGER, heartbeat_at INTEGER NOT NULL, owner TEXT,
+                   ckpt_offset INTEGER NOT NULL DEFAULT 0, ckpt_line INTEGER NOT NULL DEFAULT 0,
+                   next_seq INTEGER NOT NULL DEFAULT 1, exhausted INTEGER NOT NULL DEFAULT 0);
+                 CREATE TABLE chunks (run INTEGER NOT NULL, seq INTEGER NOT NULL,
+                   line INTEGER NOT NULL, offset INTEGER NOT NULL, end_offset INTEGER NOT NULL,
+                   items INTEGER NOT NULL, processed INTEGER NOT NULL DEFAULT 0,
+                   status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 1,
+                   dispatched_at INTEGER, finished_at INTEGER, last_error TEXT, consumer TEXT,
+                   PRIMARY KEY (run, seq)) WITHOUT ROWID;
+                 CREATE TABLE failures (run INTEGER NOT NULL, seq INTEGER,
+                   position INTEGER NOT NULL, class TEXT NOT NULL, reason TEXT NOT NULL);
+                 INSERT INTO runs (job, state, source, started_at, heartbeat_at)
+                   VALUES ('j', 'completed_with_failures', 'file x', 1, 1);
+                 INSERT INTO chunks (run, seq, line, offset, end_offset, items, status)
+                   VALUES (1, 1, 1, 0, 100, 10, 'dead');
+                 INSERT INTO failures (run, seq, position, class, reason)
+                   VALUES (1, NULL, 11, 'bad_data', 'not JSON');
+                 PRAGMA user_version = 2;",
+            )
+            .expect("v2 schema");
+        }
+        let store = SqliteStore::open(&path).expect("migrate");
+        let s = store
+            .status(1, Duration::from_secs(1))
+            .await
+            .expect("status");
+        assert_eq!((s.chunks.dead, s.items.read, s.items.skipped), (1, 11, 1));
+        // Rows from before cannot say where they end: `retry` is told, and lists them.
+        let failed = store.retryable(1).await.expect("retryable");
+        assert_eq!(failed.chunks[0].end_line, None);
+        assert_eq!(failed.failures[0].span, None);
     }
 
     #[tokio::test]

@@ -24,6 +24,19 @@ pub enum SourceError {
         /// Why.
         source: std::io::Error,
     },
+    /// `retry` found the input moved: a failed record is no longer where the run read it, once
+    /// the length changes of the fixed records are accounted for. Nothing was sent.
+    #[error(
+        "input {path} changed outside the failed records: {detail}; `retry` reads the \
+             failed records at the byte offsets the run recorded, so fix them in place and do \
+             not add, remove or edit other lines"
+    )]
+    Moved {
+        /// The input file.
+        path: String,
+        /// What does not match.
+        detail: String,
+    },
     /// Reading failed part-way.
     #[error("cannot read input {path} at byte {offset}: {message}")]
     Read {
