@@ -9,8 +9,8 @@
 //! - [`message`]: the [`Chunk`] and [`Reply`] that cross the broker.
 //! - [`codec`]: their MessagePack encoding, in a versioned envelope.
 //! - [`topology`]: the queues of a job and how they are declared.
-//! - [`transport`]: the [`Transport`] between dispatcher and consumers, and its RabbitMQ
-//!   implementation.
+//! - [`transport`]: the [`Transport`] between dispatcher and consumers: RabbitMQ
+//!   ([`AmqpTransport`]) or the in-process queues of local mode ([`LocalBroker`]).
 //! - [`broker`]: RabbitMQ connections.
 //! - [`shutdown`]: stopping on SIGINT or SIGTERM.
 //! - [`state`]: the execution context ([`StateStore`]) and its SQLite implementation.
@@ -30,7 +30,9 @@ pub use job::{FileFormat, Job, JobError, ProcessorSpec, SourceSpec, StateSpec};
 pub use message::{BadItem, Chunk, Item, Outcome, Position, Reply};
 pub use state::{RunId, RunState, RunStatus, SqliteStore, StateError, StateStore};
 pub use topology::Topology;
-pub use transport::{AmqpTransport, Incoming, Label, Route, Transport, TransportError};
+pub use transport::{
+    AmqpTransport, Incoming, Label, LocalBroker, LocalTransport, Route, Transport, TransportError,
+};
 
 /// Opens the state store a job names.
 ///

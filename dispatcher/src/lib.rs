@@ -11,10 +11,13 @@
 //! - [`throttle`]: the window of outstanding chunks and the item rate with its ramp-up.
 //! - [`mod@run`]: one run, from the first record to the last reply.
 //! - [`mod@retry`]: `retry`, reading again only what a run failed on.
+//! - `local`: where chunks go, RabbitMQ or (local mode) worker tasks in this process over the
+//!   in-process transport.
 //! - [`progress`]: the progress bar or progress log lines.
 //! - [`status`]: a run's state as a table or as the `status --json` object.
 
 pub mod chunker;
+mod local;
 pub mod progress;
 pub mod retry;
 pub mod run;

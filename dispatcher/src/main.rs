@@ -31,6 +31,8 @@ enum Command {
         /// recorded but not confirmed, wait for what is in flight, read on from its checkpoint.
         #[arg(long, value_name = "RUN")]
         resume: Option<Option<u64>>,
+        #[command(flatten)]
+        local: Local,
     },
     /// Dispatch again only what a run failed on (failed and dead chunks, bad data, bad items),
     /// after the input was fixed in place: each failed record is read again from the byte
@@ -41,6 +43,8 @@ enum Command {
         /// The run whose failures to dispatch again.
         #[arg(long)]
         run: u64,
+        #[command(flatten)]
+        local: Local,
     },
     /// Show where a run stands (the latest run unless --run).
     Status {
@@ -53,6 +57,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Local mode, for `run` and `retry`.
+#[derive(clap::Args)]
+struct Local {
+    /// Local mode: process the chunks in this process with N worker tasks running the job's own
+    /// processor, over an in-process queue instead of RabbitMQ (no broker is contacted). The
+    /// state store, throttle, failure handling, `status`, `--resume` and `retry` work as over the
+    /// broker, but the in-process queue does not outlive the process: a run interrupted in local
+    /// mode is finished by `run --resume --local N`, which reads its unfinished chunks again.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    local: Option<u16>,
 }
 
 fn main() -> ExitCode {
@@ -74,8 +90,12 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Run { job, resume } => run_job(job, Start::Run(resume)).await,
-            Command::Retry { job, run } => run_job(job, Start::Retry(run)).await,
+            Command::Run { job, resume, local } => {
+                run_job(job, Start::Run(resume), local.local).await
+            }
+            Command::Retry { job, run, local } => {
+                run_job(job, Start::Retry(run), local.local).await
+            }
             Command::Status { job, run, json } => status(job, run, json).await,
         }
     })
@@ -100,7 +120,7 @@ enum Start {
     Retry(u64),
 }
 
-async fn run_job(path: PathBuf, start: Start) -> ExitCode {
+async fn run_job(path: PathBuf, start: Start, local: Option<u16>) -> ExitCode {
     let (job, store) = match open(&path) {
         Ok(opened) => opened,
         Err(code) => return code,
@@ -109,6 +129,7 @@ async fn run_job(path: PathBuf, start: Start) -> ExitCode {
     tokio::spawn(hopper_common::shutdown::cancel_on_signal(shutdown.clone()));
     let opts = RunOptions {
         interactive: std::io::stderr().is_terminal(),
+        local,
         ..RunOptions::default()
     };
     let result = match start {

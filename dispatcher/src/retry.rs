@@ -25,11 +25,12 @@ use std::sync::Arc;
 
 use hopper_common::job::SourceSpec;
 use hopper_common::state::{FailureClass, Retried, Retryable};
-use hopper_common::{AmqpTransport, Item, Job, Position, RunId, RunState, StateStore, Transport};
+use hopper_common::{Item, Job, Position, RunId, RunState, StateStore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::chunker::{bad_data, Chunks, RawChunk, RetryOf};
+use crate::local::Via;
 use crate::run::{refuse_if_alive, run_on, DispatchError, RunOptions, RunSummary, Start};
 use crate::source::{self, Cursor, Record, SourceError};
 
@@ -361,7 +362,8 @@ impl Chunks for RetryReader {
     }
 }
 
-/// Dispatches again what run `run` of `job` failed on, over RabbitMQ, and ends the run again:
+/// Dispatches again what run `run` of `job` failed on (over RabbitMQ, or to workers in this
+/// process with [`RunOptions::local`]) and ends the run again:
 /// `completed` when everything now succeeds.
 ///
 /// A run that is still going (its dispatcher alive) is refused; one whose dispatcher died is
@@ -423,13 +425,13 @@ pub async fn retry(
             })??;
     info!(job = %job.name, run, failures = plan.failures(), items, still_bad = bad,
           "retrying what failed");
-    let transport = Arc::new(AmqpTransport::open(job, "hopper-dispatcher").await?);
+    let via = Via::open(job, &opts, &shutdown).await?;
     let start = Start::Retry {
         record,
         chunks: Box::new(RetryReader::new(&job.source, &plan)),
     };
-    let result = run_on(job, start, transport.clone(), store, opts, shutdown).await;
-    transport.close("run over").await;
+    let result = run_on(job, start, via.transport.clone(), store, opts, shutdown).await;
+    via.close(job).await;
     result
 }
 

@@ -27,7 +27,7 @@ use hopper_common::state::{
     RunRecord,
 };
 use hopper_common::{
-    codec, AmqpTransport, Chunk, CodecError, Incoming, Job, Label, Outcome, Route, RunId, RunState,
+    codec, Chunk, CodecError, Incoming, Job, Label, Outcome, Route, RunId, RunState,
     RunStatus, StateError, StateStore, Transport, TransportError,
 };
 use tokio::sync::mpsc;
@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::chunker::{Chunker, Chunks, RawChunk};
+use crate::local::Via;
 use crate::progress::{Progress, Snapshot};
 use crate::source::{self, Cursor, Read, Record, Source, SourceError};
 use crate::status::HEARTBEAT_STALE;
@@ -57,6 +58,9 @@ pub struct RunOptions {
     pub interactive: bool,
     /// How often progress lines are logged when not interactive.
     pub log_every: Duration,
+    /// Local mode: run this many worker tasks in this process, over an in-process transport,
+    /// instead of publishing to RabbitMQ. The queue does not outlive the process.
+    pub local: Option<u16>,
 }
 
 impl Default for RunOptions {
@@ -64,6 +68,7 @@ impl Default for RunOptions {
         RunOptions {
             interactive: false,
             log_every: Duration::from_secs(10),
+            local: None,
         }
     }
 }
@@ -157,6 +162,9 @@ pub enum DispatchError {
         /// How it ended.
         state: RunState,
     },
+    /// Local mode: the job's processor cannot be set up (an `exec` program not found...).
+    #[error(transparent)]
+    Processor(#[from] hopper_consumer::BuildError),
     /// Stopped by a signal before the run finished; the run stays `running`.
     #[error("interrupted: run {run} stopped before it finished ({read} items dispatched); `run --resume {run}` finishes it")]
     Interrupted {
@@ -183,6 +191,7 @@ impl DispatchError {
             | DispatchError::NotResumable { .. }
             | DispatchError::InputChanged { .. }
             | DispatchError::NotRetryable { .. }
+            | DispatchError::Processor(_)
             | DispatchError::Interrupted { .. } => false,
         }
     }
@@ -197,6 +206,7 @@ impl DispatchError {
                 | DispatchError::NotRetryable { .. }
                 | DispatchError::NotResumable { .. }
                 | DispatchError::InputChanged { .. }
+                | DispatchError::Processor(_)
         )
     }
 }
@@ -238,7 +248,8 @@ enum End {
     Interrupted,
 }
 
-/// Dispatches a new run of `job` to the end over RabbitMQ.
+/// Dispatches a new run of `job` to the end, over RabbitMQ or (with [`RunOptions::local`]) to
+/// workers in this process.
 ///
 /// # Errors
 /// A [`DispatchError`]; [`DispatchError::is_bad_input`] tells the ones where nothing was sent.
@@ -258,21 +269,21 @@ pub async fn run(
                   "run {} was interrupted and stays unfinished; `run --resume {}` finishes it", prev.id, prev.id);
         }
     }
-    let transport = Arc::new(AmqpTransport::open(job, "hopper-dispatcher").await?);
+    let via = Via::open(job, &opts, &shutdown).await?;
     let result = run_on(
         job,
         Start::New(source),
-        transport.clone(),
+        via.transport.clone(),
         store,
         opts,
         shutdown,
     )
     .await;
-    transport.close("run over").await;
+    via.close(job).await;
     result
 }
 
-/// Finishes an interrupted run of `job` (the latest one unless `run` names it) over RabbitMQ:
+/// Finishes an interrupted run of `job` (the latest one unless `run` names it), like [`run()`]:
 /// publishes again what was recorded but never confirmed, waits for what is in flight, and reads
 /// on from the run's checkpoint.
 ///
@@ -308,10 +319,10 @@ pub async fn resume(
         };
         Some(source::open_at(&job.source, at)?)
     };
-    let transport = Arc::new(AmqpTransport::open(job, "hopper-dispatcher").await?);
+    let via = Via::open(job, &opts, &shutdown).await?;
     let start = Start::Resume { record, source };
-    let result = run_on(job, start, transport.clone(), store, opts, shutdown).await;
-    transport.close("run over").await;
+    let result = run_on(job, start, via.transport.clone(), store, opts, shutdown).await;
+    via.close(job).await;
     result
 }
 
@@ -604,10 +615,12 @@ impl Dispatch<'_> {
     /// (a consumer may then see one twice, which processing absorbs: it is idempotent per chunk).
     async fn take_over_open_chunks(&mut self) -> Result<(), DispatchError> {
         let open = self.store.open_chunks(self.run).await?;
+        // Chunks confirmed into queues that died with the interrupted process are sent again.
+        let queued_elsewhere = self.transport.outlives_process();
         for c in open {
             let message = match c.status {
-                ChunkStatus::InFlight => None,
-                ChunkStatus::Pending => Some(self.message_for(&c).await?),
+                ChunkStatus::InFlight if queued_elsewhere => None,
+                ChunkStatus::InFlight | ChunkStatus::Pending => Some(self.message_for(&c).await?),
                 ChunkStatus::Done | ChunkStatus::Failed | ChunkStatus::Dead => continue,
             };
             let republish = message.is_some();

@@ -1,8 +1,9 @@
 //! The transport between dispatcher and consumers: durable routes with confirmed publishing and
 //! acknowledged, redeliverable receiving.
 //!
-//! The dispatcher and the consumers speak only [`Transport`]; [`AmqpTransport`] is RabbitMQ. The
-//! contract every implementation keeps:
+//! The dispatcher and the consumers speak only [`Transport`]; [`AmqpTransport`] is RabbitMQ,
+//! [`LocalTransport`] the in-process queues of local mode. The contract every implementation
+//! keeps:
 //! - a publish's [`Confirm`] resolves `Ok` only once the transport holds the message durably, and
 //!   `Err` ([`TransportError::Refused`]) when it did not take it: then nothing was sent;
 //! - a received message stays the receiver's until it is acked or given back; a receiver that
@@ -10,12 +11,14 @@
 //! - at most `prefetch` unacked messages are handed to one receiver.
 
 mod amqp;
+mod local;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
 pub use amqp::AmqpTransport;
+pub use local::{LocalBroker, LocalTransport};
 
 use crate::message::{Chunk, Reply};
 
@@ -239,4 +242,10 @@ pub trait Transport: Send + Sync {
 
     /// Closes the transport; unsettled messages are delivered again.
     async fn close(&self, why: &str);
+
+    /// True when what was published outlives this process (a broker's durable queues). When it
+    /// does not (local mode), a resumed run publishes again the chunks that were in flight.
+    fn outlives_process(&self) -> bool {
+        true
+    }
 }

@@ -1,0 +1,96 @@
+//! Where a run's chunks go: RabbitMQ, or (local mode, `run --local N`) worker tasks in this
+//! process over the in-process transport.
+//!
+//! In local mode the workers are the consumer library's own loop ([`hopper_consumer::run_on`])
+//! with the job's own processor: the processor cannot tell the difference. The state store, the
+//! throttle, failure classification, retries, `status`, `--resume` and `retry` are the same.
+//! What differs: no broker is contacted, and the queues live in this process only, so a run
+//! interrupted in local mode has its unfinished chunks read again from the source by `--resume`.
+
+use std::sync::Arc;
+
+use hopper_common::{AmqpTransport, Job, LocalBroker, Transport};
+use hopper_consumer::{ConsumerError, ConsumerOptions, ConsumerSummary};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::run::{DispatchError, RunOptions};
+
+/// The dispatcher's transport, and in local mode the workers behind it.
+pub(crate) struct Via {
+    /// What the dispatcher publishes to and receives from.
+    pub(crate) transport: Arc<dyn Transport>,
+    workers: Option<Workers>,
+}
+
+struct Workers {
+    broker: LocalBroker,
+    stop: CancellationToken,
+    task: JoinHandle<Result<ConsumerSummary, ConsumerError>>,
+}
+
+impl Via {
+    /// Connects to the job's broker, or, with `opts.local`, starts that many worker tasks over
+    /// an in-process transport. Workers stop when `shutdown` is cancelled, after finishing the
+    /// chunks in hand, or at [`Via::close`].
+    ///
+    /// # Errors
+    /// The broker cannot be reached; the job's processor cannot be built (local mode).
+    pub(crate) async fn open(
+        job: &Job,
+        opts: &RunOptions,
+        shutdown: &CancellationToken,
+    ) -> Result<Via, DispatchError> {
+        let Some(workers) = opts.local else {
+            let transport = AmqpTransport::open(job, "hopper-dispatcher").await?;
+            return Ok(Via {
+                transport: Arc::new(transport),
+                workers: None,
+            });
+        };
+        let processor = hopper_consumer::build(job)?;
+        let broker = LocalBroker::new(job);
+        let stop = shutdown.child_token();
+        let (job_for_workers, handle, token) = (job.clone(), broker.transport(), stop.clone());
+        let consumer_opts = ConsumerOptions {
+            concurrency: workers.max(1),
+        };
+        let task = tokio::spawn(async move {
+            hopper_consumer::run_on(
+                &job_for_workers,
+                processor,
+                Arc::new(handle),
+                consumer_opts,
+                token,
+            )
+            .await
+        });
+        info!(job = %job.name, workers, "local mode: workers in this process, no broker");
+        Ok(Via {
+            transport: Arc::new(broker.transport()),
+            workers: Some(Workers { broker, stop, task }),
+        })
+    }
+
+    /// Closes the transport; in local mode stops the workers (they finish what they hold) and
+    /// waits for them.
+    pub(crate) async fn close(self, job: &Job) {
+        self.transport.close("run over").await;
+        let Some(w) = self.workers else {
+            return;
+        };
+        w.stop.cancel();
+        match w.task.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(job = %job.name, error = %e, "local workers stopped on an error"),
+            Err(e) => warn!(job = %job.name, error = %e, "local workers failed"),
+        }
+        let dead = w.broker.dead();
+        if dead > 0 {
+            warn!(job = %job.name, dead,
+                  "messages parked on the in-process dead queue are gone with the process; \
+                   `status` lists their chunks and `retry` dispatches them again");
+        }
+    }
+}
