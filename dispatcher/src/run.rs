@@ -27,8 +27,8 @@ use hopper_common::state::{
     RunRecord,
 };
 use hopper_common::{
-    codec, Chunk, CodecError, Incoming, Job, Label, Outcome, Route, RunId, RunState,
-    RunStatus, StateError, StateStore, Transport, TransportError,
+    codec, Chunk, CodecError, Incoming, Job, Label, Outcome, Route, RunId, RunState, RunStatus,
+    StateError, StateStore, Transport, TransportError,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;

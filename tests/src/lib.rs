@@ -75,11 +75,26 @@ pub struct TestJob {
     pub name: String,
     /// The directory of the job file; relative paths in it resolve here.
     pub dir: tempfile::TempDir,
+    /// False for a local-mode job, whose broker URL points nowhere: nothing to clean up.
+    uses_broker: bool,
 }
+
+/// A broker URL where no broker listens, for local-mode tests that must not contact one.
+pub const NO_BROKER: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
 
 impl TestJob {
     /// A job named `<prefix>-<pid>-<n>`; `body` is the job file after its `name` and `[broker]`.
     pub fn new(prefix: &str, body: &str) -> TestJob {
+        TestJob::with_broker(prefix, &broker_url(), body)
+    }
+
+    /// A job for local mode: its broker URL is [`NO_BROKER`], so a test passes only if no
+    /// broker is contacted.
+    pub fn local(prefix: &str, body: &str) -> TestJob {
+        TestJob::with_broker(prefix, NO_BROKER, body)
+    }
+
+    fn with_broker(prefix: &str, url: &str, body: &str) -> TestJob {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "test-{prefix}-{}-{}",
@@ -87,12 +102,13 @@ impl TestJob {
             N.fetch_add(1, Ordering::Relaxed)
         );
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let text = format!(
-            "name = \"{name}\"\n[broker]\nurl = \"{}\"\n{body}",
-            broker_url()
-        );
+        let text = format!("name = \"{name}\"\n[broker]\nurl = \"{url}\"\n{body}");
         std::fs::write(dir.path().join("job.toml"), text).expect("write the job file");
-        TestJob { name, dir }
+        TestJob {
+            name,
+            dir,
+            uses_broker: url != NO_BROKER,
+        }
     }
 
     /// The job file.
@@ -132,6 +148,45 @@ impl TestJob {
             cmd.arg(subcommand).arg(self.file()).args(options);
         }
         cmd
+    }
+
+    /// Starts the dispatcher, waits until the run has read `beyond` more records than `read`, and
+    /// kills it with SIGKILL. Returns how far the run had read.
+    pub async fn kill_after_progress(&self, args: &[&str], read: u64, beyond: u64) -> u64 {
+        let t = self;
+        let log = t.path(&format!("dispatcher-{read}.log"));
+        let mut child = t
+            .dispatcher_command(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("dispatcher log"))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the dispatcher");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the run made no progress"
+            );
+            if let Some(status) = child.try_wait().expect("poll the dispatcher") {
+                panic!(
+                    "the dispatcher ended before it was killed: {status}; its log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            let out = t
+                .dispatcher(&["status", "--json"], Duration::from_secs(30))
+                .await;
+            if out.status.success() {
+                let status: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+                let now = status["items"]["read"].as_u64().unwrap_or(0);
+                if now >= read + beyond {
+                    child.kill().await.expect("SIGKILL the dispatcher");
+                    return now;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Runs `hopper-dispatcher SUBCOMMAND JOB.toml OPTIONS...` to its end, within `limit`.
@@ -198,6 +253,9 @@ impl Drop for TestJob {
     fn drop(&mut self) {
         // Delete the job's queues, whatever the test's outcome, from a thread of its own (Drop
         // may run inside the test's runtime, which must not be blocked on).
+        if !self.uses_broker {
+            return;
+        }
         let Ok(job) = Job::load(&self.file()) else {
             return;
         };

@@ -7,44 +7,6 @@ use hopper_tests::{output_ids, require_broker, write_jsonl, TestJob};
 
 const RECORDS: u64 = 60_000;
 
-/// Starts the dispatcher, waits until the run has read `beyond` more records than `read`, and
-/// kills it with SIGKILL. Returns how far the run had read.
-async fn kill_after_progress(t: &TestJob, args: &[&str], read: u64, beyond: u64) -> u64 {
-    let log = t.path(&format!("dispatcher-{read}.log"));
-    let mut child = t
-        .dispatcher_command(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("dispatcher log"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the dispatcher");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the run made no progress"
-        );
-        if let Some(status) = child.try_wait().expect("poll the dispatcher") {
-            panic!(
-                "the dispatcher ended before it was killed: {status}; its log: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        let out = t
-            .dispatcher(&["status", "--json"], Duration::from_secs(30))
-            .await;
-        if out.status.success() {
-            let status: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
-            let now = status["items"]["read"].as_u64().unwrap_or(0);
-            if now >= read + beyond {
-                child.kill().await.expect("SIGKILL the dispatcher");
-                return now;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_dispatcher_killed_three_times_resumes_to_every_record_exactly_once() {
     let _conn = require_broker().await;
@@ -70,10 +32,12 @@ dir = "out"
     let c1 = t.start_consumer(1, 2);
     let c2 = t.start_consumer(2, 2);
 
-    let mut read = kill_after_progress(&t, &["run"], 0, 5_000).await;
+    let mut read = t.kill_after_progress(&["run"], 0, 5_000).await;
     let run = t.status().await["run"].clone();
     for _ in 0..2 {
-        read = kill_after_progress(&t, &["run", "--resume"], read, 8_000).await;
+        read = t
+            .kill_after_progress(&["run", "--resume"], read, 8_000)
+            .await;
         assert!(read < RECORDS, "killed before the end");
     }
     let out = t
@@ -174,7 +138,7 @@ skip_limit = 1
     std::fs::write(t.path("input.jsonl"), lines.join("\n") + "\n").expect("input");
     let consumer = t.start_consumer(1, 2);
 
-    kill_after_progress(&t, &["run"], 0, 1_000).await;
+    t.kill_after_progress(&["run"], 0, 1_000).await;
     assert_eq!(t.status().await["items"]["skipped"], 1);
     let out = t
         .dispatcher(&["run", "--resume"], Duration::from_secs(120))

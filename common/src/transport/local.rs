@@ -368,9 +368,13 @@ mod tests {
         let broker = LocalBroker::new(&job());
         let (a, b) = (broker.transport(), broker.transport());
         for i in 0..3u8 {
-            within(a.publish(Route::Chunks, &[i], &Label::default()).await.expect("publish"))
-                .await
-                .expect("confirmed");
+            within(
+                a.publish(Route::Chunks, &[i], &Label::default())
+                    .await
+                    .expect("publish"),
+            )
+            .await
+            .expect("confirmed");
         }
         let mut inbox = b.receive(Route::Chunks, 2).await.expect("receive");
         let first = within(inbox.next()).await.expect("one").expect("ok");
