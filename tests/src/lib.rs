@@ -128,16 +128,26 @@ impl TestJob {
 
     /// Starts a `hopper-consumer` on this job; its stderr goes to `consumer-<n>.log`.
     pub fn start_consumer(&self, n: u32, concurrency: u16) -> Consumer {
+        self.start_program(
+            &bin("hopper-consumer"),
+            &["--concurrency", &concurrency.to_string()],
+            n,
+        )
+    }
+
+    /// Starts `program JOB.toml ARGS...` (a consumer of one's own, such as an example built on
+    /// the library); its stderr goes to `consumer-<n>.log`.
+    pub fn start_program(&self, program: &Path, args: &[&str], n: u32) -> Consumer {
         let log = self.path(&format!("consumer-{n}.log"));
         let err = std::fs::File::create(&log).expect("consumer log");
-        let child = Command::new(bin("hopper-consumer"))
+        let child = Command::new(program)
             .arg(self.file())
-            .args(["--concurrency", &concurrency.to_string()])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(err)
             .kill_on_drop(true)
             .spawn()
-            .expect("start hopper-consumer");
+            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
         Consumer { child, log }
     }
 

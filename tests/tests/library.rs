@@ -82,3 +82,79 @@ backoff = "100ms..100ms"
     assert_eq!(summary.chunks, 4);
     assert_eq!(summary.retried, 1);
 }
+
+/// The shipped example (`consumer/examples/custom_processor.rs`), built and run as a user runs
+/// it, against the real broker and dispatcher: items done, bad items refused with their reason
+/// and line, and a transient chunk failure retried.
+#[tokio::test]
+async fn the_custom_processor_example_audits_prices_end_to_end() {
+    let conn = require_broker().await;
+    let t = TestJob::new(
+        "example",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[processor]
+kind = "custom"
+[processor.options]
+min_price = 0.0
+max_price = 100.0
+fail_seq = 2
+[retry]
+backoff = "100ms..100ms"
+[failures]
+skip_limit = 10
+"#,
+    );
+    let input: String = (1..=40u64)
+        .map(|id| match id {
+            7 => "{\"id\":7}\n".to_string(),
+            23 => "{\"id\":23,\"price\":250.0}\n".to_string(),
+            _ => format!("{{\"id\":{id},\"price\":{id}.5}}\n"),
+        })
+        .collect();
+    std::fs::write(t.path("input.jsonl"), input).expect("input");
+    let example = hopper_tests::bin("examples/custom_processor");
+    let consumer = t.start_program(&example, &[], 1);
+    t.wait_for_consumers(&conn, 1).await;
+
+    let out = t.dispatcher(&["run"], Duration::from_secs(60)).await;
+    assert_eq!(
+        out.code(),
+        1,
+        "bad items: completed with failures: {}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("it will be retried"), "{}", out.stderr);
+    let status = t.status().await;
+    assert_eq!(status["state"], "completed_with_failures");
+    assert_eq!(status["items"]["processed"], 38);
+    assert_eq!(status["chunks"]["done"], 4);
+    let failures: Vec<(u64, String)> = status["failures"]
+        .as_array()
+        .expect("failures")
+        .iter()
+        .map(|f| {
+            (
+                f["position"].as_u64().expect("position"),
+                f["reason"].as_str().expect("reason").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        failures,
+        vec![
+            (7, "product 7: no price".to_string()),
+            (23, "product 23: price 250 outside 0..=100".to_string())
+        ]
+    );
+    let log = consumer.log.clone();
+    assert!(consumer.stop(Duration::from_secs(30)).await.success());
+    let text = std::fs::read_to_string(log).expect("log");
+    assert!(text.contains("the price service timed out"), "{text}");
+}
