@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release -p hopper-bench -- [--records 1000000] [--width 200] [--rounds 5]
 //!     [--window 32] [--prefetch 4] [--memory-small 100000] [--memory-large 2000000]
+//!     [--only raw|hopper|local]
 //! ```
 //!
 //! Both sides move the same input: `records` JSON lines of about `width` bytes, cut into
@@ -12,6 +13,9 @@
 //! message. Hopper adds what the raw side does not do: validating every JSON line, MessagePack
 //! encoding, recording every chunk in SQLite, replying and applying replies. The machine is
 //! noisy, so the figure that matters is the ratio of the two times, measured in one run.
+//!
+//! Each round also runs the same job in local mode (`run --local N`, N = consumers x prefetch,
+//! the `noop` processor, no broker), and reports its items per second beside the broker's.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -351,6 +355,32 @@ async fn hopper(
     })
 }
 
+/// Runs the same job in local mode: one process, `workers` worker tasks, no broker.
+async fn local(
+    bins: &Path,
+    dir: &Path,
+    name: &str,
+    input: &Path,
+    shape: Shape,
+    workers: usize,
+) -> Result<Duration> {
+    // Local mode contacts no broker: the URL is never used.
+    let job = job_file(dir, name, "amqp://127.0.0.1:1/%2f", input, shape.window)?;
+    let started = Instant::now();
+    let status = tokio::process::Command::new(bins.join("hopper-dispatcher"))
+        .arg("run")
+        .arg(&job)
+        .args(["--local", &workers.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .await?;
+    let took = started.elapsed();
+    if !status.success() {
+        bail!("hopper-dispatcher --local failed: {status}");
+    }
+    Ok(took)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -382,6 +412,8 @@ async fn main() -> Result<()> {
     // machine swing by half their length.
     let mut raws = Vec::new();
     let mut hoppers = Vec::new();
+    let mut locals = Vec::new();
+    let workers = CONSUMERS * usize::from(a.prefetch);
     for round in 1..=a.rounds.max(1) {
         // `--only raw|hopper` times one side alone, to look at it with other tools.
         match a.only.as_deref() {
@@ -396,7 +428,13 @@ async fn main() -> Result<()> {
                 println!("hopper: {:.2} s", h.took.as_secs_f64());
                 continue;
             }
-            Some(other) => bail!("--only takes raw or hopper, not {other}"),
+            Some("local") => {
+                let name = format!("bench-{pid}-l{round}");
+                let l = local(&bins, dir.path(), &name, &input, shape, workers).await?;
+                println!("local: {:.2} s", l.as_secs_f64());
+                continue;
+            }
+            Some(other) => bail!("--only takes raw, hopper or local, not {other}"),
             None => {}
         }
         let r = raw(&a.url, &input, shape).await?;
@@ -409,19 +447,30 @@ async fn main() -> Result<()> {
             shape,
         )
         .await?;
+        let l = local(
+            &bins,
+            dir.path(),
+            &format!("bench-{pid}-l{round}"),
+            &input,
+            shape,
+            workers,
+        )
+        .await?;
         println!(
-            "round {round}: raw lapin {:>6.2} s, hopper {:>6.2} s, ratio {:.2}x",
+            "round {round}: raw lapin {:>6.2} s, hopper {:>6.2} s, ratio {:.2}x; local mode {:>6.2} s",
             r.as_secs_f64(),
             h.took.as_secs_f64(),
-            h.took.as_secs_f64() / r.as_secs_f64()
+            h.took.as_secs_f64() / r.as_secs_f64(),
+            l.as_secs_f64()
         );
         raws.push(r.as_secs_f64());
         hoppers.push(h.took.as_secs_f64());
+        locals.push(l.as_secs_f64());
     }
     if a.only.is_some() {
         return Ok(());
     }
-    let (raw_s, hopper_s) = (median(&mut raws), median(&mut hoppers));
+    let (raw_s, hopper_s, local_s) = (median(&mut raws), median(&mut hoppers), median(&mut locals));
     println!(
         "raw lapin : {raw_s:>7.2} s  {:>9.0} records/s  (median of {})",
         a.records as f64 / raw_s,
@@ -433,8 +482,14 @@ async fn main() -> Result<()> {
         hoppers.len()
     );
     println!(
-        "ratio     : {:.2}x the raw broker time (goal: at most 1.5x)",
-        hopper_s / raw_s
+        "local mode: {local_s:>7.2} s  {:>9.0} records/s  (median of {}; --local {workers}, noop, no broker)",
+        a.records as f64 / local_s,
+        locals.len()
+    );
+    println!(
+        "ratio     : {:.2}x the raw broker time (goal: at most 1.5x); local mode {:.2}x",
+        hopper_s / raw_s,
+        local_s / raw_s
     );
 
     let mut peaks = Vec::new();
