@@ -86,6 +86,19 @@ fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, Co
     Ok(body)
 }
 
+/// The largest encoded chunk a job's dispatcher can send: its item data (up to twice
+/// `chunking.max_bytes`, since a `retry` chunk carries the records fixed in it on top of what the
+/// chunk held), the framing of up to `chunking.items` items, and the envelope. A message on a
+/// chunk queue larger than this was not sent by the job's dispatcher: consumers park it unread.
+pub fn chunk_size_limit(chunking: &crate::job::Chunking) -> usize {
+    let limit = chunking
+        .max_bytes
+        .saturating_mul(2)
+        .saturating_add((chunking.items as u64).saturating_mul(32))
+        .saturating_add(64 * 1024);
+    usize::try_from(limit).unwrap_or(usize::MAX)
+}
+
 /// Encodes a chunk.
 ///
 /// # Errors

@@ -7,7 +7,8 @@
 //! - **Prefetch = concurrency.** The broker never hands this consumer more chunks than it
 //!   processes at once, so other consumers get the rest.
 //! - **Poison never crash-loops.** A message that cannot be decoded (or is another job's, or
-//!   another schema version) is parked on the dead queue with the reason and acked.
+//!   another schema version, or larger than the job's chunks can be) is parked on the dead queue
+//!   with the reason and acked, unread.
 //! - **Shutdown finishes what is in hand.** On cancellation the consumer stops taking chunks,
 //!   finishes, replies and acks the ones it holds, then closes; chunks prefetched but not
 //!   started go back to the queue when the channel closes.
@@ -168,6 +169,14 @@ async fn reconnect(
 /// One message, from decoding to ack.
 async fn handle(ctx: Arc<Context>, message: Incoming) {
     let job = &ctx.job.name;
+    let limit = codec::chunk_size_limit(&ctx.job.chunking);
+    if message.payload.len() > limit {
+        let why = format!(
+            "oversized: {} bytes, more than a chunk of this job can be ({limit} bytes)",
+            message.payload.len()
+        );
+        return park_poison(&ctx, message, why).await;
+    }
     let chunk = match codec::decode_chunk(&message.payload) {
         Ok(c) if c.job == *job => c,
         Ok(c) => {

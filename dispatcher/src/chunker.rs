@@ -51,6 +51,14 @@ impl Chunks for Chunker {
     }
 }
 
+/// Why an item of `size` bytes is bad data: no chunk could carry it.
+pub(crate) fn oversized(size: u64, limits: &Chunking) -> String {
+    format!(
+        "item of {size} bytes is larger than chunking.max_bytes ({})",
+        limits.max_bytes
+    )
+}
+
 /// A bad record met at `start`, the source's cursor being just past it.
 pub(crate) fn bad_data(start: Position, after: Cursor, reason: String) -> BadData {
     BadData {
@@ -102,10 +110,7 @@ impl Chunker {
                 Record::Item(item) => {
                     let size = item.data.len() as u64;
                     if size > self.limits.max_bytes {
-                        let reason = format!(
-                            "item of {size} bytes is larger than chunking.max_bytes ({})",
-                            self.limits.max_bytes
-                        );
+                        let reason = oversized(size, &self.limits);
                         bad.push(bad_data(read.start, self.source.cursor(), reason));
                         continue;
                     }

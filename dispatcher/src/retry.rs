@@ -23,13 +23,13 @@ use std::io::{Read as _, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hopper_common::job::SourceSpec;
+use hopper_common::job::{Chunking, SourceSpec};
 use hopper_common::state::{FailureClass, Retried, Retryable};
 use hopper_common::{Item, Job, Position, RunId, RunState, StateStore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::chunker::{bad_data, Chunks, RawChunk, RetryOf};
+use crate::chunker::{bad_data, oversized, Chunks, RawChunk, RetryOf};
 use crate::local::Via;
 use crate::run::{refuse_if_alive, run_on, DispatchError, RunOptions, RunSummary, Start};
 use crate::source::{self, Cursor, Record, SourceError};
@@ -167,6 +167,7 @@ impl Plan {
 /// Reads a [`Plan`] from the input and hands out its chunks.
 pub struct RetryReader {
     spec: SourceSpec,
+    limits: Chunking,
     path: PathBuf,
     targets: VecDeque<Target>,
     /// How far the input moved, at the last point where it could be told: new offset minus
@@ -176,13 +177,15 @@ pub struct RetryReader {
 }
 
 impl RetryReader {
-    /// A reader of `plan` from the input `spec` names.
-    pub fn new(spec: &SourceSpec, plan: &Plan) -> RetryReader {
+    /// A reader of `plan` from the input `spec` names; an item larger than `limits.max_bytes` is
+    /// bad data, as in a first reading.
+    pub fn new(spec: &SourceSpec, limits: Chunking, plan: &Plan) -> RetryReader {
         let path = match spec {
             SourceSpec::File { path, .. } => path.clone(),
         };
         RetryReader {
             spec: spec.clone(),
+            limits,
             path,
             targets: plan.targets.iter().cloned().collect(),
             delta: 0,
@@ -299,6 +302,10 @@ impl RetryReader {
                     });
                     chunk.end = after;
                     match read.record {
+                        Record::Item(item) if item.data.len() as u64 > self.limits.max_bytes => {
+                            let why = oversized(item.data.len() as u64, &self.limits);
+                            chunk.bad.push(bad_data(read.start, after, why))
+                        }
                         Record::Item(item) => {
                             if chunk.items.is_empty() {
                                 chunk.position = read.start;
@@ -413,22 +420,23 @@ pub async fn retry(
             status,
         });
     }
-    let (spec, size_before) = (job.source.clone(), record.checkpoint.offset);
-    let checked = plan.clone();
-    let (items, bad) =
-        tokio::task::spawn_blocking(move || RetryReader::new(&spec, &checked).check(size_before))
-            .await
-            .map_err(|e| SourceError::Read {
-                path: String::new(),
-                offset: 0,
-                message: format!("the retry check stopped: {e}"),
-            })??;
+    let (spec, limits) = (job.source.clone(), job.chunking);
+    let (size_before, checked) = (record.checkpoint.offset, plan.clone());
+    let (items, bad) = tokio::task::spawn_blocking(move || {
+        RetryReader::new(&spec, limits, &checked).check(size_before)
+    })
+    .await
+    .map_err(|e| SourceError::Read {
+        path: String::new(),
+        offset: 0,
+        message: format!("the retry check stopped: {e}"),
+    })??;
     info!(job = %job.name, run, failures = plan.failures(), items, still_bad = bad,
           "retrying what failed");
     let via = Via::open(job, &opts, &shutdown).await?;
     let start = Start::Retry {
         record,
-        chunks: Box::new(RetryReader::new(&job.source, &plan)),
+        chunks: Box::new(RetryReader::new(&job.source, job.chunking, &plan)),
     };
     let result = run_on(job, start, via.transport.clone(), store, opts, shutdown).await;
     via.close(job).await;
@@ -447,6 +455,11 @@ mod tests {
             format: FileFormat::Jsonl,
         }
     }
+
+    const LIMITS: Chunking = Chunking {
+        items: 1000,
+        max_bytes: 1 << 20,
+    };
 
     fn lines(chunks: &[RawChunk]) -> Vec<Vec<u64>> {
         chunks
@@ -522,12 +535,12 @@ mod tests {
         };
         let plan = Plan::new(&failed);
         assert_eq!(plan.failures(), 3);
-        let (items, bad) = RetryReader::new(&spec(&path), &plan)
+        let (items, bad) = RetryReader::new(&spec(&path), LIMITS, &plan)
             .check(size_before)
             .expect("check");
         assert_eq!((items, bad), (5, 0));
 
-        let mut reader = RetryReader::new(&spec(&path), &plan);
+        let mut reader = RetryReader::new(&spec(&path), LIMITS, &plan);
         let chunks: Vec<RawChunk> =
             std::iter::from_fn(|| reader.next_chunk().expect("chunk")).collect();
         assert_eq!(lines(&chunks), vec![vec![3], vec![4, 5, 6], vec![8]]);
@@ -567,7 +580,7 @@ mod tests {
             }],
             ..Retryable::default()
         };
-        let err = RetryReader::new(&spec(&path), &Plan::new(&failed))
+        let err = RetryReader::new(&spec(&path), LIMITS, &Plan::new(&failed))
             .check(14)
             .expect_err("moved");
         assert!(matches!(err, SourceError::Moved { .. }), "{err}");

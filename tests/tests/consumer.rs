@@ -107,9 +107,14 @@ dir = "out"
     t.wait_for_consumers(&conn, 1).await;
     let chunks = format!("hopper.{}.chunks", t.name);
     let ch = conn.create_channel().await.expect("channel");
-    for (i, payload) in [&b"not msgpack at all"[..], &[0x92, 0x07, 0xc0][..]]
-        .iter()
-        .enumerate()
+    let oversized = vec![0u8; 3 * 1024 * 1024];
+    for (i, payload) in [
+        &b"not msgpack at all"[..],
+        &[0x92, 0x07, 0xc0][..],
+        &oversized[..],
+    ]
+    .iter()
+    .enumerate()
     {
         ch.basic_publish(
             "".into(),
@@ -133,7 +138,7 @@ dir = "out"
 
     let dead = format!("hopper.{}.dead", t.name);
     let mut reasons = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let msg = ch
             .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true })
             .await
@@ -158,7 +163,11 @@ dir = "out"
         reasons[0].starts_with("chunk has schema version 7"),
         "{reasons:?}"
     );
-    assert!(reasons[1].starts_with("undecodable chunk"), "{reasons:?}");
+    assert!(
+        reasons[1].starts_with("oversized: 3145728 bytes"),
+        "{reasons:?}"
+    );
+    assert!(reasons[2].starts_with("undecodable chunk"), "{reasons:?}");
     assert!(consumer.stop(Duration::from_secs(30)).await.success());
 }
 
