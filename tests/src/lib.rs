@@ -400,3 +400,31 @@ pub fn output_ids(dir: &Path) -> Vec<u64> {
     ids.sort_unstable();
     ids
 }
+
+/// Asserts that the outputs under `dir` hold every id from 1 to `n` exactly once.
+pub fn assert_every_id_once(dir: &Path, n: u64) {
+    let ids = output_ids(dir);
+    let missing = (1..=n).filter(|id| ids.binary_search(id).is_err()).count();
+    let twice = ids.windows(2).filter(|w| w[0] == w[1]).count();
+    assert!(
+        ids.len() as u64 == n && missing == 0,
+        "expected ids 1..={n} once each: got {} ids, {missing} missing, {twice} repeated",
+        ids.len()
+    );
+}
+
+/// `status --json`'s failures as (position, `field`) pairs, in the order listed: `field` is
+/// `class` or `reason`.
+pub fn failures(status: &serde_json::Value, field: &str) -> Vec<(u64, String)> {
+    status["failures"]
+        .as_array()
+        .expect("failures is a list")
+        .iter()
+        .map(|f| {
+            (
+                f["position"].as_u64().expect("a position"),
+                f[field].as_str().expect("a string field").to_string(),
+            )
+        })
+        .collect()
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hopper_consumer::{async_trait, Chunk, ConsumerOptions, ProcessError, Processed, Processor};
-use hopper_tests::{require_broker, write_jsonl, TestJob};
+use hopper_tests::{failures, require_broker, write_jsonl, TestJob};
 use tokio_util::sync::CancellationToken;
 
 /// Panics on the first attempt at chunk 2; counts the items it finished.
@@ -135,17 +135,7 @@ skip_limit = 10
     assert_eq!(status["state"], "completed_with_failures");
     assert_eq!(status["items"]["processed"], 38);
     assert_eq!(status["chunks"]["done"], 4);
-    let failures: Vec<(u64, String)> = status["failures"]
-        .as_array()
-        .expect("failures")
-        .iter()
-        .map(|f| {
-            (
-                f["position"].as_u64().expect("position"),
-                f["reason"].as_str().expect("reason").to_string(),
-            )
-        })
-        .collect();
+    let failures = failures(&status, "reason");
     assert_eq!(
         failures,
         vec![

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use hopper_tests::{output_ids, write_jsonl, TestJob};
+use hopper_tests::{assert_every_id_once, output_ids, write_jsonl, TestJob};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -32,12 +32,7 @@ dir = "out"
     assert_eq!(status["items"]["read"], 200_000);
     assert_eq!(status["items"]["processed"], 200_000);
     assert_eq!(status["chunks"]["done"], 200);
-    let ids = output_ids(&t.path("out"));
-    assert!(
-        ids == (1..=200_000).collect::<Vec<u64>>(),
-        "every record exactly once: {} ids",
-        ids.len()
-    );
+    assert_every_id_once(&t.path("out"), 200_000);
 }
 
 /// Bad data, a chunk that fails every attempt, then `retry` once the input is fixed: the same
@@ -146,12 +141,7 @@ dir = "out"
     let status = t.status().await;
     assert_eq!(status["state"], "completed");
     assert_eq!(status["items"]["processed"], RECORDS);
-    let ids = output_ids(&t.path("out"));
-    assert!(
-        ids == (1..=RECORDS).collect::<Vec<u64>>(),
-        "every record exactly once: {} ids",
-        ids.len()
-    );
+    assert_every_id_once(&t.path("out"), RECORDS);
 }
 
 /// The README's first command: the shipped example in local mode, on the shipped sample, on a
@@ -183,6 +173,5 @@ async fn the_quickstart_example_runs_in_local_mode_without_a_broker() {
         "{}",
         out.stderr
     );
-    let ids = output_ids(&dir.path().join("data/hello-local"));
-    assert!(ids == (1..=2000).collect::<Vec<u64>>(), "{} ids", ids.len());
+    assert_every_id_once(&dir.path().join("data/hello-local"), 2000);
 }

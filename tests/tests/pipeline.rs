@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use hopper_tests::{output_ids, require_broker, write_jsonl, TestJob};
+use hopper_tests::{failures, output_ids, require_broker, write_jsonl, TestJob};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -220,17 +220,7 @@ skip_limit = 5
     assert_eq!(status["items"]["read"], 5);
     assert_eq!(status["items"]["processed"], 3);
     assert_eq!(status["items"]["skipped"], 2);
-    let failures: Vec<(u64, String)> = status["failures"]
-        .as_array()
-        .expect("failures")
-        .iter()
-        .map(|f| {
-            (
-                f["position"].as_u64().expect("position"),
-                f["class"].as_str().expect("class").to_string(),
-            )
-        })
-        .collect();
+    let failures = failures(&status, "class");
     assert_eq!(
         failures,
         vec![(3, "bad_data".to_string()), (4, "bad_item".to_string())]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use hopper_tests::{output_ids, require_broker, write_jsonl, TestJob};
+use hopper_tests::{assert_every_id_once, require_broker, write_jsonl, TestJob};
 
 const RECORDS: u64 = 60_000;
 
@@ -53,12 +53,7 @@ dir = "out"
     assert_eq!(status["items"]["processed"], RECORDS);
     assert_eq!(status["chunks"]["total"], RECORDS / 500);
     assert_eq!(status["chunks"]["done"], RECORDS / 500);
-    let ids = output_ids(&t.path("out"));
-    assert!(
-        ids == (1..=RECORDS).collect::<Vec<u64>>(),
-        "every record exactly once: {} ids",
-        ids.len()
-    );
+    assert_every_id_once(&t.path("out"), RECORDS);
     assert!(c1.stop(Duration::from_secs(30)).await.success());
     assert!(c2.stop(Duration::from_secs(30)).await.success());
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use hopper_tests::{output_ids, require_broker, TestJob};
+use hopper_tests::{assert_every_id_once, failures, output_ids, require_broker, TestJob};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -91,17 +91,7 @@ os.replace(tmp, tmp[:-4] + ".jsonl")
     assert_eq!(status["items"]["skipped"], 5);
     assert_eq!(status["items"]["failed"], 100);
     assert_eq!(status["chunks"]["dead"], 1);
-    let mut failures: Vec<(u64, String)> = status["failures"]
-        .as_array()
-        .expect("failures")
-        .iter()
-        .map(|f| {
-            (
-                f["position"].as_u64().expect("position"),
-                f["class"].as_str().expect("class").to_string(),
-            )
-        })
-        .collect();
+    let mut failures = failures(&status, "class");
     failures.sort();
     let dead_line = failures
         .iter()
@@ -155,18 +145,13 @@ os.replace(tmp, tmp[:-4] + ".jsonl")
     assert_eq!(status["chunks"]["dead"], 0);
     assert_eq!(status["chunks"]["retried"], 1);
     assert_eq!(status["failures"].as_array().map(Vec::len), Some(0));
-    let ids = output_ids(&t.path("out"));
-    assert!(
-        ids == (1..=N).collect::<Vec<u64>>(),
-        "every record once: {} ids",
-        ids.len()
-    );
+    assert_every_id_once(&t.path("out"), N);
 
     // A completed run has nothing left to retry.
     let out = t.dispatcher(&["retry", "--run", "1"], LIMIT).await;
     assert_eq!(out.code(), 0, "{}", out.stderr);
     assert!(out.stderr.contains("nothing to retry"), "{}", out.stderr);
-    assert_eq!(output_ids(&t.path("out")), ids);
+    assert_every_id_once(&t.path("out"), N);
 
     assert!(consumer.stop(Duration::from_secs(30)).await.success());
     assert_eq!(
