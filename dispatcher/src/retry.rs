@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use hopper_common::job::{Chunking, SourceSpec};
-use hopper_common::state::{FailureClass, Retried, Retryable};
+use hopper_common::state::{FailureClass, Moved, Retried, Retryable};
 use hopper_common::{Item, Job, Position, RunId, RunState, StateStore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -48,6 +48,8 @@ struct Target {
     /// For a whole stretch: what it takes over, and how many of those are skipped items.
     retried: Vec<Retried>,
     skipped: u64,
+    /// The row whose recorded span this is (a chunk, or a bad record's failure).
+    row: Retried,
 }
 
 impl Target {
@@ -84,6 +86,7 @@ impl Plan {
                 only: None,
                 retried: vec![Retried::Chunk(c.seq)],
                 skipped: 0,
+                row: Retried::Chunk(c.seq),
             });
         }
         for host in &failed.hosts {
@@ -108,6 +111,7 @@ impl Plan {
                 only: Some(items),
                 retried: Vec::new(),
                 skipped: 0,
+                row: Retried::Chunk(host.seq),
             });
         }
         for f in &failed.failures {
@@ -139,6 +143,7 @@ impl Plan {
                 only: None,
                 retried: vec![Retried::Failure(f.id)],
                 skipped: 1,
+                row: Retried::Failure(f.id),
             });
         }
         plan.targets.sort_by_key(|t| t.start.line);
@@ -174,6 +179,21 @@ pub struct RetryReader {
     /// recorded offset.
     delta: i64,
     ready: VecDeque<RawChunk>,
+    /// Where each target read so far lies now: its row, start and end offsets.
+    moves: Vec<Moved>,
+}
+
+/// What [`RetryReader::check`] found: what the plan holds now, and where.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checked {
+    /// Items it holds now.
+    pub items: u64,
+    /// Records still bad.
+    pub bad: u64,
+    /// The input's size now.
+    pub size: u64,
+    /// Where each failed stretch lies in the input now.
+    pub moves: Vec<Moved>,
 }
 
 impl RetryReader {
@@ -190,6 +210,7 @@ impl RetryReader {
             targets: plan.targets.iter().cloned().collect(),
             delta: 0,
             ready: VecDeque::new(),
+            moves: Vec::new(),
         }
     }
 
@@ -199,7 +220,7 @@ impl RetryReader {
     ///
     /// # Errors
     /// [`SourceError::Moved`] when the input changed elsewhere; read errors.
-    pub fn check(mut self, size_before: u64) -> Result<(u64, u64), SourceError> {
+    pub fn check(mut self, size_before: u64) -> Result<Checked, SourceError> {
         let (mut items, mut bad) = (0u64, 0u64);
         while let Some(c) = self.next_chunk()? {
             items += c.items.len() as u64;
@@ -215,7 +236,12 @@ impl RetryReader {
                 self.delta
             )));
         }
-        Ok((items, bad))
+        Ok(Checked {
+            items,
+            bad,
+            size: size_now,
+            moves: self.moves,
+        })
     }
 
     fn moved(&self, detail: String) -> SourceError {
@@ -333,6 +359,11 @@ impl RetryReader {
                 break;
             }
         }
+        self.moves.push(Moved {
+            row: t.row,
+            offset: at.offset,
+            end_offset: (t.end_offset as i64 + self.delta).max(0) as u64,
+        });
         if t.only.is_none() {
             // A whole stretch is one chunk, even when it holds nothing now: it still takes over.
             let chunk = group.get_or_insert_with(|| RawChunk {
@@ -422,7 +453,7 @@ pub async fn retry(
     }
     let (spec, limits) = (job.source.clone(), job.chunking);
     let (size_before, checked) = (record.checkpoint.offset, plan.clone());
-    let (items, bad) = tokio::task::spawn_blocking(move || {
+    let found = tokio::task::spawn_blocking(move || {
         RetryReader::new(&spec, limits, &checked).check(size_before)
     })
     .await
@@ -431,8 +462,21 @@ pub async fn retry(
         offset: 0,
         message: format!("the retry check stopped: {e}"),
     })??;
-    info!(job = %job.name, run, failures = plan.failures(), items, still_bad = bad,
-          "retrying what failed");
+    info!(job = %job.name, run, failures = plan.failures(), items = found.items,
+          still_bad = found.bad, "retrying what failed");
+    // From here on the run's positions are those of the input as it is now, so that failures
+    // found by this retry and those it has yet to reach share one frame, even if it is
+    // interrupted.
+    store.rebase(run, &found.moves, found.size).await?;
+    let plan = Plan::new(&store.retryable(run).await?);
+    let record =
+        store
+            .run(&job.name, Some(run))
+            .await?
+            .ok_or_else(|| DispatchError::NoSuchRun {
+                job: job.name.clone(),
+                run: Some(run),
+            })?;
     let via = Via::open(job, &opts, &shutdown).await?;
     let start = Start::Retry {
         record,
@@ -535,10 +579,35 @@ mod tests {
         };
         let plan = Plan::new(&failed);
         assert_eq!(plan.failures(), 3);
-        let (items, bad) = RetryReader::new(&spec(&path), LIMITS, &plan)
+        let checked = RetryReader::new(&spec(&path), LIMITS, &plan)
             .check(size_before)
             .expect("check");
-        assert_eq!((items, bad), (5, 0));
+        assert_eq!((checked.items, checked.bad), (5, 0));
+        // Where each stretch lies in the fixed input, for the store to record before sending.
+        let fixed = std::fs::read_to_string(&path).expect("read");
+        let at_now = |text: &str| fixed.find(text).expect("in the fixed input") as u64;
+        assert_eq!(checked.size, fixed.len() as u64);
+        let moves: Vec<(Retried, u64, u64)> = checked
+            .moves
+            .iter()
+            .map(|m| (m.row, m.offset, m.end_offset))
+            .collect();
+        assert_eq!(
+            moves,
+            vec![
+                (
+                    Retried::Failure(10),
+                    at_now("{\"id\":3,"),
+                    at_now("{\"id\":4}")
+                ),
+                (
+                    Retried::Chunk(2),
+                    at_now("{\"id\":4}"),
+                    at_now("{\"id\":7}")
+                ),
+                (Retried::Chunk(3), at_now("{\"id\":7}"), fixed.len() as u64),
+            ]
+        );
 
         let mut reader = RetryReader::new(&spec(&path), LIMITS, &plan);
         let chunks: Vec<RawChunk> =
@@ -558,10 +627,9 @@ mod tests {
             ]
         );
         // Each chunk is a contiguous range of the fixed input: it can be read again by position.
-        let fixed = std::fs::read(&path).expect("read");
         let c = &chunks[2];
         let text = &fixed[c.position.offset as usize..c.end.offset as usize];
-        assert_eq!(text, b"{\"id\":8,\"price\":12.5}\n");
+        assert_eq!(text, "{\"id\":8,\"price\":12.5}\n");
     }
 
     #[test]

@@ -154,8 +154,9 @@ pub enum DispatchError {
         /// Items read now.
         found: u64,
     },
-    /// `retry` of a run that stopped before reading all its input.
-    #[error("run {run} ended {state} before reading all its input; `retry` only dispatches again what failed, it does not read on")]
+    /// `retry` of a run that has not read all its input.
+    #[error("run {run} is {state} and has not read all its input; `retry` only dispatches again what failed, it does not read on{}",
+            if state.is_final() { "" } else { " (finish the run with `run --resume` first)" })]
     NotRetryable {
         /// The run.
         run: RunId,

@@ -15,14 +15,15 @@ const REFUSED: [u64; 2] = [250, 1777];
 const OUTAGE_ID: u64 = 2222;
 const N: u64 = 3000;
 
-fn input(fixed: bool) -> String {
+/// The input, with the malformed lines and the refused items fixed or not.
+fn input(malformed_fixed: bool, refused_fixed: bool) -> String {
     (1..=N)
         .map(|id| {
-            if MALFORMED.contains(&id) && !fixed {
+            if MALFORMED.contains(&id) && !malformed_fixed {
                 format!("{{\"id\":{id},oops\n")
             } else if MALFORMED.contains(&id) {
                 format!("{{\"id\":{id},\"name\":\"fixed by the operator\",\"price\":2}}\n")
-            } else if REFUSED.contains(&id) && !fixed {
+            } else if REFUSED.contains(&id) && !refused_fixed {
                 format!("{{\"id\":{id},\"name\":\"item {id}\",\"price\":null}}\n")
             } else {
                 format!("{{\"id\":{id},\"name\":\"item {id}\",\"price\":1}}\n")
@@ -80,7 +81,7 @@ os.replace(tmp, tmp[:-4] + ".jsonl")
     )
     .expect("script");
     std::fs::write(t.path("outage"), "").expect("outage");
-    std::fs::write(t.path("input.jsonl"), input(false)).expect("input");
+    std::fs::write(t.path("input.jsonl"), input(false, false)).expect("input");
     let consumer = t.start_consumer(1, 2);
 
     let out = t.dispatcher(&["run"], LIMIT).await;
@@ -91,35 +92,29 @@ os.replace(tmp, tmp[:-4] + ".jsonl")
     assert_eq!(status["items"]["skipped"], 5);
     assert_eq!(status["items"]["failed"], 100);
     assert_eq!(status["chunks"]["dead"], 1);
-    let mut failures = failures(&status, "class");
-    failures.sort();
-    let dead_line = failures
+    let mut listed = failures(&status, "class");
+    listed.sort();
+    let dead_line = listed
         .iter()
         .find(|f| f.1 == "chunk")
         .map(|f| f.0)
         .expect("the dead chunk is listed");
     assert!(
         (dead_line..dead_line + 101).contains(&OUTAGE_ID),
-        "{failures:?}"
+        "{listed:?}"
     );
     for line in MALFORMED {
-        assert!(
-            failures.contains(&(line, "bad_data".into())),
-            "{failures:?}"
-        );
+        assert!(listed.contains(&(line, "bad_data".into())), "{listed:?}");
     }
     for line in REFUSED {
-        assert!(
-            failures.contains(&(line, "bad_item".into())),
-            "{failures:?}"
-        );
+        assert!(listed.contains(&(line, "bad_item".into())), "{listed:?}");
     }
     let done_first = output_ids(&t.path("out"));
     assert_eq!(done_first.len() as u64, N - 5 - 100);
 
     // An input edited elsewhere than the failed records is refused, and nothing is sent.
     std::fs::remove_file(t.path("outage")).expect("outage over");
-    let elsewhere = input(true).replacen("\"item 1\"", "\"item one\"", 1);
+    let elsewhere = input(true, true).replacen("\"item 1\"", "\"item one\"", 1);
     std::fs::write(t.path("input.jsonl"), elsewhere).expect("input");
     let out = t.dispatcher(&["retry", "--run", "1"], LIMIT).await;
     assert_eq!(out.code(), 2, "{}", out.stderr);
@@ -131,8 +126,26 @@ os.replace(tmp, tmp[:-4] + ".jsonl")
     assert_eq!(t.status().await["state"], "completed_with_failures");
     assert_eq!(output_ids(&t.path("out")), done_first);
 
-    // Fixed in place: only what failed is sent again, and the run completes.
-    std::fs::write(t.path("input.jsonl"), input(true)).expect("input");
+    // The malformed lines fixed in place (longer now), the refused items not yet: what is fixed
+    // goes through, the rest is listed again, where it lies in the input now.
+    std::fs::write(t.path("input.jsonl"), input(true, false)).expect("input");
+    let out = t.dispatcher(&["retry", "--run", "1"], LIMIT).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    let status = t.status().await;
+    assert_eq!(status["state"], "completed_with_failures");
+    assert_eq!(status["items"]["skipped"], 2);
+    assert_eq!(status["chunks"]["dead"], 0);
+    let still: Vec<(u64, String)> = failures(&status, "class");
+    assert_eq!(
+        still,
+        REFUSED
+            .iter()
+            .map(|l| (*l, "bad_item".to_string()))
+            .collect::<Vec<_>>()
+    );
+
+    // Then the refused items fixed too (shorter now): a second retry finishes the run.
+    std::fs::write(t.path("input.jsonl"), input(true, true)).expect("input");
     let out = t.dispatcher(&["retry", "--run", "1"], LIMIT).await;
     assert_eq!(out.code(), 0, "{}", out.stderr);
     let status = t.status().await;

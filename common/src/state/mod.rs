@@ -283,6 +283,18 @@ pub enum Retried {
     Failure(i64),
 }
 
+/// Where a failed stretch of the input lies now that the operator fixed it (records that got
+/// longer or shorter move what follows them): the row, and its new start and end offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moved {
+    /// A chunk (by seq) or a bad record's failure (by id).
+    pub row: Retried,
+    /// Byte offset of its start, now.
+    pub offset: u64,
+    /// Byte offset past its end, now.
+    pub end_offset: u64,
+}
+
 /// What [`StateStore::record`] writes, in one transaction.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress<'a> {
@@ -432,6 +444,10 @@ pub trait StateStore: Send + Sync {
     /// The failed and dead chunks and the skipped items of a run that `retry` has not
     /// dispatched again yet.
     async fn retryable(&self, run: RunId) -> Result<Retryable, StateError>;
+
+    /// Before a `retry` reads the fixed input: moves the recorded spans of what it will read to
+    /// where they lie now, and records the input's size now, in one transaction.
+    async fn rebase(&self, run: RunId, moves: &[Moved], size: u64) -> Result<(), StateError>;
 
     /// The run's chunks without a final outcome (`pending` and `in_flight`), in seq order.
     async fn open_chunks(&self, run: RunId) -> Result<Vec<ChunkRecord>, StateError>;

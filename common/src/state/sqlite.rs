@@ -17,7 +17,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
     now_ms, Applied, Checkpoint, ChunkCounts, ChunkRecord, ChunkStatus, FailedChunk, FailureClass,
-    FailureRecord, ItemCounts, OpenFailure, Progress, Retried, Retryable, RunId, RunRecord,
+    FailureRecord, ItemCounts, Moved, OpenFailure, Progress, Retried, Retryable, RunId, RunRecord,
     RunState, RunStatus, StateError, StateStore, StuckChunk,
 };
 use crate::message::{Outcome, Position, Reply};
@@ -512,6 +512,37 @@ impl StateStore for SqliteStore {
                 ckpt.exhausted,
                 now
             ])?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn rebase(&self, run: RunId, moves: &[Moved], size: u64) -> Result<(), StateError> {
+        let moves = moves.to_vec();
+        self.with(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut chunk = tx.prepare_cached(
+                    "UPDATE chunks SET offset = ?3, end_offset = ?4 WHERE run = ?1 AND seq = ?2",
+                )?;
+                let mut failure = tx.prepare_cached(
+                    "UPDATE failures SET offset = ?3, end_offset = ?4 WHERE run = ?1 AND rowid = ?2",
+                )?;
+                for m in &moves {
+                    let (offset, end) = (m.offset as i64, m.end_offset as i64);
+                    match m.row {
+                        Retried::Chunk(seq) => {
+                            chunk.execute(params![run as i64, seq as i64, offset, end])?
+                        }
+                        Retried::Failure(id) => failure.execute(params![run as i64, id, offset, end])?,
+                    };
+                }
+            }
+            tx.execute(
+                "UPDATE runs SET ckpt_offset = ?2 WHERE id = ?1",
+                params![run as i64, size as i64],
+            )?;
             tx.commit()?;
             Ok(())
         })
