@@ -291,7 +291,9 @@ impl RetryReader {
     /// input that can be read again by its position (resume, stuck chunks).
     fn read_target(&mut self, t: Target) -> Result<(), SourceError> {
         let at = self.seek_point(&t)?;
-        let mut source = source::open_at(&self.spec, at)?;
+        // The span as recorded, with room for a fix that made it longer.
+        let span = t.end_offset.saturating_sub(t.start.offset) + 4096;
+        let mut source = source::open_span(&self.spec, at, span)?;
         let mut group: Option<RawChunk> = None;
         loop {
             let before = source.cursor();

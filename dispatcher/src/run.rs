@@ -961,7 +961,8 @@ fn reread(
         offset: chunk.position.offset,
         lines: chunk.position.line.saturating_sub(1),
     };
-    let mut source = source::open_at(spec, at)?;
+    let span = chunk.end_offset.saturating_sub(chunk.position.offset);
+    let mut source = source::open_span(spec, at, span)?;
     let mut items = Vec::with_capacity(chunk.items as usize);
     while let Some(Read { record, start }) = source.next()? {
         if start.offset >= chunk.end_offset {

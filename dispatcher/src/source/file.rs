@@ -40,6 +40,9 @@ enum Inner {
     },
 }
 
+/// How far a source reads ahead of the record it returns, when reading a whole input.
+const READ_AHEAD: usize = 256 * 1024;
+
 impl FileSource {
     /// Opens `path` in `format`; for CSV, reads the header row.
     ///
@@ -55,6 +58,22 @@ impl FileSource {
     /// # Errors
     /// [`SourceError::Open`] when the file cannot be opened or positioned.
     pub fn open_at(path: &Path, format: FileFormat, at: Cursor) -> Result<FileSource, SourceError> {
+        FileSource::open_span(path, format, at, READ_AHEAD as u64)
+    }
+
+    /// Like [`FileSource::open_at`], to read about `span` bytes from there (a chunk or a record
+    /// read again): the read-ahead is sized to it, so that reading a 200-byte record does not
+    /// read 256 KiB.
+    ///
+    /// # Errors
+    /// [`SourceError::Open`] when the file cannot be opened or positioned.
+    pub fn open_span(
+        path: &Path,
+        format: FileFormat,
+        at: Cursor,
+        span: u64,
+    ) -> Result<FileSource, SourceError> {
+        let buffer = usize::try_from(span.clamp(8 * 1024, READ_AHEAD as u64)).unwrap_or(READ_AHEAD);
         let open_err = |source| SourceError::Open {
             path: path.display().to_string(),
             source,
@@ -75,7 +94,7 @@ impl FileSource {
             FileFormat::Jsonl | FileFormat::Lines => {
                 file.seek(SeekFrom::Start(at.offset)).map_err(open_err)?;
                 Inner::Lines {
-                    reader: BufReader::with_capacity(256 * 1024, file),
+                    reader: BufReader::with_capacity(buffer, file),
                     buf: Vec::with_capacity(1024),
                     cursor: at,
                 }
@@ -84,7 +103,7 @@ impl FileSource {
                 let mut reader = csv::ReaderBuilder::new()
                     .has_headers(true)
                     .flexible(false)
-                    .buffer_capacity(256 * 1024)
+                    .buffer_capacity(buffer)
                     .from_reader(file);
                 let headers = reader
                     .headers()

@@ -116,3 +116,16 @@ pub fn open_at(spec: &SourceSpec, at: Cursor) -> Result<Box<dyn Source>, SourceE
         SourceSpec::File { path, format } => Ok(Box::new(FileSource::open_at(path, *format, at)?)),
     }
 }
+
+/// Opens the source a job names at `at`, to read about `span` bytes from there (a chunk or a
+/// record read again, rather than the rest of the input).
+///
+/// # Errors
+/// [`SourceError::Open`] when the input cannot be opened or positioned.
+pub fn open_span(spec: &SourceSpec, at: Cursor, span: u64) -> Result<Box<dyn Source>, SourceError> {
+    match spec {
+        SourceSpec::File { path, format } => {
+            Ok(Box::new(FileSource::open_span(path, *format, at, span)?))
+        }
+    }
+}
