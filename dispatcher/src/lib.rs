@@ -11,13 +11,13 @@
 //! - [`throttle`]: the window of outstanding chunks and the item rate with its ramp-up.
 //! - [`mod@run`]: one run, from the first record to the last reply.
 //! - [`mod@retry`]: `retry`, reading again only what a run failed on.
-//! - `local`: where chunks go, RabbitMQ or (local mode) worker tasks in this process over the
+//! - [`local`]: where chunks go, RabbitMQ or (local mode) worker tasks in this process over the
 //!   in-process transport.
 //! - [`progress`]: the progress bar or progress log lines.
 //! - [`status`]: a run's state as a table or as the `status --json` object.
 
 pub mod chunker;
-mod local;
+pub mod local;
 pub mod progress;
 pub mod retry;
 pub mod run;
@@ -26,6 +26,7 @@ pub mod status;
 pub mod throttle;
 
 pub use chunker::{Chunker, Chunks, RawChunk, RetryOf};
+pub use local::Local;
 pub use retry::{retry, Plan, RetryReader};
 pub use run::{resume, run, run_on, DispatchError, RunOptions, RunSummary, Start};
 pub use source::{FileSource, Source, SourceError};

@@ -10,12 +10,47 @@
 use std::sync::Arc;
 
 use hopper_common::{AmqpTransport, Job, LocalBroker, Transport};
-use hopper_consumer::{ConsumerError, ConsumerOptions, ConsumerSummary};
+use hopper_consumer::{ConsumerError, ConsumerOptions, ConsumerSummary, Processor};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::run::{DispatchError, RunOptions};
+
+/// Local mode's settings: how many worker tasks, and which processor they run.
+#[derive(Clone)]
+pub struct Local {
+    /// Worker tasks (chunks processed at once).
+    pub workers: u16,
+    /// The processor; `None` builds the one the job file names (`exec`, `file`, `noop`). A
+    /// `custom` job needs one given here.
+    pub processor: Option<Arc<dyn Processor>>,
+}
+
+impl Local {
+    /// `workers` worker tasks running the job file's processor.
+    pub fn new(workers: u16) -> Local {
+        Local {
+            workers,
+            processor: None,
+        }
+    }
+
+    /// The workers run `processor` instead: a processor of one's own, written in Rust.
+    pub fn with_processor(mut self, processor: Arc<dyn Processor>) -> Local {
+        self.processor = Some(processor);
+        self
+    }
+}
+
+impl std::fmt::Debug for Local {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Local")
+            .field("workers", &self.workers)
+            .field("custom_processor", &self.processor.is_some())
+            .finish()
+    }
+}
 
 /// The dispatcher's transport, and in local mode the workers behind it.
 pub(crate) struct Via {
@@ -42,19 +77,23 @@ impl Via {
         opts: &RunOptions,
         shutdown: &CancellationToken,
     ) -> Result<Via, DispatchError> {
-        let Some(workers) = opts.local else {
+        let Some(local) = &opts.local else {
             let transport = AmqpTransport::open(job, "hopper-dispatcher").await?;
             return Ok(Via {
                 transport: Arc::new(transport),
                 workers: None,
             });
         };
-        let processor = hopper_consumer::build(job)?;
+        let processor = match &local.processor {
+            Some(p) => Arc::clone(p),
+            None => hopper_consumer::build(job)?,
+        };
+        let workers = local.workers.max(1);
         let broker = LocalBroker::new(job);
         let stop = shutdown.child_token();
         let (job_for_workers, handle, token) = (job.clone(), broker.transport(), stop.clone());
         let consumer_opts = ConsumerOptions {
-            concurrency: workers.max(1),
+            concurrency: workers,
         };
         let task = tokio::spawn(async move {
             hopper_consumer::run_on(

@@ -129,7 +129,7 @@ async fn run_job(path: PathBuf, start: Start, local: Option<u16>) -> ExitCode {
     tokio::spawn(hopper_common::shutdown::cancel_on_signal(shutdown.clone()));
     let opts = RunOptions {
         interactive: std::io::stderr().is_terminal(),
-        local,
+        local: local.map(hopper_dispatcher::Local::new),
         ..RunOptions::default()
     };
     let result = match start {

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::chunker::{Chunker, Chunks, RawChunk};
-use crate::local::Via;
+use crate::local::{Local, Via};
 use crate::progress::{Progress, Snapshot};
 use crate::source::{self, Cursor, Read, Record, Source, SourceError};
 use crate::status::HEARTBEAT_STALE;
@@ -58,9 +58,9 @@ pub struct RunOptions {
     pub interactive: bool,
     /// How often progress lines are logged when not interactive.
     pub log_every: Duration,
-    /// Local mode: run this many worker tasks in this process, over an in-process transport,
-    /// instead of publishing to RabbitMQ. The queue does not outlive the process.
-    pub local: Option<u16>,
+    /// Local mode: worker tasks in this process, over an in-process transport, instead of
+    /// RabbitMQ. The queue does not outlive the process.
+    pub local: Option<Local>,
 }
 
 impl Default for RunOptions {

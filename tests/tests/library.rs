@@ -148,3 +148,72 @@ skip_limit = 10
     let text = std::fs::read_to_string(log).expect("log");
     assert!(text.contains("the price service timed out"), "{text}");
 }
+
+/// Counts the items it is given, and refuses the ones whose id is a multiple of 100.
+struct Counts {
+    done: AtomicU32,
+}
+
+#[async_trait]
+impl Processor for Counts {
+    async fn process(&self, chunk: &Chunk) -> Result<Processed, ProcessError> {
+        let mut out = Processed::all_done();
+        for item in &chunk.items {
+            let v: serde_json::Value = item
+                .parse()
+                .map_err(|e| ProcessError::Permanent(format!("{e}")))?;
+            if v["id"].as_u64().is_some_and(|id| id % 100 == 0) {
+                out.bad_item(item, "a round id");
+            } else {
+                self.done.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A processor of one's own in local mode, through the library: dispatcher and workers in the
+/// test's own process, no broker.
+#[tokio::test]
+async fn a_custom_processor_runs_in_local_mode_through_the_library() {
+    let t = TestJob::local(
+        "library-local",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 50
+[processor]
+kind = "custom"
+[failures]
+skip_limit = 100
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 5_000, 60);
+    let job = t.job();
+    let store = hopper_common::open_state(&job).expect("state store");
+    let counts = Arc::new(Counts {
+        done: AtomicU32::new(0),
+    });
+    let opts = hopper_dispatcher::RunOptions {
+        local: Some(hopper_dispatcher::Local::new(3).with_processor(counts.clone())),
+        ..Default::default()
+    };
+    let summary = tokio::time::timeout(
+        Duration::from_secs(60),
+        hopper_dispatcher::run(&job, store, opts, CancellationToken::new()),
+    )
+    .await
+    .expect("within 60 s")
+    .expect("the run");
+    assert_eq!(
+        summary.state,
+        hopper_common::RunState::CompletedWithFailures
+    );
+    assert_eq!(summary.status.items.processed, 4_950);
+    assert_eq!(summary.status.items.skipped, 50);
+    assert_eq!(counts.done.load(Ordering::SeqCst), 4_950);
+}
