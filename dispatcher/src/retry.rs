@@ -25,13 +25,13 @@ use std::sync::Arc;
 
 use hopper_common::job::{Chunking, SourceSpec};
 use hopper_common::state::{FailureClass, Moved, Retried, Retryable};
-use hopper_common::{Item, Job, Position, RunId, RunState, StateStore};
+use hopper_common::{Job, Position, RunId, RunState, StateStore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::chunker::{bad_data, oversized, Chunks, RawChunk, RetryOf};
 use crate::local::Via;
-use crate::run::{refuse_if_alive, run_on, DispatchError, RunOptions, RunSummary, Start};
+use crate::run::{find_run, refuse_if_alive, run_on, DispatchError, RunOptions, RunSummary, Start};
 use crate::source::{self, Cursor, Record, SourceError};
 
 /// A stretch of the input to read again, in the coordinates of the run's first reading.
@@ -261,7 +261,7 @@ impl RetryReader {
         })?;
         if offset > 0 {
             let mut byte = [0u8; 1];
-            let read = File::open(&self.path)
+            File::open(&self.path)
                 .and_then(|mut f| {
                     f.seek(SeekFrom::Start(offset - 1))?;
                     f.read_exact(&mut byte)
@@ -271,8 +271,7 @@ impl RetryReader {
                         "cannot read line {} at byte {offset}: {e}",
                         target.start.line
                     ))
-                });
-            read?;
+                })?;
             if byte[0] != b'\n' {
                 return Err(self.moved(format!(
                     "line {} no longer starts at byte {offset}",
@@ -338,10 +337,7 @@ impl RetryReader {
                             if chunk.items.is_empty() {
                                 chunk.position = read.start;
                             }
-                            chunk.items.push(Item {
-                                line: item.line,
-                                data: item.data,
-                            });
+                            chunk.items.push(item);
                         }
                         Record::Bad { reason, .. } => {
                             chunk.bad.push(bad_data(read.start, after, reason))
@@ -419,14 +415,7 @@ pub async fn retry(
     opts: RunOptions,
     shutdown: CancellationToken,
 ) -> Result<RunSummary, DispatchError> {
-    let record =
-        store
-            .run(&job.name, Some(run))
-            .await?
-            .ok_or_else(|| DispatchError::NoSuchRun {
-                job: job.name.clone(),
-                run: Some(run),
-            })?;
+    let record = find_run(job, store.as_ref(), Some(run)).await?;
     match record.state {
         RunState::Running | RunState::Paused => refuse_if_alive(job, &record)?,
         RunState::Completed | RunState::CompletedWithFailures => {}
@@ -471,14 +460,7 @@ pub async fn retry(
     // interrupted.
     store.rebase(run, &found.moves, found.size).await?;
     let plan = Plan::new(&store.retryable(run).await?);
-    let record =
-        store
-            .run(&job.name, Some(run))
-            .await?
-            .ok_or_else(|| DispatchError::NoSuchRun {
-                job: job.name.clone(),
-                run: Some(run),
-            })?;
+    let record = find_run(job, store.as_ref(), Some(run)).await?;
     let via = Via::open(job, &opts, &shutdown).await?;
     let start = Start::Retry {
         record,

@@ -297,13 +297,7 @@ pub async fn resume(
     opts: RunOptions,
     shutdown: CancellationToken,
 ) -> Result<RunSummary, DispatchError> {
-    let record = store
-        .run(&job.name, run)
-        .await?
-        .ok_or_else(|| DispatchError::NoSuchRun {
-            job: job.name.clone(),
-            run,
-        })?;
+    let record = find_run(job, store.as_ref(), run).await?;
     if record.state.is_final() {
         return Err(DispatchError::NotResumable {
             run: record.id,
@@ -325,6 +319,21 @@ pub async fn resume(
     let result = run_on(job, start, via.transport.clone(), store, opts, shutdown).await;
     via.close(job).await;
     result
+}
+
+/// The run `run` of `job` (its latest run when `None`), or [`DispatchError::NoSuchRun`].
+pub(crate) async fn find_run(
+    job: &Job,
+    store: &dyn StateStore,
+    run: Option<RunId>,
+) -> Result<RunRecord, DispatchError> {
+    store
+        .run(&job.name, run)
+        .await?
+        .ok_or_else(|| DispatchError::NoSuchRun {
+            job: job.name.clone(),
+            run,
+        })
 }
 
 /// Refuses to go on while the dispatcher that owns `run` is alive: its heartbeat is recent and,
