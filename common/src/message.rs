@@ -6,6 +6,12 @@
 
 use serde::{Deserialize, Serialize};
 
+/// `<run>/<seq>/<attempt>`: the AMQP message id of a chunk and of its reply, readable in the
+/// management UI. The one place this format is written.
+pub fn message_id(run: u64, seq: u64, attempt: u32) -> String {
+    format!("{run}/{seq}/{attempt}")
+}
+
 /// Where a chunk starts in its source, so that it can be read again without a scan from the top.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Position {
@@ -38,9 +44,10 @@ impl Item {
 /// A chunk of items: the unit of work, of retry and of acknowledgement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunk {
-    /// The job's name.
+    /// The job's name: a consumer parks a chunk of another job found on its queue.
     pub job: String,
-    /// The run this chunk belongs to.
+    /// The run this chunk belongs to; with `seq`, the chunk's identity, which a processor keys
+    /// its effect on to stay idempotent.
     pub run: u64,
     /// The chunk's number within its run, from 1.
     pub seq: u64,
@@ -55,7 +62,7 @@ pub struct Chunk {
 impl Chunk {
     /// `<run>/<seq>/<attempt>`: the AMQP message id, readable in the management UI.
     pub fn message_id(&self) -> String {
-        format!("{}/{}/{}", self.run, self.seq, self.attempt)
+        message_id(self.run, self.seq, self.attempt)
     }
 }
 
@@ -113,16 +120,17 @@ impl Outcome {
 /// A consumer's reply about one attempt at one chunk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
-    /// The job's name.
+    /// The job, run, seq and attempt of the chunk it answers: the dispatcher applies a reply to
+    /// exactly that chunk record, whichever run is current.
     pub job: String,
-    /// The chunk's run.
+    /// See `job`.
     pub run: u64,
-    /// The chunk's seq.
+    /// See `job`.
     pub seq: u64,
-    /// The attempt this reply is about.
+    /// See `job`; an outcome of an older attempt never overrides a newer one's.
     pub attempt: u32,
     /// Which consumer processed it (`host/pid`), for `status`.
     pub consumer: String,
-    /// What became of it.
+    /// What became of the attempt; [`Outcome::is_final`] tells whether another reply follows.
     pub outcome: Outcome,
 }

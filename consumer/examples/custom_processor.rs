@@ -90,21 +90,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let options = match &job.processor {
-        hopper_consumer::processor::ProcessorSpec::Custom { options } => {
-            match options.clone().try_into::<Options>() {
-                Ok(o) => o,
-                Err(e) => {
-                    eprintln!("error: job file {path}: field `processor.options`: {e}");
-                    return ExitCode::from(2);
-                }
-            }
-        }
-        other => {
-            eprintln!(
-                "error: job file {path}: this example needs processor kind \"custom\", not {:?}",
-                other.kind()
-            );
+    // `[processor.options]`, read into this processor's own type; an error names the field.
+    let options: Options = match job.processor_options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -116,14 +106,7 @@ fn main() -> ExitCode {
         let shutdown = CancellationToken::new();
         tokio::spawn(hopper_consumer::cancel_on_signal(shutdown.clone()));
         let processor = Arc::new(PriceAudit { options });
-        match run(
-            &job,
-            processor,
-            ConsumerOptions { concurrency: 4 },
-            shutdown,
-        )
-        .await
-        {
+        match run(&job, processor, ConsumerOptions::default(), shutdown).await {
             Ok(summary) => {
                 eprintln!("stopped after {} chunks", summary.chunks);
                 ExitCode::SUCCESS

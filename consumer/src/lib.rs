@@ -24,20 +24,24 @@
 //!     }
 //! }
 //!
-//! # async fn example() -> anyhow::Result<()> {
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let job = hopper_consumer::Job::load("job.toml".as_ref())?;
 //! let shutdown = tokio_util::sync::CancellationToken::new();
-//! run(&job, Arc::new(Shout), ConsumerOptions::default(), shutdown).await?;
+//! run(&job, Arc::new(Shout), ConsumerOptions::default().with_concurrency(8), shutdown).await?;
 //! # Ok(()) }
 //! ```
 //!
+//! A processor's own settings come from the job file's `[processor.options]` table, read with
+//! [`Job::processor_options`]; `consumer/examples/custom_processor.rs` is a complete one.
+//!
 //! # Layout
-//! - [`processor`]: the [`Processor`] trait, its outcome types and the built-in processors
-//!   (`exec`, `file`, `noop`).
-//! - [`worker`]: the loop that takes, processes, replies and acks.
+//! - `processor/`: the [`Processor`] trait, its outcome types, and the built-in processors
+//!   (`exec`, `file`, `noop`), one file each.
+//! - `worker`: the loop that takes, processes, replies and acks ([`run()`] over RabbitMQ,
+//!   [`run_on`] over any transport, such as the dispatcher's local mode).
 
-pub mod processor;
-pub mod worker;
+mod processor;
+mod worker;
 
 pub use async_trait::async_trait;
 pub use hopper_common::shutdown::cancel_on_signal;

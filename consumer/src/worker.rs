@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::{FutureExt, StreamExt};
-use hopper_common::broker::process_identity;
+use hopper_common::transport::Inbox;
 use hopper_common::{
-    codec, AmqpTransport, Chunk, Incoming, Job, Label, Outcome, Reply, Route, Transport,
-    TransportError,
+    codec, AmqpTransport, Chunk, CodecError, Incoming, Job, Label, Outcome, Reply, Route,
+    Transport, TransportError,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,11 +29,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::processor::{ProcessError, Processor};
 
-/// How a consumer runs.
+/// How a consumer runs. Built from [`ConsumerOptions::default`] with the `with_*` methods, so
+/// that new options can be added without breaking callers.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ConsumerOptions {
-    /// Chunks processed at once (and the prefetch).
-    pub concurrency: u16,
+    pub(crate) concurrency: u16,
 }
 
 impl Default for ConsumerOptions {
@@ -42,8 +43,18 @@ impl Default for ConsumerOptions {
     }
 }
 
+impl ConsumerOptions {
+    /// Chunks processed at once, and the prefetch: the broker never hands this consumer more
+    /// than it processes at once, so other consumers get the rest. At least 1; 4 by default.
+    pub fn with_concurrency(mut self, concurrency: u16) -> ConsumerOptions {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+}
+
 /// What a consumer did before it stopped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConsumerSummary {
     /// Chunks finished (done, failed or parked) and acked.
     pub chunks: u64,
@@ -55,6 +66,7 @@ pub struct ConsumerSummary {
 
 /// Why a consumer stopped before it was asked to.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConsumerError {
     /// The transport cannot be reached, or failed.
     #[error(transparent)]
@@ -110,7 +122,7 @@ pub async fn run_on(
         job: job.clone(),
         processor,
         transport: Arc::clone(&transport),
-        me: process_identity(),
+        me: hopper_common::process::identity(),
         chunks: AtomicU64::new(0),
         retried: AtomicU64::new(0),
         dead: AtomicU64::new(0),
@@ -158,10 +170,7 @@ pub async fn run_on(
 }
 
 /// Connects again and receives chunks again.
-async fn reconnect(
-    transport: &Arc<dyn Transport>,
-    prefetch: u16,
-) -> Result<hopper_common::transport::Inbox, TransportError> {
+async fn reconnect(transport: &Arc<dyn Transport>, prefetch: u16) -> Result<Inbox, TransportError> {
     transport.reconnect().await?;
     transport.receive(Route::Chunks, prefetch.max(1)).await
 }
@@ -214,7 +223,7 @@ async fn handle(ctx: Arc<Context>, message: Incoming) {
         },
         Err(ProcessError::Transient(error)) if attempt < ctx.job.retry.max_attempts => {
             let next = attempt + 1;
-            match send_to_retry(&ctx, &chunk, next).await {
+            match send_to_delay(&ctx, &chunk, next).await {
                 Ok(()) => {
                     ctx.retried.fetch_add(1, Ordering::Relaxed);
                     warn!(job = %job, run, seq, attempt, error = %error, "chunk failed; retrying later");
@@ -273,8 +282,19 @@ async fn handle(ctx: Arc<Context>, message: Incoming) {
     }
 }
 
+/// Why a chunk could not be handed on after processing.
+#[derive(Debug, thiserror::Error)]
+enum HandOff {
+    /// The transport did not take it.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Its next attempt could not be encoded (a bug, not bad input).
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
 /// Something failed after processing: hand the chunk back to be delivered again.
-async fn give_back(message: Incoming, why: &TransportError, label: &Label) {
+async fn give_back(message: Incoming, why: &(dyn std::fmt::Display + Sync), label: &Label) {
     error!(message_id = ?label.message_id, error = %why,
            "cannot finish the chunk; handing it back to the queue");
     // If this fails too, the transport gives it back when the consumer goes.
@@ -291,14 +311,13 @@ async fn publish(
     ctx.transport.publish(route, payload, label).await?.await
 }
 
-async fn send_to_retry(ctx: &Context, chunk: &Chunk, next: u32) -> Result<(), TransportError> {
+/// Sends the chunk to wait out its backoff before attempt `next`.
+async fn send_to_delay(ctx: &Context, chunk: &Chunk, next: u32) -> Result<(), HandOff> {
     let mut again = chunk.clone();
     again.attempt = next;
-    let payload = codec::encode_chunk(&again).map_err(|e| TransportError::Refused {
-        queue: "retry".to_string(),
-        why: e.to_string(),
-    })?;
-    publish(ctx, Route::Retry { next }, &payload, &Label::chunk(&again)).await
+    let payload = codec::encode_chunk(&again)?;
+    publish(ctx, Route::Delay { next }, &payload, &Label::chunk(&again)).await?;
+    Ok(())
 }
 
 async fn park(ctx: &Context, payload: &[u8], label: Label) -> Result<(), TransportError> {

@@ -6,14 +6,14 @@
 //! `max_bytes` on its own is bad data (it could never be sent).
 
 use hopper_common::job::Chunking;
-use hopper_common::state::{BadData, Retried};
 use hopper_common::{Item, Position};
 
+use crate::context::{BadData, Retried};
 use crate::source::{Cursor, Read, Record, Source, SourceError};
 
 /// A chunk as cut from the source, before it has a seq.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawChunk {
+pub(crate) struct RawChunk {
     /// Where its first item starts (or, for a chunk of bad records only, where reading was).
     pub position: Position,
     /// Where the next chunk starts.
@@ -28,7 +28,7 @@ pub struct RawChunk {
 
 /// What a chunk read again by `retry` takes over from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RetryOf {
+pub(crate) struct RetryOf {
     /// The failed chunks and skipped items it dispatches again.
     pub retried: Vec<Retried>,
     /// How many of those were skipped items (they stop counting against the skip limit).
@@ -37,7 +37,7 @@ pub struct RetryOf {
 
 /// Something that hands out chunks one after another: the [`Chunker`] over a whole source, or
 /// `retry`'s reader of failed records.
-pub trait Chunks: Send {
+pub(crate) trait Chunks: Send {
     /// The next chunk, or `None` at the end.
     ///
     /// # Errors
@@ -51,12 +51,17 @@ impl Chunks for Chunker {
     }
 }
 
-/// Why an item of `size` bytes is bad data: no chunk could carry it.
-pub(crate) fn oversized(size: u64, limits: &Chunking) -> String {
-    format!(
-        "item of {size} bytes is larger than chunking.max_bytes ({})",
-        limits.max_bytes
-    )
+/// Why `item` is bad data when it is larger than `chunking.max_bytes`: no chunk could carry
+/// it. The one place this rule is written; a first reading, a reading again and `retry` all
+/// ask it.
+pub(crate) fn too_large(item: &Item, limits: &Chunking) -> Option<String> {
+    let size = item.data.len() as u64;
+    (size > limits.max_bytes).then(|| {
+        format!(
+            "item of {size} bytes is larger than chunking.max_bytes ({})",
+            limits.max_bytes
+        )
+    })
 }
 
 /// A bad record met at `start`, the source's cursor being just past it.
@@ -70,7 +75,7 @@ pub(crate) fn bad_data(start: Position, after: Cursor, reason: String) -> BadDat
 }
 
 /// Cuts chunks from a source.
-pub struct Chunker {
+pub(crate) struct Chunker {
     source: Box<dyn Source>,
     limits: Chunking,
     held: Option<Read>,
@@ -108,12 +113,11 @@ impl Chunker {
                     bad.push(bad_data(read.start, self.source.cursor(), reason))
                 }
                 Record::Item(item) => {
-                    let size = item.data.len() as u64;
-                    if size > self.limits.max_bytes {
-                        let reason = oversized(size, &self.limits);
+                    if let Some(reason) = too_large(&item, &self.limits) {
                         bad.push(bad_data(read.start, self.source.cursor(), reason));
                         continue;
                     }
+                    let size = item.data.len() as u64;
                     if !items.is_empty() && bytes + size > self.limits.max_bytes {
                         self.held = Some(Read {
                             record: Record::Item(item),
@@ -163,7 +167,12 @@ mod tests {
     fn chunker(text: &str, items: usize, max_bytes: u64) -> (tempfile::NamedTempFile, Chunker) {
         let mut f = tempfile::NamedTempFile::new().expect("temp");
         f.write_all(text.as_bytes()).expect("write");
-        let s = FileSource::open(f.path(), FileFormat::Jsonl).expect("open");
+        let s = FileSource::open_at(
+            f.path(),
+            FileFormat::Jsonl,
+            crate::source::Cursor::default(),
+        )
+        .expect("open");
         (f, Chunker::new(Box::new(s), Chunking { items, max_bytes }))
     }
 

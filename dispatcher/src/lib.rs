@@ -2,33 +2,59 @@
 //! the execution context, publishes it to RabbitMQ under a throttling window and applies the
 //! consumers' replies until every chunk has a final outcome.
 //!
-//! The `hopper-dispatcher` binary is a thin command line over [`run()`] and [`StatusReport`].
+//! The `hopper-dispatcher` binary is a thin command line over this library. The library's whole
+//! surface is the commands ([`run()`], [`resume()`], [`retry()`], [`status()`]), their
+//! [`RunOptions`], the [`ExecutionContext`] they share, and what they return:
+//!
+//! ```no_run
+//! use hopper_dispatcher::{run, ExecutionContext, Job, RunOptions};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let job = Job::load("job.toml".as_ref())?;
+//! let context = ExecutionContext::open(&job)?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! let summary = run(&job, &context, RunOptions::default(), shutdown).await?;
+//! println!("run {}: {} ({} processed)", summary.run, summary.state, summary.status.items.processed);
+//! # Ok(()) }
+//! ```
 //!
 //! # Layout
-//! - [`source`]: where records come from ([`Source`]; the file source reads JSON Lines, CSV and
-//!   plain lines, keeping each record's line and byte offset).
-//! - [`chunker`]: cuts records into chunks by item count and bytes.
-//! - [`throttle`]: the window of outstanding chunks and the item rate with its ramp-up.
-//! - [`mod@run`]: one run, from the first record to the last reply.
-//! - [`mod@retry`]: `retry`, reading again only what a run failed on.
-//! - [`local`]: where chunks go, RabbitMQ or (local mode) worker tasks in this process over the
-//!   in-process transport.
-//! - [`progress`]: the progress bar or progress log lines.
-//! - [`status`]: a run's state as a table or as the `status --json` object.
+//! - `launch` (`run`, `resume`) and `retry/` (`plan`, `reader`): the commands that start a run;
+//!   `status`: where a run stands, as a table or the `status --json` object.
+//! - `source/`: where records come from (the file source reads JSON Lines, CSV and plain lines,
+//!   keeping each record's line and byte offset), and reading a recorded range again.
+//! - `chunker`: cuts records into chunks by item count and bytes.
+//! - `throttle`: the window of outstanding chunks and the item rate with its ramp-up.
+//! - `dispatch/`: the dispatch loop: `publish` (record, then publish; confirms; recovery),
+//!   `outstanding` (the window's chunks and their confirms), `replies` (applied once).
+//! - `carrier`: what carries the chunks, RabbitMQ or (local mode) worker tasks in this process.
+//! - `context/`: the execution context (`model`, and the `sqlite` store behind a trait).
+//! - `owner`: which dispatcher owns a run, by heartbeat.
+//! - `options`, `error`, `progress`: how a run is started, why it stopped, what it shows.
 
-pub mod chunker;
-pub mod local;
-pub mod progress;
-pub mod retry;
-pub mod run;
-pub mod source;
-pub mod status;
-pub mod throttle;
+mod carrier;
+mod chunker;
+mod context;
+mod dispatch;
+mod error;
+mod launch;
+mod options;
+mod owner;
+mod progress;
+mod retry;
+mod source;
+mod status;
+mod throttle;
 
-pub use chunker::{Chunker, Chunks, RawChunk, RetryOf};
-pub use local::Local;
-pub use retry::{retry, Plan, RetryReader};
-pub use run::{resume, run, run_on, DispatchError, RunOptions, RunSummary, Start};
-pub use source::{FileSource, Source, SourceError};
-pub use status::StatusReport;
-pub use throttle::Throttle;
+pub use context::{
+    Checkpoint, ChunkCounts, ContextError, ExecutionContext, FailureClass, FailureRecord,
+    ItemCounts, RunId, RunRecord, RunState, RunStatus, StuckChunk,
+};
+pub use dispatch::RunSummary;
+pub use error::DispatchError;
+pub use hopper_common::Job;
+pub use launch::{resume, run};
+pub use options::{Local, RunOptions};
+pub use retry::retry;
+pub use source::SourceError;
+pub use status::{status, FailureOut, StatusReport, StuckOut};

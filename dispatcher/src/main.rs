@@ -1,16 +1,16 @@
 //! `hopper-dispatcher`: runs a job's dispatcher, or shows where a run stands.
 //!
-//! Exit codes: 0 completed; 1 completed with failures, failed, cancelled or interrupted (or the
-//! run could not go on: broker or state store unreachable); 2 bad usage, bad job file or input.
+//! Exit codes: 0 completed; 1 completed with failures, failed or interrupted (or the run could
+//! not go on: broker or execution context unreachable); 2 bad usage, bad job file or input.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use hopper_common::{open_state, Job, RunState, StateStore};
-use hopper_dispatcher::{run, RunOptions, StatusReport};
+use hopper_dispatcher::{
+    DispatchError, ExecutionContext, Job, Local, RunOptions, RunSummary, StatusReport,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Dispatches very large batch jobs over RabbitMQ, in chunks, under a throttling window.
@@ -32,7 +32,7 @@ enum Command {
         #[arg(long, value_name = "RUN")]
         resume: Option<Option<u64>>,
         #[command(flatten)]
-        local: Local,
+        local: LocalArg,
     },
     /// Dispatch again only what a run failed on (failed and dead chunks, bad data, bad items),
     /// after the input was fixed in place: each failed record is read again from the byte
@@ -44,7 +44,7 @@ enum Command {
         #[arg(long)]
         run: u64,
         #[command(flatten)]
-        local: Local,
+        local: LocalArg,
     },
     /// Show where a run stands (the latest run unless --run).
     Status {
@@ -61,34 +61,20 @@ enum Command {
 
 /// Local mode, for `run` and `retry`.
 #[derive(clap::Args)]
-struct Local {
+struct LocalArg {
     /// Local mode: process the chunks in this process with N worker tasks running the job's own
     /// processor, over an in-process queue instead of RabbitMQ (no broker is contacted). The
-    /// state store, throttle, failure handling, `status`, `--resume` and `retry` work as over the
-    /// broker, but the in-process queue does not outlive the process: a run interrupted in local
-    /// mode is finished by `run --resume --local N`, which reads its unfinished chunks again.
+    /// execution context, throttle, failure handling, `status`, `--resume` and `retry` work as
+    /// over the broker, but the in-process queue does not outlive the process: a run interrupted
+    /// in local mode is finished by `run --resume --local N`, which reads its unfinished chunks
+    /// again.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     local: Option<u16>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HOPPER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    runtime.block_on(async {
+    hopper_common::process::run_main(async {
         match cli.command {
             Command::Run { job, resume, local } => {
                 run_job(job, Start::Run(resume), local.local).await
@@ -101,17 +87,18 @@ fn main() -> ExitCode {
     })
 }
 
-/// The job file, validated, and its state store; the exit code to leave with when either fails.
-fn open(path: &Path) -> Result<(Job, Arc<dyn StateStore>), ExitCode> {
+/// The job file, validated, and its execution context; the exit code to leave with when either
+/// fails.
+fn open(path: &Path) -> Result<(Job, ExecutionContext), ExitCode> {
     let job = Job::load(path).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(2)
     })?;
-    let store = open_state(&job).map_err(|e| {
+    let context = ExecutionContext::open(&job).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(1)
     })?;
-    Ok((job, store))
+    Ok((job, context))
 }
 
 /// What `run_job` does: a run (new, or resumed), or a retry.
@@ -121,23 +108,24 @@ enum Start {
 }
 
 async fn run_job(path: PathBuf, start: Start, local: Option<u16>) -> ExitCode {
-    let (job, store) = match open(&path) {
+    let (job, context) = match open(&path) {
         Ok(opened) => opened,
         Err(code) => return code,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(hopper_common::shutdown::cancel_on_signal(shutdown.clone()));
-    let opts = RunOptions {
-        interactive: std::io::stderr().is_terminal(),
-        local: local.map(hopper_dispatcher::Local::new),
-        ..RunOptions::default()
-    };
-    let result = match start {
+    let mut opts = RunOptions::default().with_progress_bar(std::io::stderr().is_terminal());
+    if let Some(workers) = local {
+        opts = opts.with_local(Local::new(workers));
+    }
+    let result: Result<RunSummary, DispatchError> = match start {
         Start::Run(Some(run_id)) => {
-            hopper_dispatcher::resume(&job, store, run_id, opts, shutdown).await
+            hopper_dispatcher::resume(&job, &context, run_id, opts, shutdown).await
         }
-        Start::Run(None) => run(&job, store, opts, shutdown).await,
-        Start::Retry(run_id) => hopper_dispatcher::retry(&job, store, run_id, opts, shutdown).await,
+        Start::Run(None) => hopper_dispatcher::run(&job, &context, opts, shutdown).await,
+        Start::Retry(run_id) => {
+            hopper_dispatcher::retry(&job, &context, run_id, opts, shutdown).await
+        }
     };
     match result {
         Ok(summary) => {
@@ -152,50 +140,29 @@ async fn run_job(path: PathBuf, start: Start, local: Option<u16>) -> ExitCode {
                 s.items.failed,
                 s.items.read
             );
-            match summary.state {
-                RunState::Completed => ExitCode::SUCCESS,
-                RunState::CompletedWithFailures
-                | RunState::Failed
-                | RunState::Cancelled
-                | RunState::Running
-                | RunState::Paused => ExitCode::from(1),
-            }
+            ExitCode::from(summary.exit_code())
         }
         Err(e) => {
             eprintln!("error: {e}");
-            if e.is_bad_input() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::from(1)
-            }
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
 async fn status(path: PathBuf, run: Option<u64>, json: bool) -> ExitCode {
-    let (job, store) = match open(&path) {
+    let (job, context) = match open(&path) {
         Ok(opened) => opened,
         Err(code) => return code,
     };
-    let record = match store.run(&job.name, run).await {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            match run {
-                Some(id) => eprintln!("error: job {} has no run {id}", job.name),
-                None => eprintln!("error: job {} has no runs yet", job.name),
-            }
-            return ExitCode::from(if run.is_some() { 2 } else { 1 });
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let status = match store.status(record.id, job.retry.chunk_timeout).await {
+    let status = match hopper_dispatcher::status(&job, &context, run).await {
         Ok(s) => s,
+        Err(DispatchError::NoSuchRun { run: None, .. }) => {
+            eprintln!("error: job {} has no runs yet", job.name);
+            return ExitCode::from(1);
+        }
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(e.exit_code());
         }
     };
     let report = StatusReport::new(&status);

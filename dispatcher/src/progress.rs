@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use hopper_common::RunId;
+use crate::context::RunId;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// The counts shown.

@@ -1,37 +1,59 @@
-//! `status`: a run's state as a readable table or as the JSON object of the contract.
+//! `status`: where a run stands, read from the execution context only (no broker), as a
+//! readable table or as the JSON object of the contract.
 
 use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
-use hopper_common::state::{now_ms, ChunkCounts, FailureRecord, ItemCounts, StuckChunk};
-use hopper_common::{RunState, RunStatus};
+use hopper_common::Job;
 use serde::Serialize;
 
-/// A dispatcher whose heartbeat is older than this is taken for dead.
-pub const HEARTBEAT_STALE: Duration = Duration::from_secs(30);
+use crate::context::{
+    ChunkCounts, ExecutionContext, FailureClass, FailureRecord, ItemCounts, RunId, RunState,
+    RunStatus, StuckChunk,
+};
+use crate::error::DispatchError;
+use crate::owner::{find_run, heartbeat_fresh, HEARTBEAT_STALE};
+
+/// Where run `run` of `job` stands (its latest run when `None`).
+///
+/// # Errors
+/// [`DispatchError::NoSuchRun`] (with `run: None` when the job has no runs yet), or the
+/// execution context cannot be read.
+pub async fn status(
+    job: &Job,
+    context: &ExecutionContext,
+    run: Option<RunId>,
+) -> Result<RunStatus, DispatchError> {
+    let record = find_run(job, context.store().as_ref(), run).await?;
+    Ok(context
+        .store()
+        .status(record.id, job.retry.chunk_timeout)
+        .await?)
+}
 
 /// The `status --json` object. Its field names are a contract: add, never rename.
 #[derive(Debug, Serialize)]
 pub struct StatusReport<'a> {
-    /// The job.
+    /// The job's name, as the job file gives it.
     pub job: &'a str,
-    /// The run id.
+    /// The run's id: what `--run` takes.
     pub run: u64,
-    /// `running`, `paused`, `completed`, `completed_with_failures`, `failed` or `cancelled`.
+    /// `running`, `completed`, `completed_with_failures` or `failed`.
     pub state: RunState,
     /// For a running run: false when its dispatcher stopped sending heartbeats.
     pub dispatcher_alive: bool,
-    /// What the run reads.
+    /// What the run reads, for people (`file data/x.jsonl (jsonl)`).
     pub source: &'a str,
-    /// RFC 3339.
+    /// When the run started, RFC 3339.
     pub started_at: String,
-    /// RFC 3339, once ended.
+    /// When it ended, RFC 3339; absent while it runs.
     pub finished_at: Option<String>,
-    /// Item counts.
+    /// Records read, processed, skipped and failed: each record read is in exactly one of the
+    /// other three once the run has ended.
     pub items: ItemCounts,
-    /// Chunk counts.
+    /// Chunks by where they stand.
     pub chunks: ChunkCounts,
-    /// Every failure.
+    /// Every failure still standing, in source order.
     pub failures: Vec<FailureOut<'a>>,
     /// Chunks in flight past the job's `chunk_timeout`.
     pub stuck: Vec<StuckOut<'a>>,
@@ -40,26 +62,26 @@ pub struct StatusReport<'a> {
 /// A failure in the report.
 #[derive(Debug, Serialize)]
 pub struct FailureOut<'a> {
-    /// The chunk, if any.
+    /// The chunk that failed or held the item; null for a record the dispatcher could not read.
     pub seq: Option<u64>,
-    /// Line number.
+    /// The line number in the source where the failed record (or chunk) starts.
     pub position: u64,
     /// `bad_data`, `bad_item` or `chunk`.
-    pub class: hopper_common::state::FailureClass,
-    /// Why.
+    pub class: FailureClass,
+    /// Why, as the reader or the processor said it: what to fix before `retry`.
     pub reason: &'a str,
 }
 
 /// A stuck chunk in the report.
 #[derive(Debug, Serialize)]
 pub struct StuckOut<'a> {
-    /// The chunk.
+    /// The stuck chunk.
     pub seq: u64,
-    /// The consumer that last replied about it.
+    /// The consumer (`host/pid`) that last replied about it, to look at first.
     pub consumer: Option<&'a str>,
-    /// RFC 3339.
+    /// When it was confirmed or last came back from a retry, RFC 3339.
     pub since: String,
-    /// Its attempt.
+    /// The attempt it is at.
     pub attempt: u32,
 }
 
@@ -68,10 +90,9 @@ fn rfc3339(ms: u64) -> String {
 }
 
 impl<'a> StatusReport<'a> {
-    /// The report of `s`.
+    /// The report of a run's status, as `status` prints it.
     pub fn new(s: &'a RunStatus) -> StatusReport<'a> {
-        let alive = !s.run.state.is_final()
-            && now_ms().saturating_sub(s.run.heartbeat_at) < HEARTBEAT_STALE.as_millis() as u64;
+        let alive = !s.run.state.is_final() && heartbeat_fresh(&s.run);
         StatusReport {
             job: &s.run.job,
             run: s.run.id,
@@ -87,11 +108,14 @@ impl<'a> StatusReport<'a> {
         }
     }
 
-    /// The readable table.
+    /// The report as the table `status` prints without `--json`.
     pub fn table(&self) -> String {
         let mut out = String::new();
         let state = if self.state == RunState::Running && !self.dispatcher_alive {
-            "running (dispatcher not seen for 30s: interrupted?)".to_string()
+            format!(
+                "running (dispatcher not seen for {}s: interrupted?)",
+                HEARTBEAT_STALE.as_secs()
+            )
         } else {
             self.state.to_string()
         };

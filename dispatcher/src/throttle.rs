@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use hopper_common::job::Throttle as ThrottleSpec;
 
-/// The window and rate of a run. Both can be changed while the run goes on; a window of 0
-/// pauses it.
+/// The window and rate of a run, as the job file sets them.
 #[derive(Debug, Clone)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     window: usize,
     rate: f64,
     ramp_up: Duration,
@@ -34,19 +33,9 @@ impl Throttle {
         outstanding < self.window
     }
 
-    /// The window.
-    pub fn window(&self) -> usize {
-        self.window
-    }
-
     /// True when no item rate is set.
     pub fn is_unlimited(&self) -> bool {
         self.rate <= 0.0
-    }
-
-    /// Changes the window (0 pauses).
-    pub fn set_window(&mut self, window: usize) {
-        self.window = window;
     }
 
     /// How long after the start of the run the next chunk may go, given what was sent.
@@ -86,11 +75,9 @@ mod tests {
 
     #[test]
     fn window_bounds_outstanding_chunks() {
-        let mut t = throttle(2, 0.0, 0);
+        let t = throttle(2, 0.0, 0);
         assert!(t.has_room(1));
         assert!(!t.has_room(2));
-        t.set_window(0);
-        assert!(!t.has_room(0));
     }
 
     #[test]

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use hopper_common::{Job, Topology};
+use hopper_common::transport::amqp::{connect, Topology};
+use hopper_common::Job;
 use tokio::process::{Child, Command};
 
 /// The broker the tests use.
@@ -23,7 +24,7 @@ pub fn broker_url() -> String {
 /// never passes without one.
 pub async fn require_broker() -> lapin::Connection {
     let url = broker_url();
-    let connect = hopper_common::connect(&url, "hopper-tests");
+    let connect = connect(&url, "hopper-tests");
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => panic!(
@@ -279,7 +280,7 @@ impl Drop for TestJob {
                 return;
             };
             rt.block_on(async {
-                let connect = hopper_common::connect(&url, "hopper-tests cleanup");
+                let connect = connect(&url, "hopper-tests cleanup");
                 if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(5), connect).await {
                     if let Ok(ch) = conn.create_channel().await {
                         let _ = topology.delete(&ch).await;

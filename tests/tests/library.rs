@@ -57,7 +57,7 @@ backoff = "100ms..100ms"
             hopper_consumer::run(
                 &job,
                 processor,
-                ConsumerOptions { concurrency: 1 },
+                ConsumerOptions::default().with_concurrency(1),
                 shutdown,
             )
             .await
@@ -194,24 +194,22 @@ skip_limit = 100
     );
     write_jsonl(&t.path("input.jsonl"), 5_000, 60);
     let job = t.job();
-    let store = hopper_common::open_state(&job).expect("state store");
+    let context = hopper_dispatcher::ExecutionContext::open(&job).expect("execution context");
     let counts = Arc::new(Counts {
         done: AtomicU32::new(0),
     });
-    let opts = hopper_dispatcher::RunOptions {
-        local: Some(hopper_dispatcher::Local::new(3).with_processor(counts.clone())),
-        ..Default::default()
-    };
+    let opts = hopper_dispatcher::RunOptions::default()
+        .with_local(hopper_dispatcher::Local::new(3).with_processor(counts.clone()));
     let summary = tokio::time::timeout(
         Duration::from_secs(60),
-        hopper_dispatcher::run(&job, store, opts, CancellationToken::new()),
+        hopper_dispatcher::run(&job, &context, opts, CancellationToken::new()),
     )
     .await
     .expect("within 60 s")
     .expect("the run");
     assert_eq!(
         summary.state,
-        hopper_common::RunState::CompletedWithFailures
+        hopper_dispatcher::RunState::CompletedWithFailures
     );
     assert_eq!(summary.status.items.processed, 4_950);
     assert_eq!(summary.status.items.skipped, 50);

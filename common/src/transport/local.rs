@@ -4,7 +4,7 @@
 //! It keeps the [`Transport`] contract within the process: a publish is confirmed once the
 //! message is queued; a received message stays its receiver's until acked or given back, and
 //! comes again when its receiver goes away unsettled; at most `prefetch` unacked messages per
-//! receiver. A chunk sent to `Retry { next }` comes back on `Chunks` after the job's backoff
+//! receiver. A chunk sent to `Delay { next }` comes back on `Chunks` after the job's backoff
 //! delay. What it does not keep: **nothing outlives the process.** A run interrupted in local
 //! mode has its queued chunks read again from the source by `--resume`
 //! ([`Transport::outlives_process`] is false).
@@ -30,7 +30,7 @@ struct Message {
     redelivered: bool,
 }
 
-/// The queues that exist in memory: `Retry` routes are timers, not queues.
+/// The queues that exist in memory: `Delay` routes are timers, not queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Queue {
     Chunks,
@@ -103,7 +103,7 @@ pub struct LocalBroker {
 }
 
 impl LocalBroker {
-    /// Empty queues for `job` (its retry backoff sets the delays of `Retry` routes).
+    /// Empty queues for `job` (its retry backoff sets the delays of `Delay` routes).
     pub fn new(job: &Job) -> LocalBroker {
         LocalBroker {
             shared: Arc::new(Shared {
@@ -253,7 +253,7 @@ impl Transport for LocalTransport {
             Route::Chunks => self.shared.push(Queue::Chunks, message),
             Route::Replies => self.shared.push(Queue::Replies, message),
             Route::Dead => self.shared.push(Queue::Dead, message),
-            Route::Retry { next } => {
+            Route::Delay { next } => {
                 // The chunk waits out its backoff on a timer, then comes back as attempt `next`.
                 let delay = self.shared.job.retry.delay_before(next);
                 let shared = Arc::clone(&self.shared);
@@ -271,9 +271,9 @@ impl Transport for LocalTransport {
             Route::Chunks => Queue::Chunks,
             Route::Replies => Queue::Replies,
             Route::Dead => Queue::Dead,
-            Route::Retry { next } => {
+            Route::Delay { next } => {
                 return Err(TransportError::Refused {
-                    queue: format!("retry before attempt {next}"),
+                    queue: format!("delay before attempt {next}"),
                     why: "delay queues are not received from".into(),
                 })
             }
@@ -421,7 +421,7 @@ mod tests {
         let broker = LocalBroker::new(&job());
         let t = broker.transport();
         let confirm = t
-            .publish(Route::Retry { next: 2 }, b"r", &Label::default())
+            .publish(Route::Delay { next: 2 }, b"r", &Label::default())
             .await
             .expect("publish");
         within(confirm).await.expect("confirmed");

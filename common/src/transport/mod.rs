@@ -10,7 +10,7 @@
 //!   disappears without acking gives it back, and the message is delivered again;
 //! - at most `prefetch` unacked messages are handed to one receiver.
 
-mod amqp;
+pub mod amqp;
 mod local;
 
 use async_trait::async_trait;
@@ -20,7 +20,7 @@ use futures::stream::BoxStream;
 pub use amqp::AmqpTransport;
 pub use local::{LocalBroker, LocalTransport};
 
-use crate::message::{Chunk, Reply};
+use crate::message::{message_id, Chunk, Reply};
 
 /// Where a message goes, or comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,8 +31,9 @@ pub enum Route {
     Replies,
     /// Messages parked for good: chunks that exhausted their attempts, and unreadable messages.
     Dead,
-    /// A chunk waiting out its backoff before attempt `next`; it comes back on [`Route::Chunks`].
-    Retry {
+    /// A chunk that failed transiently, waiting out its backoff before attempt `next` (over
+    /// AMQP, a delay queue); it comes back on [`Route::Chunks`].
+    Delay {
         /// The attempt it comes back as.
         next: u32,
     },
@@ -42,17 +43,17 @@ pub enum Route {
 /// and headers). Fields are optional because an unreadable message may carry none of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Label {
-    /// `<run>/<seq>/<attempt>`.
+    /// `<run>/<seq>/<attempt>`, the id the management UI lists messages by.
     pub message_id: Option<String>,
-    /// `hopper.chunk.v1` or `hopper.reply.v1`.
+    /// `hopper.chunk.v1` or `hopper.reply.v1`: what the body is, with its schema version.
     pub kind: Option<String>,
-    /// The job.
+    /// The job that sent it, so a stray message on another job's queue is recognised.
     pub job: Option<String>,
-    /// The run.
+    /// Run, seq and attempt of the chunk it is or answers, as headers a person can read.
     pub run: Option<u64>,
-    /// The chunk.
+    /// See `run`.
     pub seq: Option<u64>,
-    /// The attempt.
+    /// See `run`.
     pub attempt: Option<u32>,
     /// Why the message was parked, on [`Route::Dead`].
     pub dead_reason: Option<String>,
@@ -71,7 +72,7 @@ impl Label {
 
     fn of(kind: &str, job: &str, run: u64, seq: u64, attempt: u32) -> Label {
         Label {
-            message_id: Some(format!("{run}/{seq}/{attempt}")),
+            message_id: Some(message_id(run, seq, attempt)),
             kind: Some(format!("hopper.{kind}.v{}", crate::codec::SCHEMA_VERSION)),
             job: Some(job.to_string()),
             run: Some(run),
@@ -94,30 +95,24 @@ impl Label {
 pub enum TransportError {
     /// The broker cannot be reached.
     #[error(transparent)]
-    Connect(Box<crate::broker::ConnectError>),
+    Connect(Box<amqp::ConnectError>),
     /// The broker failed a step.
     #[error("RabbitMQ: {what} ({queue}): {source}")]
     Broker {
-        /// The step.
+        /// The step that failed (`publish`, `declare queues`...), for the operator.
         what: &'static str,
         /// The queue involved.
         queue: String,
-        /// lapin's error.
-        source: Box<lapin::Error>,
+        /// The broker client's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The transport did not take a message (nacked, or no queue to route it to).
     #[error("{queue} did not take the message: {why}")]
     Refused {
-        /// The queue.
+        /// The queue that refused it.
         queue: String,
-        /// Why.
+        /// The broker's reason, as it gave it.
         why: String,
-    },
-    /// Receiving stopped from the other side (the queue was deleted?).
-    #[error("receiving from {queue} was cancelled by the broker")]
-    Cancelled {
-        /// The queue.
-        queue: String,
     },
 }
 
@@ -126,16 +121,14 @@ impl TransportError {
     /// refused message is not such an error: the transport is fine, the message was not taken.
     pub fn is_connection_lost(&self) -> bool {
         match self {
-            TransportError::Connect(_)
-            | TransportError::Broker { .. }
-            | TransportError::Cancelled { .. } => true,
+            TransportError::Connect(_) | TransportError::Broker { .. } => true,
             TransportError::Refused { .. } => false,
         }
     }
 }
 
-impl From<crate::broker::ConnectError> for TransportError {
-    fn from(e: crate::broker::ConnectError) -> Self {
+impl From<amqp::ConnectError> for TransportError {
+    fn from(e: amqp::ConnectError) -> Self {
         TransportError::Connect(Box::new(e))
     }
 }
@@ -160,7 +153,7 @@ pub trait Settle: Send + Sync {
 pub struct Incoming {
     /// The encoded message.
     pub payload: Vec<u8>,
-    /// Its label.
+    /// What it says it is, read without decoding the body.
     pub label: Label,
     /// True when delivered before (a receiver died or gave it back).
     pub redelivered: bool,

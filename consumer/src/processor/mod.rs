@@ -19,7 +19,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use hopper_common::{BadItem, Chunk, Item, Job};
 
-pub use hopper_common::ProcessorSpec;
+use hopper_common::ProcessorSpec;
 
 pub use exec::ExecProcessor;
 pub use file::FileProcessor;
@@ -49,6 +49,7 @@ impl Processed {
 
 /// A chunk that could not be finished. The variant is the decision.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProcessError {
     /// Might work later (a timeout, a deadlock, a service down): the chunk is retried after the
     /// job's backoff, up to `max_attempts`, then parked on the dead queue.
@@ -71,19 +72,20 @@ pub trait Processor: Send + Sync + 'static {
 
 /// A job file's processor cannot be built on this host.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BuildError {
     /// `kind = "custom"` needs Rust code: run it through the library.
     #[error("job file {file}: processor kind \"custom\" runs only through the hopper-consumer library (see consumer/examples/custom_processor.rs)")]
     Custom {
-        /// The job file.
+        /// The job file that asks for it.
         file: String,
     },
     /// The `exec` command's program cannot be found.
     #[error("job file {file}: field `processor.command`: {message}")]
     Command {
-        /// The job file.
+        /// The job file that names it.
         file: String,
-        /// What is wrong.
+        /// Why the program cannot be run.
         message: String,
     },
 }

@@ -44,14 +44,6 @@ enum Inner {
 const READ_AHEAD: usize = 256 * 1024;
 
 impl FileSource {
-    /// Opens `path` in `format`; for CSV, reads the header row.
-    ///
-    /// # Errors
-    /// [`SourceError::Open`] when the file cannot be opened, or a CSV file has no readable header.
-    pub fn open(path: &Path, format: FileFormat) -> Result<FileSource, SourceError> {
-        FileSource::open_at(path, format, Cursor::default())
-    }
-
     /// Opens `path` in `format` positioned at `at`, as a checkpoint or a chunk's position gives
     /// it: the next record read is the one starting there. A CSV file's header row is read first.
     ///
@@ -315,7 +307,7 @@ mod tests {
     fn source(format: FileFormat, text: &[u8]) -> (tempfile::NamedTempFile, FileSource) {
         let mut f = tempfile::NamedTempFile::new().expect("temp file");
         f.write_all(text).expect("write");
-        let s = FileSource::open(f.path(), format).expect("open");
+        let s = FileSource::open_at(f.path(), format, Cursor::default()).expect("open");
         (f, s)
     }
 
@@ -443,8 +435,12 @@ mod tests {
 
     #[test]
     fn a_missing_file_cannot_be_opened() {
-        let err = FileSource::open(Path::new("/nonexistent/x.jsonl"), FileFormat::Jsonl)
-            .expect_err("missing");
+        let err = FileSource::open_at(
+            Path::new("/nonexistent/x.jsonl"),
+            FileFormat::Jsonl,
+            Cursor::default(),
+        )
+        .expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/x.jsonl"));
     }
 }

@@ -6,11 +6,13 @@
 //! runs a source on its own thread.
 
 mod file;
+mod reread;
 
 use hopper_common::job::SourceSpec;
 use hopper_common::{Item, Position};
 
 pub use file::FileSource;
+pub(crate) use reread::reread;
 
 /// A source that cannot go on. At the start of a run this is bad input (exit 2); mid-run the
 /// run stops and can be resumed from its checkpoint.
@@ -21,7 +23,7 @@ pub enum SourceError {
     Open {
         /// The input file.
         path: String,
-        /// Why.
+        /// The system's reason.
         source: std::io::Error,
     },
     /// `retry` found the input moved: a failed record is no longer where the run read it, once
@@ -37,14 +39,27 @@ pub enum SourceError {
         /// What does not match.
         detail: String,
     },
+    /// A chunk recorded before an interruption, read again to be published again, no longer
+    /// holds what it held: the input changed under the run.
+    #[error("the input changed: chunk {seq} at line {line} had {expected} items, now {found}; resume with the input the run started with")]
+    Changed {
+        /// The chunk that no longer matches.
+        seq: u64,
+        /// Its first line.
+        line: u64,
+        /// Items recorded when it was first read.
+        expected: u64,
+        /// Items read there now.
+        found: u64,
+    },
     /// Reading failed part-way.
     #[error("cannot read input {path} at byte {offset}: {message}")]
     Read {
         /// The input file.
         path: String,
-        /// Where reading stopped.
+        /// Where reading stopped: where `--resume` reads on from once it is fixed.
         offset: u64,
-        /// Why.
+        /// The system's or the parser's reason.
         message: String,
     },
 }
@@ -66,7 +81,7 @@ pub enum Record {
 /// A record and where it starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Read {
-    /// The record.
+    /// An item, or a record that could not be read.
     pub record: Record,
     /// Its start: line number and byte offset.
     pub start: Position,

@@ -1,5 +1,6 @@
-//! Where a run's chunks go: RabbitMQ, or (local mode, `run --local N`) worker tasks in this
-//! process over the in-process transport.
+//! What carries a run's chunks: RabbitMQ, or (local mode, `run --local N`) worker tasks in this
+//! process over the in-process transport; and [`drive`], the one way every command opens it,
+//! dispatches over it and closes it.
 //!
 //! In local mode the workers are the consumer library's own loop ([`hopper_consumer::run_on`])
 //! with the job's own processor: the processor cannot tell the difference. The state store, the
@@ -10,52 +11,46 @@
 use std::sync::Arc;
 
 use hopper_common::{AmqpTransport, Job, LocalBroker, Transport};
-use hopper_consumer::{ConsumerError, ConsumerOptions, ConsumerSummary, Processor};
+use hopper_consumer::{ConsumerError, ConsumerOptions, ConsumerSummary};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::run::{DispatchError, RunOptions};
+use crate::context::ExecutionContext;
+use crate::dispatch::{run_on, RunSummary, Start};
+use crate::error::DispatchError;
+use crate::options::RunOptions;
 
-/// Local mode's settings: how many worker tasks, and which processor they run.
-#[derive(Clone)]
-pub struct Local {
-    /// Worker tasks (chunks processed at once).
-    pub workers: u16,
-    /// The processor; `None` builds the one the job file names (`exec`, `file`, `noop`). A
-    /// `custom` job needs one given here.
-    pub processor: Option<Arc<dyn Processor>>,
-}
-
-impl Local {
-    /// `workers` worker tasks running the job file's processor.
-    pub fn new(workers: u16) -> Local {
-        Local {
-            workers,
-            processor: None,
-        }
-    }
-
-    /// The workers run `processor` instead: a processor of one's own, written in Rust.
-    pub fn with_processor(mut self, processor: Arc<dyn Processor>) -> Local {
-        self.processor = Some(processor);
-        self
-    }
-}
-
-impl std::fmt::Debug for Local {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Local")
-            .field("workers", &self.workers)
-            .field("custom_processor", &self.processor.is_some())
-            .finish()
-    }
+/// Opens what carries the run (the broker, or local workers), dispatches `start` over it to
+/// the end, and closes it whatever the outcome.
+///
+/// # Errors
+/// The carrier cannot be opened, or the run could not go on ([`DispatchError`]).
+pub(crate) async fn drive(
+    job: &Job,
+    start: Start,
+    context: &ExecutionContext,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, DispatchError> {
+    let carrier = Carrier::open(job, &opts, &shutdown).await?;
+    let result = run_on(
+        job,
+        start,
+        carrier.transport.clone(),
+        context,
+        opts,
+        shutdown,
+    )
+    .await;
+    carrier.close(job).await;
+    result
 }
 
 /// The dispatcher's transport, and in local mode the workers behind it.
-pub(crate) struct Via {
+struct Carrier {
     /// What the dispatcher publishes to and receives from.
-    pub(crate) transport: Arc<dyn Transport>,
+    transport: Arc<dyn Transport>,
     workers: Option<Workers>,
 }
 
@@ -65,21 +60,21 @@ struct Workers {
     task: JoinHandle<Result<ConsumerSummary, ConsumerError>>,
 }
 
-impl Via {
+impl Carrier {
     /// Connects to the job's broker, or, with `opts.local`, starts that many worker tasks over
     /// an in-process transport. Workers stop when `shutdown` is cancelled, after finishing the
-    /// chunks in hand, or at [`Via::close`].
+    /// chunks in hand, or at [`Carrier::close`].
     ///
     /// # Errors
     /// The broker cannot be reached; the job's processor cannot be built (local mode).
-    pub(crate) async fn open(
+    async fn open(
         job: &Job,
         opts: &RunOptions,
         shutdown: &CancellationToken,
-    ) -> Result<Via, DispatchError> {
+    ) -> Result<Carrier, DispatchError> {
         let Some(local) = &opts.local else {
             let transport = AmqpTransport::open(job, "hopper-dispatcher").await?;
-            return Ok(Via {
+            return Ok(Carrier {
                 transport: Arc::new(transport),
                 workers: None,
             });
@@ -88,13 +83,11 @@ impl Via {
             Some(p) => Arc::clone(p),
             None => hopper_consumer::build(job)?,
         };
-        let workers = local.workers.max(1);
+        let workers = local.workers;
         let broker = LocalBroker::new(job);
         let stop = shutdown.child_token();
         let (job_for_workers, handle, token) = (job.clone(), broker.transport(), stop.clone());
-        let consumer_opts = ConsumerOptions {
-            concurrency: workers,
-        };
+        let consumer_opts = ConsumerOptions::default().with_concurrency(workers);
         let task = tokio::spawn(async move {
             hopper_consumer::run_on(
                 &job_for_workers,
@@ -106,7 +99,7 @@ impl Via {
             .await
         });
         info!(job = %job.name, workers, "local mode: workers in this process, no broker");
-        Ok(Via {
+        Ok(Carrier {
             transport: Arc::new(broker.transport()),
             workers: Some(Workers { broker, stop, task }),
         })
@@ -114,7 +107,7 @@ impl Via {
 
     /// Closes the transport; in local mode stops the workers (they finish what they hold) and
     /// waits for them.
-    pub(crate) async fn close(self, job: &Job) {
+    async fn close(self, job: &Job) {
         self.transport.close("run over").await;
         let Some(w) = self.workers else {
             return;

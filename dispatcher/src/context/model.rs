@@ -1,51 +1,15 @@
-//! The execution context: every run, every chunk and every failure, kept so that a run can be
-//! watched (`status`), resumed and retried.
-//!
-//! Invariants the dispatcher relies on:
-//! - [`StateStore::record`] writes chunks (status `pending`) together with the source checkpoint
-//!   after them in one transaction, *before* they are published (record, then publish).
-//! - [`StateStore::apply_replies`] applies a reply at most once per chunk: a reply for a chunk that
-//!   already has a final status, or an older attempt, is a [`Applied::Duplicate`]; a reply for a
-//!   chunk the store does not know is [`Applied::Unknown`]. Neither changes anything.
-//! - Counters are derived from the chunk and failure rows, never kept twice.
-
-mod sqlite;
+//! What the execution context holds: runs, chunks and failures, as the dispatcher writes them
+//! and as `status` reads them. The strings of the enums are stored, and are the contract of
+//! `status --json`.
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
+use hopper_common::Position;
 use serde::Serialize;
-
-use crate::message::{Position, Reply};
-
-pub use sqlite::SqliteStore;
 
 /// A run's id; unique within a store.
 pub type RunId = u64;
-
-/// The state store failed. The dispatcher cannot go on without its execution context: it stops,
-/// and the run can be resumed once the store is reachable again.
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    /// The SQLite database could not be opened or written.
-    #[error("state store {path}: {source}")]
-    Sqlite {
-        /// The database file.
-        path: String,
-        /// SQLite's error.
-        source: rusqlite::Error,
-    },
-    /// The store holds something this build cannot read (a newer schema, an unknown state).
-    #[error("state store {path}: {message}")]
-    Corrupt {
-        /// The database file.
-        path: String,
-        /// What is wrong.
-        message: String,
-    },
-}
 
 /// Where a run stands. The strings are the contract of `status --json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -53,16 +17,12 @@ pub enum StateError {
 pub enum RunState {
     /// Dispatching or waiting for replies (or its dispatcher died; see the heartbeat).
     Running,
-    /// Held at a window of 0 by an operator.
-    Paused,
     /// Every item processed.
     Completed,
     /// Finished, with skipped items or failed chunks.
     CompletedWithFailures,
     /// Stopped because a limit was passed.
     Failed,
-    /// Stopped by an operator.
-    Cancelled,
 }
 
 impl RunState {
@@ -70,22 +30,17 @@ impl RunState {
     pub fn as_str(self) -> &'static str {
         match self {
             RunState::Running => "running",
-            RunState::Paused => "paused",
             RunState::Completed => "completed",
             RunState::CompletedWithFailures => "completed_with_failures",
             RunState::Failed => "failed",
-            RunState::Cancelled => "cancelled",
         }
     }
 
     /// True once the run has ended.
     pub fn is_final(self) -> bool {
         match self {
-            RunState::Running | RunState::Paused => false,
-            RunState::Completed
-            | RunState::CompletedWithFailures
-            | RunState::Failed
-            | RunState::Cancelled => true,
+            RunState::Running => false,
+            RunState::Completed | RunState::CompletedWithFailures | RunState::Failed => true,
         }
     }
 }
@@ -101,11 +56,9 @@ impl FromStr for RunState {
     fn from_str(s: &str) -> Result<Self, String> {
         Ok(match s {
             "running" => RunState::Running,
-            "paused" => RunState::Paused,
             "completed" => RunState::Completed,
             "completed_with_failures" => RunState::CompletedWithFailures,
             "failed" => RunState::Failed,
-            "cancelled" => RunState::Cancelled,
             other => return Err(format!("unknown run state {other:?}")),
         })
     }
@@ -127,31 +80,31 @@ pub struct Checkpoint {
 /// One run, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RunRecord {
-    /// The run's id.
+    /// Unique within its execution context.
     pub id: RunId,
-    /// The job's name.
+    /// The job's name: runs of every job can share one store.
     pub job: String,
-    /// Where it stands.
+    /// Running, or how it ended.
     pub state: RunState,
     /// What it reads, for people (`file data/x.jsonl (jsonl)`).
     pub source: String,
     /// When it started, in ms since the Unix epoch.
     pub started_at: u64,
-    /// When it ended.
+    /// When it ended, in ms since the Unix epoch; `None` while it runs.
     pub finished_at: Option<u64>,
     /// The dispatcher's last sign of life; a `running` run with an old heartbeat lost its
     /// dispatcher.
     pub heartbeat_at: u64,
     /// The dispatcher process that owns the run (`host/pid`).
     pub owner: Option<String>,
-    /// Where reading stands.
+    /// Where reading the source stands: where `--resume` reads on from.
     pub checkpoint: Checkpoint,
 }
 
 /// Where a chunk stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ChunkStatus {
+pub(crate) enum ChunkStatus {
     /// Recorded; not yet confirmed by the broker (maybe not even published).
     Pending,
     /// Confirmed by the broker; no final reply yet.
@@ -180,8 +133,8 @@ impl FromStr for ChunkStatus {
 
 /// A recorded chunk, as a resumed run needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChunkRecord {
-    /// Its seq.
+pub(crate) struct ChunkRecord {
+    /// The chunk's number in its run.
     pub seq: u64,
     /// Where it starts in the source.
     pub position: Position,
@@ -189,16 +142,16 @@ pub struct ChunkRecord {
     pub end_offset: u64,
     /// How many items it carries.
     pub items: u64,
-    /// Where it stands.
+    /// Pending or in flight for an open chunk; a resumed run publishes pending ones again.
     pub status: ChunkStatus,
-    /// Its current attempt.
+    /// The attempt it is at: a chunk published again goes as that attempt.
     pub attempts: u32,
 }
 
 /// A chunk about to be published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NewChunk {
-    /// Its seq.
+pub(crate) struct NewChunk {
+    /// The chunk's number in its run, from the checkpoint's `next_seq`.
     pub seq: u64,
     /// Where it starts in the source.
     pub position: Position,
@@ -253,16 +206,16 @@ pub struct FailureRecord {
     pub seq: Option<u64>,
     /// The line number of the item, or of the chunk's first item.
     pub position: u64,
-    /// What kind of failure.
+    /// Bad data, a bad item, or a whole chunk.
     pub class: FailureClass,
-    /// Why.
+    /// Why, as the reader or the processor said it: what to fix before `retry`.
     pub reason: String,
 }
 
 /// A record the dispatcher could not read, with where it lies in the source, so that `retry`
 /// can seek to it once the input is fixed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BadData {
+pub(crate) struct BadData {
     /// Where the record starts.
     pub position: Position,
     /// The byte offset just past it.
@@ -276,7 +229,7 @@ pub struct BadData {
 /// Something a `retry` dispatched again, so that it no longer counts as failed: a failed or
 /// dead chunk (by seq), or a skipped item (by the failure's id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retried {
+pub(crate) enum Retried {
     /// A failed or dead chunk; its chunk failure goes with it.
     Chunk(u64),
     /// A bad-data or bad-item failure.
@@ -286,7 +239,7 @@ pub enum Retried {
 /// Where a failed stretch of the input lies now that the operator fixed it (records that got
 /// longer or shorter move what follows them): the row, and its new start and end offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Moved {
+pub(crate) struct Moved {
     /// A chunk (by seq) or a bad record's failure (by id).
     pub row: Retried,
     /// Byte offset of its start, now.
@@ -295,9 +248,9 @@ pub struct Moved {
     pub end_offset: u64,
 }
 
-/// What [`StateStore::record`] writes, in one transaction.
+/// What [`ContextStore::record`] writes, in one transaction.
 #[derive(Debug, Clone, Copy)]
-pub struct Progress<'a> {
+pub(crate) struct RecordBatch<'a> {
     /// The chunks about to be published, in seq order (none when only bad records were read).
     pub chunks: &'a [NewChunk],
     /// Where reading stands after them.
@@ -313,10 +266,10 @@ pub struct Progress<'a> {
 
 /// A failed or dead chunk that `retry` has not dispatched again yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FailedChunk {
-    /// Its seq.
+pub(crate) struct FailedChunk {
+    /// The chunk's number in its run.
     pub seq: u64,
-    /// Where it starts.
+    /// Where it starts in the source: where `retry` seeks to.
     pub position: Position,
     /// The byte offset just past its last record.
     pub end_offset: u64,
@@ -326,12 +279,12 @@ pub struct FailedChunk {
 
 /// A skipped item that `retry` has not dispatched again yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpenFailure {
+pub(crate) struct OpenFailure {
     /// The failure's id in the store.
     pub id: i64,
     /// Its chunk (bad items), if any.
     pub seq: Option<u64>,
-    /// Its line.
+    /// The line it starts on: what `retry` looks for.
     pub line: u64,
     /// Bad data or bad item.
     pub class: FailureClass,
@@ -342,7 +295,7 @@ pub struct OpenFailure {
 
 /// What a run has failed on and `retry` may dispatch again.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Retryable {
+pub(crate) struct Retryable {
     /// Failed and dead chunks, in seq order.
     pub chunks: Vec<FailedChunk>,
     /// Skipped items (bad data and bad items), in line order.
@@ -351,9 +304,9 @@ pub struct Retryable {
     pub hosts: Vec<FailedChunk>,
 }
 
-/// What [`StateStore::apply_replies`] did with one reply.
+/// What [`ContextStore::apply_replies`] did with one reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
+pub(crate) enum Applied {
     /// The reply changed the chunk.
     Recorded,
     /// The chunk already had this or a later outcome; nothing changed.
@@ -381,7 +334,7 @@ pub struct ChunkCounts {
     pub retried: u64,
 }
 
-/// Item counts.
+/// Item counts, derived from the chunk and failure rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct ItemCounts {
     /// Records read from the source, bad ones included.
@@ -397,92 +350,27 @@ pub struct ItemCounts {
 /// A chunk in flight for longer than the job's `chunk_timeout`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StuckChunk {
-    /// The chunk.
+    /// The stuck chunk.
     pub seq: u64,
     /// The consumer that last replied about it, if any did.
     pub consumer: Option<String>,
     /// Since when it has been in flight, ms since the Unix epoch.
     pub since: u64,
-    /// Its current attempt.
+    /// The attempt it is at.
     pub attempt: u32,
 }
 
 /// Everything `status` shows about a run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RunStatus {
-    /// The run.
+    /// The run as stored: its state, times, owner and checkpoint.
     pub run: RunRecord,
-    /// Item counts.
+    /// Records read, processed, skipped and failed.
     pub items: ItemCounts,
-    /// Chunk counts.
+    /// Chunks by where they stand.
     pub chunks: ChunkCounts,
     /// Every failure still standing (not dispatched again by `retry`), in source order.
     pub failures: Vec<FailureRecord>,
-    /// Chunks past their timeout.
+    /// Chunks in flight past the job's `chunk_timeout`.
     pub stuck: Vec<StuckChunk>,
-}
-
-/// The execution context's storage. SQLite is the embedded default; a PostgreSQL store shares
-/// state between dispatcher hosts.
-#[async_trait]
-pub trait StateStore: Send + Sync {
-    /// Starts a run of `job` reading `source` (a description for people), in state `running`,
-    /// owned by `owner` (`host/pid`).
-    async fn create_run(
-        &self,
-        job: &str,
-        source: &str,
-        owner: &str,
-    ) -> Result<RunRecord, StateError>;
-
-    /// A dispatcher takes over an interrupted run: it becomes the owner, with a fresh heartbeat.
-    async fn claim_run(&self, run: RunId, owner: &str) -> Result<(), StateError>;
-
-    /// `retry` takes an ended run up again: it is `running` again, owned by `owner`.
-    async fn reopen_run(&self, run: RunId, owner: &str) -> Result<(), StateError>;
-
-    /// The failed and dead chunks and the skipped items of a run that `retry` has not
-    /// dispatched again yet.
-    async fn retryable(&self, run: RunId) -> Result<Retryable, StateError>;
-
-    /// Before a `retry` reads the fixed input: moves the recorded spans of what it will read to
-    /// where they lie now, and records the input's size now, in one transaction.
-    async fn rebase(&self, run: RunId, moves: &[Moved], size: u64) -> Result<(), StateError>;
-
-    /// The run's chunks without a final outcome (`pending` and `in_flight`), in seq order.
-    async fn open_chunks(&self, run: RunId) -> Result<Vec<ChunkRecord>, StateError>;
-
-    /// The run `id` of `job`, or its latest run when `id` is `None`.
-    async fn run(&self, job: &str, id: Option<RunId>) -> Result<Option<RunRecord>, StateError>;
-
-    /// Records chunks (as `pending`), the checkpoint after them and the bad records met on the
-    /// way, in one transaction; for a retry, also marks what they take over from as retried.
-    /// Called before the chunks are published.
-    async fn record(&self, run: RunId, progress: Progress<'_>) -> Result<(), StateError>;
-
-    /// The broker confirmed these chunks: `pending` becomes `in_flight`. A chunk that already
-    /// has a reply is left as it is. One transaction.
-    async fn mark_in_flight(&self, run: RunId, seqs: &[u64]) -> Result<(), StateError>;
-
-    /// Applies consumers' replies, each at most once per chunk and attempt, in one transaction;
-    /// one [`Applied`] per reply, in order.
-    async fn apply_replies(&self, replies: &[Reply]) -> Result<Vec<Applied>, StateError>;
-
-    /// The dispatcher is alive.
-    async fn heartbeat(&self, run: RunId) -> Result<(), StateError>;
-
-    /// Ends a run in `state`.
-    async fn finish_run(&self, run: RunId, state: RunState) -> Result<(), StateError>;
-
-    /// Counts, failures and stuck chunks of a run; chunks in flight longer than `chunk_timeout`
-    /// are stuck.
-    async fn status(&self, run: RunId, chunk_timeout: Duration) -> Result<RunStatus, StateError>;
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -3,7 +3,7 @@
 //! | queue | what |
 //! |---|---|
 //! | `hopper.<job>.chunks` | quorum queue the consumers read |
-//! | `hopper.<job>.retry.<delay>` | one delay queue per backoff tier (per-queue TTL), dead-lettering back to `chunks` |
+//! | `hopper.<job>.retry.<delay>` | one delay queue per backoff delay (per-queue TTL), dead-lettering back to `chunks` |
 //! | `hopper.<job>.replies` | quorum queue the dispatcher reads |
 //! | `hopper.<job>.dead` | quorum queue for chunks that exhausted retries or could not be decoded |
 //!
@@ -27,10 +27,11 @@ use crate::job::Job;
 /// RabbitMQ 3.x has no limit by default and 4.x has 20.
 pub const DELIVERY_LIMIT: i64 = 10;
 
-/// One delay queue: chunks wait `delay` in it, then go back to the chunk queue.
+/// One delay queue (`hopper.<job>.retry.<delay>`): a chunk that failed transiently waits
+/// `delay` in it, then goes back to the chunk queue for its next attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetryTier {
-    /// How long a chunk waits.
+pub struct DelayQueue {
+    /// The queue's message TTL.
     pub delay: Duration,
     /// The queue's name.
     pub queue: String,
@@ -39,25 +40,25 @@ pub struct RetryTier {
 /// The names of one job's queues.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
-    /// `hopper.<job>.chunks`.
+    /// `hopper.<job>.chunks`, which the consumers read.
     pub chunks: String,
-    /// `hopper.<job>.replies`.
+    /// `hopper.<job>.replies`, which the dispatcher reads.
     pub replies: String,
-    /// `hopper.<job>.dead`.
+    /// `hopper.<job>.dead`, where chunks are parked for good.
     pub dead: String,
-    /// The delay queues, shortest delay first.
-    pub retry: Vec<RetryTier>,
+    /// One per distinct backoff delay, shortest first.
+    pub delays: Vec<DelayQueue>,
 }
 
 impl Topology {
     /// The queues of `job`, with one delay queue per distinct backoff delay.
     pub fn for_job(job: &Job) -> Topology {
         let base = format!("hopper.{}", job.name);
-        let mut retry: Vec<RetryTier> = Vec::new();
+        let mut delays: Vec<DelayQueue> = Vec::new();
         for next in 2..=job.retry.max_attempts {
             let delay = job.retry.delay_before(next);
-            if retry.last().map(|t| t.delay) != Some(delay) {
-                retry.push(RetryTier {
+            if delays.last().map(|t| t.delay) != Some(delay) {
+                delays.push(DelayQueue {
                     delay,
                     queue: format!("{base}.retry.{}", delay_name(delay)),
                 });
@@ -67,14 +68,14 @@ impl Topology {
             chunks: format!("{base}.chunks"),
             replies: format!("{base}.replies"),
             dead: format!("{base}.dead"),
-            retry,
+            delays,
         }
     }
 
     /// The delay queue a chunk goes to before attempt `next`, given the job's backoff.
-    pub fn retry_queue(&self, job: &Job, next: u32) -> Option<&str> {
+    pub fn delay_queue(&self, job: &Job, next: u32) -> Option<&str> {
         let delay = job.retry.delay_before(next);
-        self.retry
+        self.delays
             .iter()
             .find(|t| t.delay == delay)
             .map(|t| t.queue.as_str())
@@ -87,7 +88,7 @@ impl Topology {
             self.replies.as_str(),
             self.dead.as_str(),
         ];
-        names.extend(self.retry.iter().map(|t| t.queue.as_str()));
+        names.extend(self.delays.iter().map(|t| t.queue.as_str()));
         names
     }
 
@@ -113,7 +114,7 @@ impl Topology {
         channel
             .queue_declare(self.dead.as_str().into(), durable, quorum())
             .await?;
-        for tier in &self.retry {
+        for tier in &self.delays {
             let mut args = FieldTable::default();
             let ttl = i64::try_from(tier.delay.as_millis()).unwrap_or(i64::MAX);
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
@@ -182,7 +183,7 @@ backoff = "500ms..2s"
 "#;
         let job = Job::parse(Path::new("t.toml"), text, &|_| None).expect("valid");
         let t = Topology::for_job(&job);
-        let names: Vec<&str> = t.retry.iter().map(|r| r.queue.as_str()).collect();
+        let names: Vec<&str> = t.delays.iter().map(|r| r.queue.as_str()).collect();
         assert_eq!(
             names,
             vec![
@@ -191,8 +192,8 @@ backoff = "500ms..2s"
                 "hopper.t.retry.2s"
             ]
         );
-        assert_eq!(t.retry_queue(&job, 2), Some("hopper.t.retry.500ms"));
-        assert_eq!(t.retry_queue(&job, 6), Some("hopper.t.retry.2s"));
+        assert_eq!(t.delay_queue(&job, 2), Some("hopper.t.retry.500ms"));
+        assert_eq!(t.delay_queue(&job, 6), Some("hopper.t.retry.2s"));
         assert_eq!(t.chunks, "hopper.t.chunks");
     }
 }

@@ -1,0 +1,331 @@
+//! The job file: TOML in, a validated [`Job`] out, once.
+//!
+//! Loading goes in three steps so that every error can name the file and the field:
+//! 1. the text is parsed as a TOML table (syntax errors carry line and column);
+//! 2. `${VAR}` and `${VAR:-default}` are expanded in every string value (an unset variable
+//!    without a default is an error naming the field);
+//! 3. the table is deserialized into raw structs that refuse unknown fields, then validated
+//!    into a [`Job`] that cannot be invalid (chunk size 0, a bad name, a missing `path`...).
+//!
+//! Relative paths in a job file (source path, state file, output directory, the `exec` command's
+//! working directory) are relative to the directory of the job file, so the same file works
+//! whatever directory the dispatcher or a consumer is started from.
+//!
+//! Nothing here touches the network or the input file: the dispatcher checks that its input
+//! exists, the consumer that its command exists, each before it sends anything.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+mod expand;
+mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub use expand::{expand, redact_url};
+
+/// The largest chunk a job may ask for. RabbitMQ 4 refuses messages over 16 MiB by default
+/// (`max_message_size`), and a chunk is one message.
+pub const MAX_CHUNK_BYTES: u64 = 16 * 1024 * 1024;
+
+/// A job file that cannot be used. Always refused before anything is sent to the broker; the
+/// binaries exit with code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The job file could not be read at all.
+    #[error("cannot read job file {path}: {source}")]
+    Read {
+        /// The job file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("job file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The job file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A field is unknown, missing, of the wrong type or has a value that makes no sense.
+    #[error("job file {path}: field `{field}`: {message}")]
+    Field {
+        /// The job file.
+        path: PathBuf,
+        /// The dotted path of the field, such as `chunking.items`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// A validated job: everything the dispatcher and the consumers need to know.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// `[a-z0-9-]+`; names the queues.
+    pub name: String,
+    /// The job file this came from.
+    pub file: PathBuf,
+    /// The directory relative paths are resolved against (the job file's), so the same file
+    /// works whatever directory a binary is started from.
+    pub dir: PathBuf,
+    /// The broker's URL, possibly with a password; print it with [`redact_url`].
+    pub broker_url: String,
+    /// `[state]`: where the execution context lives.
+    pub state: StateSpec,
+    /// `[source]`: what the dispatcher reads.
+    pub source: SourceSpec,
+    /// `[chunking]`: how items are cut into chunks.
+    pub chunking: Chunking,
+    /// `[throttle]`: the window of outstanding chunks and the item rate.
+    pub throttle: Throttle,
+    /// `[processor]`: what the consumers do with a chunk.
+    pub processor: ProcessorSpec,
+    /// `[retry]`: how often and how late a chunk that failed transiently is attempted again.
+    pub retry: RetryPolicy,
+    /// `[failures]`: how many skipped items a run tolerates.
+    pub failures: Failures,
+}
+
+/// Where the execution context is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateSpec {
+    /// An SQLite file (the embedded default).
+    Sqlite {
+        /// The database file, resolved against the job file's directory.
+        path: PathBuf,
+    },
+}
+
+/// The input of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// A local file read as a stream.
+    File {
+        /// The file, resolved against the job file's directory.
+        path: PathBuf,
+        /// How records are laid out in it.
+        format: FileFormat,
+    },
+}
+
+/// The record layout of a file source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    /// One JSON value per line.
+    Jsonl,
+    /// Comma-separated values; the header row names the fields of each item.
+    Csv,
+    /// Each line is one item, a JSON string.
+    Lines,
+}
+
+impl fmt::Display for FileFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FileFormat::Jsonl => "jsonl",
+            FileFormat::Csv => "csv",
+            FileFormat::Lines => "lines",
+        })
+    }
+}
+
+/// How items are cut into chunks: a chunk closes at `items` items or `max_bytes` bytes of item
+/// data, whichever comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunking {
+    /// Items per chunk, at least 1.
+    pub items: usize,
+    /// Bytes of item data per chunk; a single item larger than this is bad data.
+    pub max_bytes: u64,
+}
+
+/// The dispatcher's throttle.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Throttle {
+    /// Chunks outstanding (published, no final reply yet) at the most.
+    pub window: usize,
+    /// Items per second, 0 for unlimited.
+    pub rate: f64,
+    /// How long the rate takes to climb linearly from 0 to `rate`.
+    pub ramp_up: Duration,
+}
+
+/// What the consumers do with each chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProcessorSpec {
+    /// Run a command per chunk (no shell), items as JSON lines on its standard input.
+    Exec {
+        /// Program and arguments.
+        command: Vec<String>,
+    },
+    /// Write each chunk's items to `DIR/RUN/SEQ.jsonl`, atomically.
+    File {
+        /// The output directory, resolved against the job file's directory.
+        dir: PathBuf,
+    },
+    /// Count the items and do nothing else.
+    Noop,
+    /// A processor written in Rust against the `hopper-consumer` library; it reads its own
+    /// settings with [`Job::processor_options`].
+    Custom {
+        /// The `[processor.options]` table, as written.
+        options: CustomOptions,
+    },
+}
+
+impl ProcessorSpec {
+    /// The `kind` as written in the job file.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProcessorSpec::Exec { .. } => "exec",
+            ProcessorSpec::File { .. } => "file",
+            ProcessorSpec::Noop => "noop",
+            ProcessorSpec::Custom { .. } => "custom",
+        }
+    }
+}
+
+/// The `[processor.options]` table of a `custom` processor, kept as written until that
+/// processor reads it into its own type with [`Job::processor_options`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CustomOptions {
+    /// The job file, for errors.
+    file: PathBuf,
+    table: toml::Table,
+}
+
+/// How a chunk that failed transiently is attempted again (the job file's `[retry]`; not to be
+/// confused with the `retry` command, which dispatches again what a run failed on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts per chunk, the first included; at least 1.
+    pub max_attempts: u32,
+    /// The delay before the second attempt; it doubles for each further attempt.
+    pub backoff_min: Duration,
+    /// The delay never grows past this.
+    pub backoff_max: Duration,
+    /// A chunk in flight longer than this is reported stuck.
+    pub chunk_timeout: Duration,
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `next` (2 for the first retry): `backoff_min * 2^(next-2)`,
+    /// capped at `backoff_max`.
+    pub fn delay_before(&self, next: u32) -> Duration {
+        let doublings = next.saturating_sub(2).min(31);
+        self.backoff_min
+            .saturating_mul(1u32 << doublings)
+            .min(self.backoff_max)
+    }
+}
+
+/// How many bad items a run tolerates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failures {
+    /// Skipped items (bad data and bad items) allowed; one more fails the run.
+    pub skip_limit: u64,
+}
+
+impl Job {
+    /// Reads, expands and validates a job file.
+    ///
+    /// # Errors
+    /// A [`JobError`] naming the file and, where there is one, the field.
+    pub fn load(path: &Path) -> Result<Job, JobError> {
+        let text = std::fs::read_to_string(path).map_err(|source| JobError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Job::parse(path, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// Validates a job file's text; `env` looks up variables for `${VAR}`. `path` names the file
+    /// in errors and anchors relative paths.
+    ///
+    /// # Errors
+    /// A [`JobError`] naming the file and, where there is one, the field.
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Job, JobError> {
+        let field_err = |field: &str, message: String| JobError::Field {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            message,
+        };
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| JobError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        expand::expand_table(&mut table, "", env)
+            .map_err(|(field, message)| field_err(&field, message))?;
+        let raw: raw::RawJob = deserialize(table, path, "")?;
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        validate::validate(raw, path, dir).map_err(|(field, message)| field_err(field, message))
+    }
+
+    /// The `[processor.options]` table of a `custom` processor, read into the processor's own
+    /// type.
+    ///
+    /// # Errors
+    /// [`JobError::Field`] naming `processor.kind` when the job's processor is not `custom`, or
+    /// the option that does not fit `T`.
+    pub fn processor_options<T: DeserializeOwned>(&self) -> Result<T, JobError> {
+        match &self.processor {
+            ProcessorSpec::Custom { options } => {
+                deserialize(options.table.clone(), &options.file, "processor.options")
+            }
+            other => Err(JobError::Field {
+                path: self.file.clone(),
+                field: "processor.kind".to_string(),
+                message: format!(
+                    "is {:?}; processor options are for kind = \"custom\"",
+                    other.kind()
+                ),
+            }),
+        }
+    }
+}
+
+/// Deserializes `table` (found at `prefix` in the job file `path`) into `T`, naming the field
+/// that does not fit.
+fn deserialize<T: DeserializeOwned>(
+    table: toml::Table,
+    path: &Path,
+    prefix: &str,
+) -> Result<T, JobError> {
+    serde_path_to_error::deserialize(table).map_err(|e| {
+        let at = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let join = |a: &str, b: &str| match (a, b) {
+            ("" | ".", b) => b.to_string(),
+            (a, "" | ".") => a.to_string(),
+            (a, b) => format!("{a}.{b}"),
+        };
+        let field = join(prefix, &at);
+        // serde reports a missing field at its parent; name the field itself.
+        let (field, message) = match inner.strip_prefix("missing field `") {
+            Some(rest) => {
+                let name = rest.split('`').next().unwrap_or(rest);
+                (join(&field, name), "is required".to_string())
+            }
+            None => (field, inner),
+        };
+        JobError::Field {
+            path: path.to_path_buf(),
+            field,
+            message,
+        }
+    })
+}

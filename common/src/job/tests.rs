@@ -1,0 +1,136 @@
+//! The job file's parsing and validation, field by field.
+
+use super::*;
+
+const GOOD: &str = r#"
+name = "inflate-prices"
+[broker]
+url = "${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+[source]
+kind = "file"
+path = "data/products.jsonl"
+[processor]
+kind = "file"
+dir = "out"
+"#;
+
+fn parse(text: &str) -> Result<Job, JobError> {
+    Job::parse(Path::new("jobs/x.toml"), text, &|_| None)
+}
+
+fn field_of(text: &str) -> String {
+    match parse(text) {
+        Err(JobError::Field { field, .. }) => field,
+        other => panic!("expected a field error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_good_file_gets_defaults_and_resolved_paths() {
+    let job = parse(GOOD).expect("valid");
+    assert_eq!(job.name, "inflate-prices");
+    assert_eq!(job.broker_url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+    assert_eq!(
+        job.source,
+        SourceSpec::File {
+            path: PathBuf::from("jobs/data/products.jsonl"),
+            format: FileFormat::Jsonl
+        }
+    );
+    assert_eq!(job.chunking.items, 1000);
+    assert_eq!(job.throttle.window, 32);
+    assert_eq!(job.retry.max_attempts, 5);
+    assert_eq!(job.retry.backoff_min, Duration::from_secs(1));
+    assert_eq!(
+        job.state,
+        StateSpec::Sqlite {
+            path: PathBuf::from("jobs/hopper-state.db")
+        }
+    );
+}
+
+#[test]
+fn each_bad_field_is_named() {
+    assert_eq!(
+        field_of(&GOOD.replace("inflate-prices", "Bad_Name")),
+        "name"
+    );
+    assert_eq!(
+        field_of(&format!("{GOOD}\n[chunking]\nitems = 0\n")),
+        "chunking.items"
+    );
+    assert_eq!(
+        field_of(&format!("{GOOD}\n[chunking]\nitems = \"many\"\n")),
+        "chunking.items"
+    );
+    assert_eq!(
+        field_of(&format!("{GOOD}\n[throttle]\nwindoe = 3\n")),
+        "throttle.windoe"
+    );
+    assert_eq!(
+        field_of(&GOOD.replace("kind = \"file\"\npath", "kind = \"ftp\"\npath")),
+        "source.kind"
+    );
+    assert_eq!(
+        field_of(&GOOD.replace("dir = \"out\"", "")),
+        "processor.dir"
+    );
+    assert_eq!(
+        field_of(&GOOD.replace("name = \"inflate-prices\"", "")),
+        "name"
+    );
+    assert_eq!(
+        field_of(&format!("{GOOD}\n[retry]\nbackoff = \"5m..1s\"\n")),
+        "retry.backoff"
+    );
+}
+
+#[test]
+fn unknown_field_message_names_it() {
+    let err = parse(&format!("{GOOD}\n[throttle]\nwindoe = 3\n")).expect_err("unknown field");
+    assert!(err.to_string().contains("windoe"), "{err}");
+}
+
+#[test]
+fn not_toml_is_a_syntax_error() {
+    assert!(matches!(parse("name = = 3"), Err(JobError::Syntax { .. })));
+}
+
+#[test]
+fn unset_variable_without_default_names_the_field() {
+    let text = GOOD.replace(
+        "${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}",
+        "${NOPE}",
+    );
+    let err = parse(&text).expect_err("unset var");
+    assert!(err.to_string().contains("broker.url"), "{err}");
+    assert!(err.to_string().contains("NOPE"), "{err}");
+}
+
+#[test]
+fn expansion() {
+    let env = |n: &str| (n == "A").then(|| "x".to_string());
+    assert_eq!(expand("a${A}b", &env).as_deref(), Ok("axb"));
+    assert_eq!(expand("${B:-d}", &env).as_deref(), Ok("d"));
+    assert_eq!(expand("$$5 $x", &env).as_deref(), Ok("$5 $x"));
+    assert!(expand("${B}", &env).is_err());
+    assert!(expand("${A", &env).is_err());
+}
+
+#[test]
+fn passwords_are_redacted() {
+    assert_eq!(
+        redact_url("amqp://u:secret@h:5672/%2f"),
+        "amqp://u:***@h:5672/%2f"
+    );
+    assert!(!redact_url("postgres://u:pw@h/db").contains("pw"));
+}
+
+#[test]
+fn backoff_doubles_and_caps() {
+    let job = parse(&format!("{GOOD}\n[retry]\nbackoff = \"1s..5s\"\n")).expect("valid");
+    let d: Vec<u64> = (2..=6)
+        .map(|n| job.retry.delay_before(n).as_secs())
+        .collect();
+    assert_eq!(d, vec![1, 2, 4, 5, 5]);
+}

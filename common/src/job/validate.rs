@@ -1,0 +1,295 @@
+//! From the raw job file to a [`Job`] that cannot be invalid: one function per section, each
+//! returning the dotted field it refuses and why.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::expand::redact_url;
+use super::raw::{
+    RawChunking, RawFailures, RawJob, RawProcessor, RawRetry, RawSource, RawState, RawThrottle,
+};
+use super::{
+    Chunking, CustomOptions, Failures, FileFormat, Job, ProcessorSpec, RetryPolicy, SourceSpec,
+    StateSpec, Throttle, MAX_CHUNK_BYTES,
+};
+
+/// A refused field: its dotted path and what is wrong with it.
+pub(super) type FieldResult<T> = Result<T, (&'static str, String)>;
+
+pub(super) fn validate(raw: RawJob, file: &Path, dir: PathBuf) -> FieldResult<Job> {
+    Ok(Job {
+        name: name(raw.name)?,
+        broker_url: broker_url(raw.broker.url)?,
+        state: state(raw.state, &dir)?,
+        source: source(raw.source, &dir)?,
+        chunking: chunking(raw.chunking)?,
+        throttle: throttle(raw.throttle)?,
+        processor: processor(raw.processor, file, &dir)?,
+        retry: retry(raw.retry)?,
+        failures: failures(raw.failures),
+        file: file.to_path_buf(),
+        dir,
+    })
+}
+
+fn name(name: String) -> FieldResult<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !ok {
+        return Err((
+            "name",
+            format!(
+                "{name:?} must be 1 to 100 characters of a-z, 0-9 and '-' (it names the queues)"
+            ),
+        ));
+    }
+    Ok(name)
+}
+
+fn broker_url(url: String) -> FieldResult<String> {
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        return Err((
+            "broker.url",
+            format!("{} is not an amqp:// or amqps:// URL", redact_url(&url)),
+        ));
+    }
+    Ok(url)
+}
+
+fn state(raw: RawState, dir: &Path) -> FieldResult<StateSpec> {
+    let url = raw
+        .url
+        .unwrap_or_else(|| "sqlite://hopper-state.db".to_string());
+    if let Some(p) = url.strip_prefix("sqlite://") {
+        if p.is_empty() {
+            return Err(("state.url", "sqlite:// needs a file path".to_string()));
+        }
+        Ok(StateSpec::Sqlite { path: dir.join(p) })
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Err((
+            "state.url",
+            "the PostgreSQL state store is not available yet; use sqlite://FILE".to_string(),
+        ))
+    } else {
+        Err((
+            "state.url",
+            format!(
+                "{} is neither sqlite://FILE nor postgres://...",
+                redact_url(&url)
+            ),
+        ))
+    }
+}
+
+fn source(s: RawSource, dir: &Path) -> FieldResult<SourceSpec> {
+    match s.kind.as_str() {
+        "file" => {}
+        "postgres" => {
+            return Err((
+                "source.kind",
+                "the postgres source is not available yet; use kind = \"file\"".to_string(),
+            ))
+        }
+        other => {
+            return Err((
+                "source.kind",
+                format!("unknown source kind {other:?}; expected \"file\" or \"postgres\""),
+            ))
+        }
+    }
+    let Some(p) = s.path else {
+        return Err(("source.path", "is required for kind = \"file\"".to_string()));
+    };
+    let format = match s.format.as_deref() {
+        Some("jsonl") => FileFormat::Jsonl,
+        Some("csv") => FileFormat::Csv,
+        Some("lines") => FileFormat::Lines,
+        Some(other) => {
+            return Err((
+                "source.format",
+                format!("unknown format {other:?}; expected jsonl, csv or lines"),
+            ))
+        }
+        None => match Path::new(&p).extension().and_then(|e| e.to_str()) {
+            Some("jsonl" | "ndjson") => FileFormat::Jsonl,
+            Some("csv") => FileFormat::Csv,
+            Some("txt") => FileFormat::Lines,
+            _ => {
+                return Err((
+                    "source.format",
+                    format!("is required: cannot tell it from {p:?} (jsonl, csv or lines)"),
+                ))
+            }
+        },
+    };
+    Ok(SourceSpec::File {
+        path: dir.join(p),
+        format,
+    })
+}
+
+fn chunking(raw: RawChunking) -> FieldResult<Chunking> {
+    let items = raw.items.unwrap_or(1000);
+    if items == 0 || items > 1_000_000 {
+        return Err((
+            "chunking.items",
+            format!("{items} must be between 1 and 1000000"),
+        ));
+    }
+    let max_bytes = raw.max_bytes.unwrap_or(1024 * 1024);
+    if max_bytes == 0 || max_bytes > MAX_CHUNK_BYTES {
+        return Err((
+            "chunking.max_bytes",
+            format!("{max_bytes} must be between 1 and {MAX_CHUNK_BYTES} (16 MiB, RabbitMQ's default message limit)"),
+        ));
+    }
+    Ok(Chunking {
+        items: items as usize,
+        max_bytes,
+    })
+}
+
+fn throttle(raw: RawThrottle) -> FieldResult<Throttle> {
+    let window = raw.window.unwrap_or(32);
+    if window == 0 || window > 100_000 {
+        return Err((
+            "throttle.window",
+            format!("{window} must be between 1 and 100000"),
+        ));
+    }
+    let rate = raw.rate.unwrap_or(0.0);
+    if !rate.is_finite() || rate < 0.0 {
+        return Err((
+            "throttle.rate",
+            format!("{rate} must be 0 (unlimited) or more"),
+        ));
+    }
+    let ramp_up = duration("throttle.ramp_up", raw.ramp_up.as_deref().unwrap_or("0s"))?;
+    Ok(Throttle {
+        window: window as usize,
+        rate,
+        ramp_up,
+    })
+}
+
+fn processor(p: RawProcessor, file: &Path, dir: &Path) -> FieldResult<ProcessorSpec> {
+    let only = |field: &'static str, set: bool, kind: &str| -> FieldResult<()> {
+        if set {
+            Err((field, format!("is not used by kind = {kind:?}")))
+        } else {
+            Ok(())
+        }
+    };
+    Ok(match p.kind.as_str() {
+        "exec" => {
+            only("processor.dir", p.dir.is_some(), "exec")?;
+            only("processor.options", p.options.is_some(), "exec")?;
+            match p.command {
+                Some(c) if !c.is_empty() && !c[0].is_empty() => ProcessorSpec::Exec { command: c },
+                Some(_) => return Err(("processor.command", "must name a program".to_string())),
+                None => {
+                    return Err((
+                        "processor.command",
+                        "is required for kind = \"exec\", as a list: [\"program\", \"arg\"]"
+                            .to_string(),
+                    ))
+                }
+            }
+        }
+        "file" => {
+            only("processor.command", p.command.is_some(), "file")?;
+            only("processor.options", p.options.is_some(), "file")?;
+            match p.dir {
+                Some(d) if !d.is_empty() => ProcessorSpec::File { dir: dir.join(d) },
+                _ => {
+                    return Err((
+                        "processor.dir",
+                        "is required for kind = \"file\"".to_string(),
+                    ))
+                }
+            }
+        }
+        "noop" => {
+            only("processor.command", p.command.is_some(), "noop")?;
+            only("processor.dir", p.dir.is_some(), "noop")?;
+            only("processor.options", p.options.is_some(), "noop")?;
+            ProcessorSpec::Noop
+        }
+        "custom" => {
+            only("processor.command", p.command.is_some(), "custom")?;
+            only("processor.dir", p.dir.is_some(), "custom")?;
+            ProcessorSpec::Custom {
+                options: CustomOptions {
+                    file: file.to_path_buf(),
+                    table: p.options.unwrap_or_default(),
+                },
+            }
+        }
+        "postgres" => {
+            return Err((
+                "processor.kind",
+                "the postgres processor is not available yet".to_string(),
+            ))
+        }
+        other => {
+            return Err((
+                "processor.kind",
+                format!("unknown processor kind {other:?}; expected exec, file, noop or custom"),
+            ))
+        }
+    })
+}
+
+fn retry(raw: RawRetry) -> FieldResult<RetryPolicy> {
+    let max_attempts = raw.max_attempts.unwrap_or(5);
+    if max_attempts == 0 || max_attempts > 100 {
+        return Err((
+            "retry.max_attempts",
+            format!("{max_attempts} must be between 1 and 100"),
+        ));
+    }
+    let backoff = raw.backoff.as_deref().unwrap_or("1s..5m");
+    let (min, max) = backoff.split_once("..").ok_or((
+        "retry.backoff",
+        format!("{backoff:?} must be MIN..MAX, such as \"1s..5m\""),
+    ))?;
+    let backoff_min = duration("retry.backoff", min.trim())?;
+    let backoff_max = duration("retry.backoff", max.trim())?;
+    if backoff_min.is_zero() || backoff_min > backoff_max {
+        return Err((
+            "retry.backoff",
+            format!("{backoff:?}: MIN must be above zero and not above MAX"),
+        ));
+    }
+    let chunk_timeout = duration(
+        "retry.chunk_timeout",
+        raw.chunk_timeout.as_deref().unwrap_or("10m"),
+    )?;
+    if chunk_timeout.is_zero() {
+        return Err(("retry.chunk_timeout", "must be above zero".to_string()));
+    }
+    Ok(RetryPolicy {
+        max_attempts,
+        backoff_min,
+        backoff_max,
+        chunk_timeout,
+    })
+}
+
+fn failures(raw: RawFailures) -> Failures {
+    Failures {
+        skip_limit: raw.skip_limit.unwrap_or(0),
+    }
+}
+
+fn duration(field: &'static str, text: &str) -> FieldResult<Duration> {
+    humantime::parse_duration(text).map_err(|e| {
+        (
+            field,
+            format!("{text:?} is not a duration such as \"30s\" or \"5m\": {e}"),
+        )
+    })
+}

@@ -1,0 +1,42 @@
+//! This process: who it is, and how a Hopper binary starts.
+//!
+//! The identity (`host/pid`) names broker connections, tells the dispatcher which consumer
+//! replied, and records which dispatcher owns a run (a run whose owner's process is gone on this
+//! host can be taken over). Both binaries start the same way: logs to stderr filtered by
+//! `HOPPER_LOG`, then one multi-threaded runtime.
+
+use std::future::Future;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+/// `host/pid`: who is talking, for connection names, replies and run ownership.
+pub fn identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".to_string());
+    format!("{host}/{}", std::process::id())
+}
+
+/// Runs a binary's `main`: installs the log subscriber (stderr, `HOPPER_LOG`, `info` by
+/// default), starts the runtime and drives `body` to its exit code. Only binaries call this: a
+/// library never installs a subscriber.
+pub fn run_main<F: Future<Output = ExitCode>>(body: F) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOPPER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(body),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

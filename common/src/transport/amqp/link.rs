@@ -1,0 +1,94 @@
+//! The connection layer: one side's two connections to RabbitMQ and its publishing channel.
+//!
+//! Publishing and consuming use separate connections: a publisher connection blocked by a
+//! memory or disk alarm (`connection.blocked`) stops every frame on it, acks included.
+
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, ConnectionProperties};
+
+use super::topology::Topology;
+use crate::job::{redact_url, Job};
+use crate::transport::TransportError;
+
+/// The broker could not be reached or refused us.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to RabbitMQ at {url} ({name}): {source}")]
+pub struct ConnectError {
+    /// The broker URL, password redacted, so the error can be logged as it is.
+    pub url: String,
+    /// The connection name we asked for, as the management UI's Connections tab shows it.
+    pub name: String,
+    /// The client's error.
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// Opens a connection named `name` (shown in the management UI's Connections tab).
+///
+/// # Errors
+/// [`ConnectError`], with the URL's password redacted.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, props)
+        .await
+        .map_err(|source| ConnectError {
+            url: redact_url(url),
+            name: name.to_string(),
+            source: Box::new(source),
+        })
+}
+
+/// One side's link to the broker: a connection to publish on, with a channel in confirm mode,
+/// and a separate connection to consume on, the job's queues declared.
+#[derive(Debug)]
+pub(crate) struct Link {
+    publish: Connection,
+    /// Kept apart so that a publisher blocked by a broker alarm does not stop acks.
+    pub(crate) consume: Connection,
+    /// A channel on the publishing connection, in confirm mode.
+    pub(crate) channel: Channel,
+}
+
+impl Link {
+    /// Connects `role` (`hopper-dispatcher`, `hopper-consumer`) for `job`, naming the connections
+    /// after the role, the job and this process, and declares the job's queues.
+    ///
+    /// # Errors
+    /// [`TransportError::Connect`], or [`TransportError::Broker`] naming the step and queue.
+    pub(crate) async fn open(
+        job: &Job,
+        topology: &Topology,
+        role: &str,
+    ) -> Result<Link, TransportError> {
+        let me = crate::process::identity();
+        let step = |what: &'static str| super::broker(what, &topology.chunks);
+        let name = |side: &str| format!("{role} {} {side} {me}", job.name);
+        let publish = connect(&job.broker_url, &name("publish")).await?;
+        let consume = connect(&job.broker_url, &name("consume")).await?;
+        let channel = publish
+            .create_channel()
+            .await
+            .map_err(step("open channel"))?;
+        topology
+            .declare(&channel)
+            .await
+            .map_err(step("declare queues"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(step("enable publisher confirms"))?;
+        Ok(Link {
+            publish,
+            consume,
+            channel,
+        })
+    }
+
+    /// Closes both connections. Best effort: what matters was confirmed and recorded already.
+    /// Bounded, because closing a connection the broker dropped can wait forever for its
+    /// close-ok.
+    pub(crate) async fn close(&self, why: &str) {
+        let limit = std::time::Duration::from_secs(1);
+        let _ = tokio::time::timeout(limit, self.publish.close(200, why.into())).await;
+        let _ = tokio::time::timeout(limit, self.consume.close(200, why.into())).await;
+    }
+}

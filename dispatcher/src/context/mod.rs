@@ -1,0 +1,151 @@
+//! The execution context: every run, every chunk and every failure, kept so that a run can be
+//! watched (`status`), resumed and retried.
+//!
+//! Invariants the dispatcher relies on:
+//! - [`ContextStore::record`] writes chunks (status `pending`) together with the source
+//!   checkpoint after them in one transaction, *before* they are published (record, then
+//!   publish).
+//! - [`ContextStore::apply_replies`] applies a reply at most once per chunk: a reply for a chunk
+//!   that already has a final status, or an older attempt, is an [`Applied::Duplicate`]; a reply
+//!   for a chunk the store does not know is [`Applied::Unknown`]. Neither changes anything.
+//! - Counters are derived from the chunk and failure rows, never kept twice.
+//!
+//! [`model`] holds what is stored; [`sqlite`] the embedded store. A library user holds an
+//! [`ExecutionContext`] and never sees the store behind it.
+
+mod model;
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use hopper_common::{Job, Reply, StateSpec};
+
+pub(crate) use model::{
+    Applied, BadData, ChunkRecord, ChunkStatus, FailedChunk, Moved, NewChunk, OpenFailure,
+    RecordBatch, Retried, Retryable,
+};
+pub use model::{
+    Checkpoint, ChunkCounts, FailureClass, FailureRecord, ItemCounts, RunId, RunRecord, RunState,
+    RunStatus, StuckChunk,
+};
+use sqlite::SqliteStore;
+
+/// The execution context cannot be read or written. The dispatcher cannot go on without it: it
+/// stops, and the run can be resumed once the store is reachable again.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    /// The store could not be opened, read or written.
+    #[error("execution context {store}: {source}")]
+    Store {
+        /// Which store: the SQLite file.
+        store: String,
+        /// The database's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The store holds something this build cannot read (another schema, an unknown state).
+    #[error("execution context {store}: {message}")]
+    Corrupt {
+        /// Which store: the SQLite file.
+        store: String,
+        /// What cannot be read, and what to do about it.
+        message: String,
+    },
+}
+
+/// A job's execution context, opened: what `run`, `resume`, `retry` and `status` read and
+/// write. Cheap to clone; every clone is the same store.
+#[derive(Clone)]
+pub struct ExecutionContext {
+    store: Arc<dyn ContextStore>,
+}
+
+impl std::fmt::Debug for ExecutionContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecutionContext").finish_non_exhaustive()
+    }
+}
+
+impl ExecutionContext {
+    /// Opens (creating if needed) the execution context the job file's `[state]` names.
+    ///
+    /// # Errors
+    /// [`ContextError`] when the store cannot be opened or holds another schema.
+    pub fn open(job: &Job) -> Result<ExecutionContext, ContextError> {
+        let store: Arc<dyn ContextStore> = match &job.state {
+            StateSpec::Sqlite { path } => Arc::new(SqliteStore::open(path)?),
+        };
+        Ok(ExecutionContext { store })
+    }
+
+    /// The store, for the dispatcher's own modules.
+    pub(crate) fn store(&self) -> &Arc<dyn ContextStore> {
+        &self.store
+    }
+}
+
+/// The execution context's storage. SQLite is the embedded default; a PostgreSQL store will
+/// share it between dispatcher hosts, behind this same trait.
+#[async_trait]
+pub(crate) trait ContextStore: Send + Sync {
+    /// Starts a run of `job` reading `source` (a description for people), in state `running`,
+    /// owned by `owner` (`host/pid`).
+    async fn create_run(
+        &self,
+        job: &str,
+        source: &str,
+        owner: &str,
+    ) -> Result<RunRecord, ContextError>;
+
+    /// A dispatcher takes over an interrupted run: it becomes the owner, with a fresh heartbeat.
+    async fn claim_run(&self, run: RunId, owner: &str) -> Result<(), ContextError>;
+
+    /// `retry` takes an ended run up again: it is `running` again, owned by `owner`.
+    async fn reopen_run(&self, run: RunId, owner: &str) -> Result<(), ContextError>;
+
+    /// The failed and dead chunks and the skipped items of a run that `retry` has not
+    /// dispatched again yet.
+    async fn retryable(&self, run: RunId) -> Result<Retryable, ContextError>;
+
+    /// Before a `retry` reads the fixed input: moves the recorded spans of what it will read to
+    /// where they lie now, and records the input's size now, in one transaction.
+    async fn rebase(&self, run: RunId, moves: &[Moved], size: u64) -> Result<(), ContextError>;
+
+    /// The run's chunks without a final outcome (`pending` and `in_flight`), in seq order.
+    async fn open_chunks(&self, run: RunId) -> Result<Vec<ChunkRecord>, ContextError>;
+
+    /// The run `id` of `job`, or its latest run when `id` is `None`.
+    async fn run(&self, job: &str, id: Option<RunId>) -> Result<Option<RunRecord>, ContextError>;
+
+    /// Records chunks (as `pending`), the checkpoint after them and the bad records met on the
+    /// way, in one transaction; for a retry, also marks what they take over from as retried.
+    /// Called before the chunks are published.
+    async fn record(&self, run: RunId, batch: RecordBatch<'_>) -> Result<(), ContextError>;
+
+    /// The broker confirmed these chunks: `pending` becomes `in_flight`. A chunk that already
+    /// has a reply is left as it is. One transaction.
+    async fn mark_in_flight(&self, run: RunId, seqs: &[u64]) -> Result<(), ContextError>;
+
+    /// Applies consumers' replies, each at most once per chunk and attempt, in one transaction;
+    /// one [`Applied`] per reply, in order.
+    async fn apply_replies(&self, replies: &[Reply]) -> Result<Vec<Applied>, ContextError>;
+
+    /// The owner is alive: a fresh heartbeat, so no other dispatcher takes the run over.
+    async fn heartbeat(&self, run: RunId) -> Result<(), ContextError>;
+
+    /// Ends a run in `state`.
+    async fn finish_run(&self, run: RunId, state: RunState) -> Result<(), ContextError>;
+
+    /// Counts, failures and stuck chunks of a run; chunks in flight longer than `chunk_timeout`
+    /// are stuck.
+    async fn status(&self, run: RunId, chunk_timeout: Duration) -> Result<RunStatus, ContextError>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,192 @@
+//! The embedded execution context: one SQLite file in WAL mode.
+//!
+//! Each call runs on tokio's blocking pool behind one mutex-guarded connection: the dispatcher is
+//! the only writer, and `status` readers open their own connection (WAL lets them read while it
+//! writes). Write transactions are `IMMEDIATE`: they take the write lock up front and wait for
+//! it, where a deferred one that read first could fail outright on a lock taken by another
+//! connection in between. `synchronous = NORMAL` makes a commit survive a crash of the process
+//! (SIGKILL) but not of the machine; losing the last commits on power loss means chunks are read
+//! and published again, which idempotent processors absorb.
+//!
+//! One file per table or concern: [`schema`], [`runs`], [`chunks`] (recording and confirming),
+//! [`outcomes`] (applying replies), [`status`], [`retry`] (what the `retry` command reads).
+
+mod chunks;
+mod outcomes;
+mod retry;
+mod runs;
+mod schema;
+mod status;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hopper_common::Reply;
+use rusqlite::Connection;
+
+use super::{
+    Applied, ChunkRecord, ContextError, ContextStore, Moved, RecordBatch, Retryable, RunId,
+    RunRecord, RunState, RunStatus,
+};
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub(crate) struct SqliteStore {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+}
+
+/// Errors inside a blocking call, given the path on the way out.
+enum Fail {
+    Sql(rusqlite::Error),
+    Corrupt(String),
+}
+
+impl From<rusqlite::Error> for Fail {
+    fn from(e: rusqlite::Error) -> Self {
+        Fail::Sql(e)
+    }
+}
+
+impl Fail {
+    fn at(self, path: &Path) -> ContextError {
+        let store = path.display().to_string();
+        match self {
+            Fail::Sql(source) => ContextError::Store {
+                store,
+                source: Box::new(source),
+            },
+            Fail::Corrupt(message) => ContextError::Corrupt { store, message },
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and its schema.
+    ///
+    /// # Errors
+    /// [`ContextError`] when the file cannot be opened or holds another schema.
+    pub(crate) fn open(path: &Path) -> Result<SqliteStore, ContextError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // A missing directory is reported by open() below, with the path.
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let setup = || -> Result<Connection, Fail> {
+            let mut conn = Connection::open(path)?;
+            conn.busy_timeout(Duration::from_secs(10))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            schema::prepare(&mut conn)?;
+            Ok(conn)
+        };
+        let conn = setup().map_err(|f| f.at(path))?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` on the connection, on the blocking pool.
+    async fn with<T, F>(&self, f: F) -> Result<T, ContextError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, Fail> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        let joined = tokio::task::spawn_blocking(move || {
+            // A poisoned lock only means another call panicked mid-way; SQLite rolled its
+            // transaction back, so the connection is still usable.
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await;
+        match joined {
+            Ok(result) => result.map_err(|f| f.at(&self.path)),
+            Err(join) => Err(Fail::Corrupt(format!("a store task failed: {join}")).at(&self.path)),
+        }
+    }
+}
+
+#[async_trait]
+impl ContextStore for SqliteStore {
+    async fn create_run(
+        &self,
+        job: &str,
+        source: &str,
+        owner: &str,
+    ) -> Result<RunRecord, ContextError> {
+        let (job, source, owner) = (job.to_string(), source.to_string(), owner.to_string());
+        self.with(move |conn| runs::create(conn, &job, &source, &owner))
+            .await
+    }
+
+    async fn claim_run(&self, run: RunId, owner: &str) -> Result<(), ContextError> {
+        let owner = owner.to_string();
+        self.with(move |conn| runs::claim(conn, run, &owner)).await
+    }
+
+    async fn reopen_run(&self, run: RunId, owner: &str) -> Result<(), ContextError> {
+        let owner = owner.to_string();
+        self.with(move |conn| runs::reopen(conn, run, &owner)).await
+    }
+
+    async fn retryable(&self, run: RunId) -> Result<Retryable, ContextError> {
+        self.with(move |conn| retry::retryable(conn, run)).await
+    }
+
+    async fn rebase(&self, run: RunId, moves: &[Moved], size: u64) -> Result<(), ContextError> {
+        let moves = moves.to_vec();
+        self.with(move |conn| retry::rebase(conn, run, &moves, size))
+            .await
+    }
+
+    async fn open_chunks(&self, run: RunId) -> Result<Vec<ChunkRecord>, ContextError> {
+        self.with(move |conn| chunks::open(conn, run)).await
+    }
+
+    async fn run(&self, job: &str, id: Option<RunId>) -> Result<Option<RunRecord>, ContextError> {
+        let job = job.to_string();
+        self.with(move |conn| runs::run_by(conn, &job, id)).await
+    }
+
+    async fn record(&self, run: RunId, batch: RecordBatch<'_>) -> Result<(), ContextError> {
+        let batch = chunks::Batch {
+            chunks: batch.chunks.to_vec(),
+            ckpt: *batch.checkpoint,
+            bad: batch.bad_data.to_vec(),
+            retried: batch.retried.to_vec(),
+            retry: batch.retry,
+        };
+        self.with(move |conn| chunks::record(conn, run, batch))
+            .await
+    }
+
+    async fn mark_in_flight(&self, run: RunId, seqs: &[u64]) -> Result<(), ContextError> {
+        let seqs = seqs.to_vec();
+        self.with(move |conn| chunks::mark_in_flight(conn, run, &seqs))
+            .await
+    }
+
+    async fn apply_replies(&self, replies: &[Reply]) -> Result<Vec<Applied>, ContextError> {
+        let replies = replies.to_vec();
+        self.with(move |conn| outcomes::apply(conn, &replies)).await
+    }
+
+    async fn heartbeat(&self, run: RunId) -> Result<(), ContextError> {
+        self.with(move |conn| runs::heartbeat(conn, run)).await
+    }
+
+    async fn finish_run(&self, run: RunId, state: RunState) -> Result<(), ContextError> {
+        self.with(move |conn| runs::finish(conn, run, state)).await
+    }
+
+    async fn status(&self, run: RunId, chunk_timeout: Duration) -> Result<RunStatus, ContextError> {
+        self.with(move |conn| status::status(conn, run, chunk_timeout))
+            .await
+    }
+}

@@ -1,0 +1,139 @@
+//! Applying replies: each outcome at most once per chunk, a later attempt's over an earlier
+//! one's, and the failures it reports (bad items, a failed or dead chunk) beside it.
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::Fail;
+use crate::context::{now_ms, Applied, FailureClass, FailureRecord, RunId};
+use hopper_common::{Outcome, Reply};
+
+fn insert_failures(
+    tx: &rusqlite::Transaction<'_>,
+    run: RunId,
+    failures: &[FailureRecord],
+) -> Result<(), Fail> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO failures (run, seq, position, class, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for f in failures {
+        stmt.execute(params![
+            run as i64,
+            f.seq.map(|s| s as i64),
+            f.position as i64,
+            f.class.as_str(),
+            f.reason
+        ])?;
+    }
+    Ok(())
+}
+
+/// Applies one reply inside `tx`: at most once per chunk, and a retry only once per attempt.
+fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, Fail> {
+    let found: Option<(String, i64, i64)> = tx
+        .query_row(
+            "SELECT c.status, c.attempts, c.line FROM chunks c JOIN runs r ON r.id = c.run
+             WHERE c.run = ?1 AND c.seq = ?2 AND r.job = ?3",
+            params![reply.run as i64, reply.seq as i64, reply.job],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((status, attempts, line)) = found else {
+        return Ok(Applied::Unknown);
+    };
+    if matches!(status.as_str(), "done" | "failed" | "dead") {
+        return Ok(Applied::Duplicate);
+    }
+    let (run, seq, now) = (reply.run as i64, reply.seq as i64, now_ms() as i64);
+    let attempt = i64::from(reply.attempt);
+    let finish =
+        |tx: &rusqlite::Transaction<'_>, status: &str, processed: u64, error: Option<&str>| {
+            tx.execute(
+                "UPDATE chunks SET status = ?3, processed = ?4, attempts = MAX(attempts, ?5),
+             finished_at = ?6, last_error = COALESCE(?7, last_error), consumer = ?8
+             WHERE run = ?1 AND seq = ?2",
+                params![
+                    run,
+                    seq,
+                    status,
+                    processed as i64,
+                    attempt,
+                    now,
+                    error,
+                    reply.consumer
+                ],
+            )
+        };
+    match &reply.outcome {
+        Outcome::Done {
+            processed,
+            bad_items,
+        } => {
+            finish(tx, "done", *processed, None)?;
+            let failures: Vec<FailureRecord> = bad_items
+                .iter()
+                .map(|b| FailureRecord {
+                    seq: Some(reply.seq),
+                    position: b.line,
+                    class: FailureClass::BadItem,
+                    reason: b.reason.clone(),
+                })
+                .collect();
+            insert_failures(tx, reply.run, &failures)?;
+        }
+        Outcome::Retrying {
+            error,
+            next_attempt,
+        } => {
+            if attempts >= i64::from(*next_attempt) {
+                return Ok(Applied::Duplicate);
+            }
+            // The chunk comes back after its delay; its stuck clock starts again.
+            tx.execute(
+                "UPDATE chunks SET status = 'in_flight', attempts = ?3, last_error = ?4,
+                 consumer = ?5, dispatched_at = ?6 WHERE run = ?1 AND seq = ?2",
+                params![
+                    run,
+                    seq,
+                    i64::from(*next_attempt),
+                    error,
+                    reply.consumer,
+                    now
+                ],
+            )?;
+        }
+        Outcome::Dead { error } | Outcome::Failed { error } => {
+            let (status, reason) = match &reply.outcome {
+                Outcome::Dead { .. } => (
+                    "dead",
+                    format!(
+                        "parked on the dead queue after {} attempts: {error}",
+                        reply.attempt
+                    ),
+                ),
+                _ => ("failed", format!("failed permanently: {error}")),
+            };
+            finish(tx, status, 0, Some(error))?;
+            insert_failures(
+                tx,
+                reply.run,
+                &[FailureRecord {
+                    seq: Some(reply.seq),
+                    position: line as u64,
+                    class: FailureClass::Chunk,
+                    reason,
+                }],
+            )?;
+        }
+    }
+    Ok(Applied::Recorded)
+}
+
+pub(super) fn apply(conn: &mut Connection, replies: &[Reply]) -> Result<Vec<Applied>, Fail> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let applied = replies
+        .iter()
+        .map(|r| apply_one(&tx, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    tx.commit()?;
+    Ok(applied)
+}

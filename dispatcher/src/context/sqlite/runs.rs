@@ -1,0 +1,111 @@
+//! The `runs` table: a run's life (created, claimed by a dispatcher, heartbeats, ended, taken
+//! up again by `retry`) and how it is read.
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::Fail;
+use crate::context::{now_ms, Checkpoint, RunId, RunRecord, RunState};
+
+fn read_run(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
+    let state: String = row.get("state")?;
+    Ok((
+        RunRecord {
+            id: row.get::<_, i64>("id")? as u64,
+            job: row.get("job")?,
+            state: RunState::Running,
+            source: row.get("source")?,
+            started_at: row.get::<_, i64>("started_at")? as u64,
+            finished_at: row.get::<_, Option<i64>>("finished_at")?.map(|v| v as u64),
+            heartbeat_at: row.get::<_, i64>("heartbeat_at")? as u64,
+            owner: row.get("owner")?,
+            checkpoint: Checkpoint {
+                offset: row.get::<_, i64>("ckpt_offset")? as u64,
+                line: row.get::<_, i64>("ckpt_line")? as u64,
+                next_seq: row.get::<_, i64>("next_seq")? as u64,
+                exhausted: row.get::<_, i64>("exhausted")? != 0,
+            },
+        },
+        state,
+    ))
+}
+
+pub(super) fn run_by(
+    conn: &Connection,
+    job: &str,
+    id: Option<RunId>,
+) -> Result<Option<RunRecord>, Fail> {
+    let found = match id {
+        Some(id) => conn
+            .query_row(
+                "SELECT * FROM runs WHERE job = ?1 AND id = ?2",
+                params![job, id as i64],
+                read_run,
+            )
+            .optional()?,
+        None => conn
+            .query_row(
+                "SELECT * FROM runs WHERE job = ?1 ORDER BY id DESC LIMIT 1",
+                params![job],
+                read_run,
+            )
+            .optional()?,
+    };
+    found
+        .map(|(mut run, state)| {
+            run.state = state.parse().map_err(Fail::Corrupt)?;
+            Ok(run)
+        })
+        .transpose()
+}
+
+pub(super) fn create(
+    conn: &mut Connection,
+    job: &str,
+    source: &str,
+    owner: &str,
+) -> Result<RunRecord, Fail> {
+    let now = now_ms() as i64;
+    conn.execute(
+        "INSERT INTO runs (job, state, source, started_at, heartbeat_at, owner)
+         VALUES (?1, 'running', ?2, ?3, ?3, ?4)",
+        params![job, source, now, owner],
+    )?;
+    let id = conn.last_insert_rowid() as u64;
+    run_by(conn, job, Some(id))?
+        .ok_or_else(|| Fail::Corrupt(format!("run {id} vanished after insert")))
+}
+
+pub(super) fn claim(conn: &mut Connection, run: RunId, owner: &str) -> Result<(), Fail> {
+    conn.execute(
+        "UPDATE runs SET owner = ?2, heartbeat_at = ?3 WHERE id = ?1",
+        params![run as i64, owner, now_ms() as i64],
+    )?;
+    Ok(())
+}
+
+pub(super) fn reopen(conn: &mut Connection, run: RunId, owner: &str) -> Result<(), Fail> {
+    conn.execute(
+        "UPDATE runs SET state = 'running', finished_at = NULL, owner = ?2,
+         heartbeat_at = ?3 WHERE id = ?1",
+        params![run as i64, owner, now_ms() as i64],
+    )?;
+    Ok(())
+}
+
+pub(super) fn heartbeat(conn: &mut Connection, run: RunId) -> Result<(), Fail> {
+    conn.execute(
+        "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1",
+        params![run as i64, now_ms() as i64],
+    )?;
+    Ok(())
+}
+
+pub(super) fn finish(conn: &mut Connection, run: RunId, state: RunState) -> Result<(), Fail> {
+    let now = now_ms() as i64;
+    let finished = state.is_final().then_some(now);
+    conn.execute(
+        "UPDATE runs SET state = ?2, finished_at = ?3, heartbeat_at = ?4 WHERE id = ?1",
+        params![run as i64, state.as_str(), finished, now],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! The SQLite schema, created whole when a store is new. A store of another schema version
+//! (written by an earlier development build, or a newer release) is refused, not guessed at.
+
+use rusqlite::Connection;
+
+use super::Fail;
+
+/// Bumped with every change to [`SCHEMA`].
+const SCHEMA_VERSION: i64 = 3;
+
+/// The whole schema of a new store.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS runs (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    job           TEXT    NOT NULL,
+    state         TEXT    NOT NULL,
+    source        TEXT    NOT NULL,
+    started_at    INTEGER NOT NULL,
+    finished_at   INTEGER,
+    heartbeat_at  INTEGER NOT NULL,
+    owner         TEXT,
+    ckpt_offset   INTEGER NOT NULL DEFAULT 0,
+    ckpt_line     INTEGER NOT NULL DEFAULT 0,
+    next_seq      INTEGER NOT NULL DEFAULT 1,
+    exhausted     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_by_job ON runs (job, id);
+CREATE TABLE IF NOT EXISTS chunks (
+    run           INTEGER NOT NULL REFERENCES runs (id),
+    seq           INTEGER NOT NULL,
+    line          INTEGER NOT NULL,
+    offset        INTEGER NOT NULL,
+    end_offset    INTEGER NOT NULL,
+    items         INTEGER NOT NULL,
+    processed     INTEGER NOT NULL DEFAULT 0,
+    status        TEXT    NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 1,
+    dispatched_at INTEGER,
+    finished_at   INTEGER,
+    last_error    TEXT,
+    consumer      TEXT,
+    end_line      INTEGER,
+    retry         INTEGER NOT NULL DEFAULT 0,
+    retried_at    INTEGER,
+    PRIMARY KEY (run, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS failures (
+    run        INTEGER NOT NULL REFERENCES runs (id),
+    seq        INTEGER,
+    position   INTEGER NOT NULL,
+    class      TEXT    NOT NULL,
+    reason     TEXT    NOT NULL,
+    offset     INTEGER,
+    end_offset INTEGER,
+    end_line   INTEGER,
+    retry      INTEGER NOT NULL DEFAULT 0,
+    retried_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS failures_by_run ON failures (run, position);
+";
+
+/// Creates the schema in a new store; checks the version of an existing one. Opening an
+/// up-to-date store writes nothing: `status` runs beside a dispatcher, and a write here would
+/// make the dispatcher's next transaction start from a stale snapshot.
+pub(super) fn prepare(conn: &mut Connection) -> Result<(), Fail> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    match version {
+        SCHEMA_VERSION => Ok(()),
+        0 => {
+            let tx = conn.transaction()?;
+            tx.execute_batch(SCHEMA)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            tx.commit()?;
+            Ok(())
+        }
+        v if v > SCHEMA_VERSION => Err(Fail::Corrupt(format!(
+            "schema version {v} is newer than this build's {SCHEMA_VERSION}; use a newer hopper-dispatcher"
+        ))),
+        v => Err(Fail::Corrupt(format!(
+            "schema version {v} was written by a development build before the first release; \
+             this build reads version {SCHEMA_VERSION}: move the file away to start afresh"
+        ))),
+    }
+}

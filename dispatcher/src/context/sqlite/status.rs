@@ -1,0 +1,121 @@
+//! `status`: a run's counts, derived from its chunk and failure rows (never kept twice), its
+//! standing failures and its stuck chunks.
+
+use std::time::Duration;
+
+use rusqlite::{params, Connection};
+
+use super::runs::run_by;
+use super::Fail;
+use crate::context::{
+    now_ms, ChunkCounts, FailureClass, FailureRecord, ItemCounts, RunId, RunStatus, StuckChunk,
+};
+
+pub(super) fn status(
+    conn: &mut Connection,
+    run: RunId,
+    chunk_timeout: Duration,
+) -> Result<RunStatus, Fail> {
+    let job: String = conn.query_row(
+        "SELECT job FROM runs WHERE id = ?1",
+        params![run as i64],
+        |r| r.get(0),
+    )?;
+    let record = run_by(conn, &job, Some(run))?
+        .ok_or_else(|| Fail::Corrupt(format!("run {run} vanished")))?;
+    // A chunk dispatched again by `retry` counts as `retried`, not failed or dead; the items
+    // of retry chunks were counted as read the first time.
+    let (chunks, mut items) = conn.query_row(
+        "SELECT COUNT(*),
+                COALESCE(SUM(status = 'pending'), 0),
+                COALESCE(SUM(status = 'in_flight'), 0),
+                COALESCE(SUM(status = 'done'), 0),
+                COALESCE(SUM(status = 'failed' AND retried_at IS NULL), 0),
+                COALESCE(SUM(status = 'dead' AND retried_at IS NULL), 0),
+                COALESCE(SUM(CASE WHEN retry = 0 THEN items END), 0),
+                COALESCE(SUM(processed), 0),
+                COALESCE(SUM(CASE WHEN status IN ('failed', 'dead') AND retried_at IS NULL
+                                  THEN items END), 0),
+                COALESCE(SUM(retried_at IS NOT NULL), 0)
+         FROM chunks WHERE run = ?1",
+        params![run as i64],
+        |r| {
+            let n = |i: usize| r.get::<_, i64>(i).map(|v| v as u64);
+            Ok((
+                ChunkCounts {
+                    total: n(0)?,
+                    pending: n(1)?,
+                    in_flight: n(2)?,
+                    done: n(3)?,
+                    failed: n(4)?,
+                    dead: n(5)?,
+                    retried: n(9)?,
+                },
+                ItemCounts {
+                    read: n(6)?,
+                    processed: n(7)?,
+                    skipped: 0,
+                    failed: n(8)?,
+                },
+            ))
+        },
+    )?;
+    let mut failures = Vec::new();
+    let mut stmt = conn.prepare(
+        "SELECT seq, position, class, reason, retry, retried_at IS NOT NULL
+         FROM failures WHERE run = ?1 ORDER BY position, seq",
+    )?;
+    let rows = stmt.query_map(params![run as i64], |r| {
+        Ok((
+            r.get::<_, Option<i64>>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, bool>(4)?,
+            r.get::<_, bool>(5)?,
+        ))
+    })?;
+    for row in rows {
+        let (seq, position, class, reason, found_by_retry, retried) = row?;
+        let class: FailureClass = class.parse().map_err(Fail::Corrupt)?;
+        if class == FailureClass::BadData && !found_by_retry {
+            // Bad records are read but never put in a chunk.
+            items.read += 1;
+        }
+        if retried {
+            continue;
+        }
+        match class {
+            FailureClass::BadData | FailureClass::BadItem => items.skipped += 1,
+            FailureClass::Chunk => {}
+        }
+        failures.push(FailureRecord {
+            seq: seq.map(|s| s as u64),
+            position: position as u64,
+            class,
+            reason,
+        });
+    }
+    let cutoff = now_ms().saturating_sub(chunk_timeout.as_millis() as u64) as i64;
+    let mut stmt = conn.prepare(
+        "SELECT seq, consumer, dispatched_at, attempts FROM chunks
+         WHERE run = ?1 AND status = 'in_flight' AND dispatched_at < ?2 ORDER BY seq",
+    )?;
+    let stuck = stmt
+        .query_map(params![run as i64, cutoff], |r| {
+            Ok(StuckChunk {
+                seq: r.get::<_, i64>(0)? as u64,
+                consumer: r.get(1)?,
+                since: r.get::<_, i64>(2)? as u64,
+                attempt: r.get::<_, i64>(3)? as u32,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RunStatus {
+        run: record,
+        items,
+        chunks,
+        failures,
+        stuck,
+    })
+}

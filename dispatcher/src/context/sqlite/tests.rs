@@ -1,0 +1,356 @@
+//! The SQLite store against a real file: replies applied once, retries taken over in one
+//! transaction, stuck and open chunks, schema versions.
+
+use super::*;
+use crate::context::{BadData, Checkpoint, ChunkStatus, FailureClass, NewChunk, Retried};
+use hopper_common::{BadItem, Outcome, Position};
+
+fn reply(seq: u64, attempt: u32, outcome: Outcome) -> Reply {
+    Reply {
+        job: "j".into(),
+        run: 1,
+        seq,
+        attempt,
+        consumer: "h/1".into(),
+        outcome,
+    }
+}
+
+async fn apply(store: &SqliteStore, reply: &Reply) -> Applied {
+    let applied = store
+        .apply_replies(std::slice::from_ref(reply))
+        .await
+        .expect("apply");
+    applied[0]
+}
+
+#[tokio::test]
+async fn a_batch_applies_each_reply_once_in_order() {
+    let (_dir, store, _run) = store_with_two_chunks().await;
+    let done = reply(
+        1,
+        1,
+        Outcome::Done {
+            processed: 10,
+            bad_items: vec![],
+        },
+    );
+    let applied = store
+        .apply_replies(&[
+            done.clone(),
+            done,
+            reply(7, 1, Outcome::Dead { error: "x".into() }),
+        ])
+        .await
+        .expect("apply");
+    assert_eq!(
+        applied,
+        vec![Applied::Recorded, Applied::Duplicate, Applied::Unknown]
+    );
+}
+
+async fn store_with_two_chunks() -> (tempfile::TempDir, SqliteStore, RunId) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(&dir.path().join("s.db")).expect("open");
+    let run = store
+        .create_run("j", "file x", "h/1")
+        .await
+        .expect("run")
+        .id;
+    for seq in 1..=2u64 {
+        let chunk = NewChunk {
+            seq,
+            position: Position {
+                line: seq * 10,
+                offset: seq * 100,
+            },
+            end_offset: seq * 100 + 99,
+            items: 10,
+            end_line: seq * 10 + 9,
+        };
+        let ckpt = Checkpoint {
+            offset: seq * 100 + 99,
+            line: seq * 10 + 9,
+            next_seq: seq + 1,
+            exhausted: seq == 2,
+        };
+        let bad = [BadData {
+            position: Position {
+                line: 5,
+                offset: 50,
+            },
+            end_offset: 60,
+            end_line: 5,
+            reason: "not JSON".into(),
+        }];
+        let bad: &[BadData] = if seq == 1 { &bad } else { &[] };
+        store
+            .record(
+                run,
+                RecordBatch {
+                    chunks: &[chunk],
+                    checkpoint: &ckpt,
+                    bad_data: bad,
+                    retry: false,
+                    retried: &[],
+                },
+            )
+            .await
+            .expect("record");
+    }
+    (dir, store, run)
+}
+
+#[tokio::test]
+async fn replies_apply_once() {
+    let (_dir, store, run) = store_with_two_chunks().await;
+    store.mark_in_flight(run, &[1]).await.expect("in flight");
+    let done = reply(
+        1,
+        1,
+        Outcome::Done {
+            processed: 9,
+            bad_items: vec![BadItem {
+                line: 12,
+                reason: "no price".into(),
+            }],
+        },
+    );
+    assert_eq!(apply(&store, &done).await, Applied::Recorded);
+    assert_eq!(apply(&store, &done).await, Applied::Duplicate);
+    let mut other_run = done.clone();
+    other_run.run = 99;
+    assert_eq!(apply(&store, &other_run).await, Applied::Unknown);
+
+    let s = store
+        .status(run, Duration::from_secs(600))
+        .await
+        .expect("status");
+    assert_eq!(s.chunks.total, 2);
+    assert_eq!(s.chunks.done, 1);
+    assert_eq!(s.chunks.pending, 1);
+    assert_eq!(s.items.read, 21);
+    assert_eq!(s.items.processed, 9);
+    assert_eq!(s.items.skipped, 2);
+    assert_eq!(s.failures.len(), 2);
+    assert_eq!(s.failures[0].class, FailureClass::BadData);
+    assert_eq!(s.failures[1].position, 12);
+    assert_eq!(s.run.checkpoint.next_seq, 3);
+    assert!(s.run.checkpoint.exhausted);
+}
+
+#[tokio::test]
+async fn retrying_then_dead() {
+    let (_dir, store, run) = store_with_two_chunks().await;
+    let retrying = reply(
+        2,
+        1,
+        Outcome::Retrying {
+            error: "exit 1".into(),
+            next_attempt: 2,
+        },
+    );
+    assert_eq!(apply(&store, &retrying).await, Applied::Recorded);
+    assert_eq!(apply(&store, &retrying).await, Applied::Duplicate);
+    let dead = reply(
+        2,
+        2,
+        Outcome::Dead {
+            error: "exit 1".into(),
+        },
+    );
+    assert_eq!(apply(&store, &dead).await, Applied::Recorded);
+    let s = store
+        .status(run, Duration::from_secs(600))
+        .await
+        .expect("status");
+    assert_eq!(s.chunks.dead, 1);
+    assert_eq!(s.items.failed, 10);
+    let chunk_failure = s
+        .failures
+        .iter()
+        .find(|f| f.class == FailureClass::Chunk)
+        .expect("chunk failure");
+    assert_eq!(chunk_failure.seq, Some(2));
+    assert_eq!(chunk_failure.position, 20);
+}
+
+#[tokio::test]
+async fn a_retry_takes_failures_over_in_the_transaction_that_records_it() {
+    let (_dir, store, run) = store_with_two_chunks().await;
+    let dead = reply(2, 1, Outcome::Dead { error: "x".into() });
+    apply(&store, &dead).await;
+    let failed = store.retryable(run).await.expect("retryable");
+    assert_eq!(failed.chunks.len(), 1);
+    assert_eq!(failed.chunks[0].end_line, Some(29));
+    assert_eq!(failed.failures.len(), 1);
+    let bad_id = failed.failures[0].id;
+    assert_eq!(
+        failed.failures[0].span,
+        Some((
+            Position {
+                line: 5,
+                offset: 50
+            },
+            60,
+            5
+        ))
+    );
+    let ckpt = store
+        .run("j", Some(run))
+        .await
+        .expect("run")
+        .expect("exists")
+        .checkpoint;
+    let retry_chunk = NewChunk {
+        seq: 3,
+        position: Position {
+            line: 20,
+            offset: 200,
+        },
+        end_offset: 299,
+        items: 10,
+        end_line: 29,
+    };
+    store
+        .record(
+            run,
+            RecordBatch {
+                chunks: &[retry_chunk],
+                checkpoint: &Checkpoint {
+                    next_seq: 4,
+                    ..ckpt
+                },
+                bad_data: &[],
+                retry: true,
+                retried: &[Retried::Chunk(2), Retried::Failure(bad_id)],
+            },
+        )
+        .await
+        .expect("record");
+    assert_eq!(
+        store.retryable(run).await.expect("retryable"),
+        Retryable::default()
+    );
+    let s = store
+        .status(run, Duration::from_secs(600))
+        .await
+        .expect("status");
+    assert_eq!(s.chunks.dead, 0);
+    assert_eq!(s.chunks.retried, 1);
+    assert_eq!(s.items.read, 21, "a retry reads nothing new");
+    assert_eq!(s.items.skipped, 0);
+    assert_eq!(s.items.failed, 0);
+    assert!(s.failures.is_empty(), "{:?}", s.failures);
+    assert_eq!(s.chunks.pending, 2);
+}
+
+#[tokio::test]
+async fn chunks_in_flight_past_their_timeout_are_stuck() {
+    let (_dir, store, run) = store_with_two_chunks().await;
+    store.mark_in_flight(run, &[2]).await.expect("in flight");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let s = store
+        .status(run, Duration::from_millis(1))
+        .await
+        .expect("status");
+    assert_eq!(s.stuck.len(), 1);
+    assert_eq!(s.stuck[0].seq, 2);
+    let s = store
+        .status(run, Duration::from_secs(600))
+        .await
+        .expect("status");
+    assert!(s.stuck.is_empty());
+}
+
+#[tokio::test]
+async fn open_chunks_are_the_unfinished_ones() {
+    let (_dir, store, run) = store_with_two_chunks().await;
+    store.mark_in_flight(run, &[2]).await.expect("in flight");
+    let open = store.open_chunks(run).await.expect("open");
+    let statuses: Vec<(u64, ChunkStatus)> = open.iter().map(|c| (c.seq, c.status)).collect();
+    assert_eq!(
+        statuses,
+        vec![(1, ChunkStatus::Pending), (2, ChunkStatus::InFlight)]
+    );
+    assert_eq!(open[1].position.offset, 200);
+    assert_eq!(open[1].end_offset, 299);
+    let done = reply(
+        1,
+        1,
+        Outcome::Done {
+            processed: 10,
+            bad_items: vec![],
+        },
+    );
+    apply(&store, &done).await;
+    assert_eq!(store.open_chunks(run).await.expect("open").len(), 1);
+    store.claim_run(run, "h/2").await.expect("claim");
+    let r = store
+        .run("j", Some(run))
+        .await
+        .expect("run")
+        .expect("exists");
+    assert_eq!(r.owner.as_deref(), Some("h/2"));
+}
+
+/// Regression: `status` opened the store with writes (schema, user_version), which failed
+/// the running dispatcher's next deferred transaction with SQLITE_BUSY (exit 1 mid-run).
+#[tokio::test]
+async fn opening_an_up_to_date_store_writes_nothing() {
+    let (dir, store, _run) = store_with_two_chunks().await;
+    let data_version = |s: &SqliteStore| -> i64 {
+        let conn = s.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.pragma_query_value(None, "data_version", |r| r.get(0))
+            .expect("data_version")
+    };
+    let before = data_version(&store);
+    let reader = SqliteStore::open(&dir.path().join("s.db")).expect("second open");
+    reader
+        .status(1, Duration::from_secs(1))
+        .await
+        .expect("status");
+    assert_eq!(data_version(&store), before, "another connection committed");
+}
+
+/// A store written by the previous version (schema 2) opens, keeps its runs, and can record
+/// what `retry` needs from then on.
+#[tokio::test]
+async fn a_store_of_another_schema_version_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("old.db");
+    {
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch("CREATE TABLE runs (id INTEGER); PRAGMA user_version = 2;")
+            .expect("an old schema");
+    }
+    let err = SqliteStore::open(&path).expect_err("refused");
+    let text = err.to_string();
+    assert!(matches!(err, ContextError::Corrupt { .. }), "{text}");
+    assert!(
+        text.contains("old.db") && text.contains("move the file away"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn latest_run_and_finish() {
+    let (_dir, store, run) = store_with_two_chunks().await;
+    let second = store.create_run("j", "file x", "h/1").await.expect("run");
+    assert_eq!(
+        store.run("j", None).await.expect("run").map(|r| r.id),
+        Some(second.id)
+    );
+    store
+        .finish_run(run, RunState::Completed)
+        .await
+        .expect("finish");
+    let first = store
+        .run("j", Some(run))
+        .await
+        .expect("run")
+        .expect("exists");
+    assert_eq!(first.state, RunState::Completed);
+    assert!(first.finished_at.is_some());
+    assert!(store.run("other", None).await.expect("run").is_none());
+}

@@ -1,0 +1,366 @@
+//! The dispatch loop: one run of a job, from its first chunk to its last outcome. It reads the
+//! chunks (a new run's source, a resumed run's rest, or what `retry` reads again), records then
+//! publishes each under the throttle, applies the replies, and ends when the chunks are
+//! exhausted and nothing is outstanding.
+//!
+//! Invariants:
+//! - **Record, then publish.** A chunk and the checkpoint after it are committed to the
+//!   execution context before the chunk is published; the chunk becomes `in_flight` when the
+//!   broker confirms ([`publish`]).
+//! - **Every confirm is kept** ([`outstanding`]) until it resolves; a nack or a returned
+//!   (unroutable) chunk is published again from the bytes kept until then.
+//! - **The window.** At most `window` chunks are outstanding (published, no final reply), and the
+//!   source is not read further while the window is full (the reader runs at most a couple of
+//!   chunks ahead, on its own thread, through a bounded channel).
+//! - **Replies are applied once** ([`replies`]), by the execution context; a reply is acked only
+//!   after it is committed. Replies of other runs are applied to their own run's record, never to
+//!   this one.
+
+mod outstanding;
+mod publish;
+mod replies;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use hopper_common::{Job, Route, Transport};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::chunker::{Chunker, Chunks, RawChunk};
+use crate::context::{
+    Checkpoint, ContextStore, ExecutionContext, RunId, RunRecord, RunState, RunStatus,
+};
+use crate::error::DispatchError;
+use crate::options::RunOptions;
+use crate::owner::HEARTBEAT_EVERY;
+use crate::progress::Progress;
+use crate::source::{Source, SourceError};
+use crate::throttle::Throttle;
+use outstanding::{ConfirmFuture, Outstanding};
+
+/// Times one chunk may be refused (nacked or returned) by the broker before the run stops.
+const MAX_REPUBLISH: u32 = 5;
+
+/// Replies (and confirms) already delivered are applied together, up to this many, in one
+/// transaction of the execution context: one transaction per message would make the store the
+/// bottleneck.
+const BATCH: usize = 256;
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RunSummary {
+    /// The run's id, for `status --run` and `retry --run`.
+    pub run: RunId,
+    /// How it ended (or `running`, when a retry found nothing to do on a running run).
+    pub state: RunState,
+    /// Its counts and failures, as `status` shows them.
+    pub status: RunStatus,
+}
+
+impl RunSummary {
+    /// The exit code of the contract: 0 for `completed`, 1 for any other end.
+    pub fn exit_code(&self) -> u8 {
+        match self.state {
+            RunState::Completed => 0,
+            RunState::CompletedWithFailures | RunState::Failed | RunState::Running => 1,
+        }
+    }
+}
+
+/// The state of a run in progress.
+struct Dispatch<'a> {
+    job: &'a Job,
+    run: RunId,
+    store: Arc<dyn ContextStore>,
+    transport: Arc<dyn Transport>,
+    outstanding: HashMap<u64, Outstanding>,
+    confirms: FuturesUnordered<ConfirmFuture>,
+    throttle: Throttle,
+    checkpoint: Checkpoint,
+    read: u64,
+    processed: u64,
+    skipped: u64,
+    /// Reading again what failed (`retry`): the checkpoint and the read count stay as the first
+    /// reading left them.
+    is_retry: bool,
+}
+
+enum End {
+    Exhausted,
+    SkipLimit,
+    Interrupted,
+}
+
+/// Where a run starts.
+pub(crate) enum Start {
+    /// A new run, reading `source` from its beginning.
+    New(Box<dyn Source>),
+    /// An interrupted run; `source` is positioned at its checkpoint (`None` once it was read to
+    /// the end).
+    Resume {
+        /// The interrupted run, with its checkpoint.
+        record: RunRecord,
+        /// The source at the run's checkpoint.
+        source: Option<Box<dyn Source>>,
+    },
+    /// `retry` of an ended (or interrupted) run: `chunks` reads again what it failed on.
+    Retry {
+        /// The run whose failures are dispatched again.
+        record: RunRecord,
+        /// The failed records, read again.
+        chunks: Box<dyn Chunks>,
+    },
+}
+
+/// Dispatches a run of `job` over `transport`, to the end. The transport is the only way out of
+/// this process, so a test can run the whole loop in-process.
+///
+/// # Errors
+/// A [`DispatchError`].
+pub(crate) async fn run_on(
+    job: &Job,
+    start: Start,
+    transport: Arc<dyn Transport>,
+    context: &ExecutionContext,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, DispatchError> {
+    let store = Arc::clone(context.store());
+    let prefetch = u16::try_from((job.throttle.window * 2).clamp(64, 10_000)).unwrap_or(10_000);
+    let mut replies = transport.receive(Route::Replies, prefetch).await?;
+    let me = hopper_common::process::identity();
+    let is_retry = matches!(start, Start::Retry { .. });
+    let (record, chunks, total_bytes) = match start {
+        Start::New(source) => {
+            let record = store.create_run(&job.name, &source.describe(), &me).await?;
+            info!(job = %job.name, run = record.id, source = %record.source,
+                  window = job.throttle.window,
+                  broker = %hopper_common::job::redact_url(&job.broker_url), "run started");
+            let size = source.size_bytes();
+            let chunks: Box<dyn Chunks> = Box::new(Chunker::new(source, job.chunking));
+            (record, Some(chunks), size)
+        }
+        Start::Resume { record, source } => {
+            store.claim_run(record.id, &me).await?;
+            info!(job = %job.name, run = record.id, next_seq = record.checkpoint.next_seq,
+                  offset = record.checkpoint.offset, "run resumed");
+            let size = source.as_ref().and_then(|s| s.size_bytes());
+            let chunks = source.map(|s| Box::new(Chunker::new(s, job.chunking)) as Box<dyn Chunks>);
+            (record, chunks, size)
+        }
+        Start::Retry { record, chunks } => {
+            store.reopen_run(record.id, &me).await?;
+            info!(job = %job.name, run = record.id, "run taken up again to retry what failed");
+            (record, Some(chunks), None)
+        }
+    };
+    let run = record.id;
+
+    let mut d = Dispatch {
+        job,
+        run,
+        store: Arc::clone(&store),
+        transport: Arc::clone(&transport),
+        outstanding: HashMap::new(),
+        confirms: FuturesUnordered::new(),
+        throttle: Throttle::new(job.throttle),
+        checkpoint: Checkpoint {
+            next_seq: record.checkpoint.next_seq.max(1),
+            ..record.checkpoint
+        },
+        read: 0,
+        processed: 0,
+        skipped: 0,
+        is_retry,
+    };
+    if record.checkpoint.next_seq > 1 {
+        // A resumed run goes on counting from where it was: skips before the interruption count
+        // against the skip limit too.
+        let so_far = store.status(run, job.retry.chunk_timeout).await?;
+        d.read = so_far.items.read;
+        d.processed = so_far.items.processed;
+        d.skipped = so_far.items.skipped;
+    }
+    d.take_over_open_chunks().await?;
+
+    // The reader runs ahead by at most the channel's capacity.
+    let (tx, mut rx) = mpsc::channel::<Result<RawChunk, SourceError>>(4);
+    let mut exhausted = chunks.is_none();
+    let reader = chunks.map(|mut chunker| {
+        tokio::task::spawn_blocking(move || loop {
+            let next = chunker.next_chunk();
+            let last = !matches!(next, Ok(Some(_)));
+            let sent = match next {
+                Ok(Some(c)) => tx.blocking_send(Ok(c)),
+                Ok(None) => return,
+                Err(e) => tx.blocking_send(Err(e)),
+            };
+            if sent.is_err() || last {
+                return;
+            }
+        })
+    });
+
+    let mut progress = Progress::new(
+        &job.name,
+        run,
+        total_bytes,
+        opts.interactive,
+        opts.log_every,
+    );
+    let started = tokio::time::Instant::now();
+    let rate_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(rate_timer);
+    let mut held: Option<RawChunk> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heartbeat = Instant::now();
+
+    let end = loop {
+        if d.skipped > job.failures.skip_limit {
+            break End::SkipLimit;
+        }
+        if exhausted && held.is_none() && d.outstanding.is_empty() {
+            break End::Exhausted;
+        }
+        let room = d.throttle.has_room(d.outstanding.len());
+        let step: Result<Option<End>, DispatchError> = async {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(Some(End::Interrupted)),
+            delivery = replies.next() => match delivery {
+                Some(Ok(first)) => {
+                    let mut batch = vec![first];
+                    while batch.len() < BATCH {
+                        match replies.next().now_or_never() {
+                            Some(Some(Ok(more))) => batch.push(more),
+                            Some(Some(Err(e))) => return Err(e.into()),
+                            Some(None) | None => break,
+                        }
+                    }
+                    d.on_replies(batch).await?;
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(DispatchError::RepliesEnded),
+            },
+            Some(first) = d.confirms.next(), if !d.confirms.is_empty() => {
+                let mut batch = vec![first];
+                while batch.len() < BATCH {
+                    match d.confirms.next().now_or_never() {
+                        Some(Some(more)) => batch.push(more),
+                        Some(None) | None => break,
+                    }
+                }
+                d.on_confirms(batch).await?;
+            }
+            _ = &mut rate_timer, if held.is_some() && room => {
+                if let Some(chunk) = held.take() {
+                    d.dispatch(vec![chunk]).await?;
+                }
+            }
+            next = rx.recv(), if held.is_none() && !exhausted && room => match next {
+                None => {
+                    exhausted = true;
+                    d.checkpoint.exhausted = true;
+                    if let Some(size) = total_bytes {
+                        // Past trailing blank lines too: `retry` compares the input's size with
+                        // this offset.
+                        d.checkpoint.offset = d.checkpoint.offset.max(size);
+                    }
+                    d.record(&[], &[], &[]).await?;
+                    info!(job = %job.name, run, items = d.read, chunks = d.checkpoint.next_seq - 1,
+                          "source exhausted; waiting for the last replies");
+                }
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(chunk)) => {
+                    let at = started + d.throttle.next_allowed_at();
+                    if at <= tokio::time::Instant::now() {
+                        // Without a rate, take every chunk already read that fits the window, to
+                        // record them in one transaction.
+                        let mut batch = vec![chunk];
+                        while d.throttle.is_unlimited()
+                            && d.throttle.has_room(d.outstanding.len() + batch.len())
+                        {
+                            match rx.try_recv() {
+                                Ok(Ok(more)) => batch.push(more),
+                                Ok(Err(e)) => return Err(e.into()),
+                                // An exhausted reader is seen by the next recv().
+                                Err(_) => break,
+                            }
+                        }
+                        d.dispatch(batch).await?;
+                    } else {
+                        rate_timer.as_mut().reset(at);
+                        held = Some(chunk);
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                progress.update(&d.snapshot());
+                d.republish_stuck().await?;
+                if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
+                    last_heartbeat = Instant::now();
+                    d.store.heartbeat(run).await?;
+                }
+            }
+        }
+        Ok(None)
+        }
+        .await;
+        match step {
+            Ok(Some(end)) => break end,
+            Ok(None) => {}
+            Err(e) if e.is_connection_lost() => {
+                warn!(job = %job.name, run, error = %e, "lost the broker; reconnecting");
+                replies = d.recover(prefetch).await?;
+                info!(job = %job.name, run, "reconnected to the broker");
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    // Dropping the receiver stops the reader at its next chunk; wait for it, so no thread
+    // outlives the run.
+    drop(rx);
+    if let Some(reader) = reader {
+        reader.await.map_err(|e| DispatchError::Task {
+            what: "source reader",
+            message: e.to_string(),
+        })?;
+    }
+    progress.update(&d.snapshot());
+    progress.finish();
+
+    let state = match end {
+        End::Interrupted => {
+            warn!(job = %job.name, run, "interrupted; the run stays `running`");
+            return Err(DispatchError::Interrupted { run, read: d.read });
+        }
+        End::SkipLimit => {
+            error!(job = %job.name, run, skipped = d.skipped, skip_limit = job.failures.skip_limit,
+                   "skip limit passed: the run fails");
+            RunState::Failed
+        }
+        End::Exhausted => {
+            let s = store.status(run, job.retry.chunk_timeout).await?;
+            if s.items.skipped > 0 || s.chunks.failed > 0 || s.chunks.dead > 0 {
+                RunState::CompletedWithFailures
+            } else {
+                RunState::Completed
+            }
+        }
+    };
+    store.finish_run(run, state).await?;
+    let status = store.status(run, job.retry.chunk_timeout).await?;
+    info!(job = %job.name, run, state = %state, processed = status.items.processed,
+          skipped = status.items.skipped, failed = status.items.failed,
+          seconds = started.elapsed().as_secs_f64(), "run finished");
+    Ok(RunSummary { run, state, status })
+}

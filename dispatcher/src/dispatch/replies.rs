@@ -1,0 +1,85 @@
+//! Applying replies: a batch decoded, applied in one transaction of the execution context, then
+//! acked at once; the run's own counts and log lines follow what was recorded.
+
+use std::time::Instant;
+
+use hopper_common::{codec, Incoming, Outcome, Reply};
+use tracing::{debug, error, warn};
+
+use super::Dispatch;
+use crate::context::Applied;
+use crate::error::DispatchError;
+
+impl Dispatch<'_> {
+    /// Applies replies in one transaction, then acks them all at once (they are the only
+    /// messages of the replies inbox, taken in order, so acking through the last covers them).
+    pub(super) async fn on_replies(
+        &mut self,
+        incoming: Vec<Incoming>,
+    ) -> Result<(), DispatchError> {
+        let mut replies = Vec::with_capacity(incoming.len());
+        for message in &incoming {
+            match codec::decode_reply(&message.payload) {
+                Ok(reply) => replies.push(reply),
+                Err(e) => warn!(job = %self.job.name,
+                                message_id = ?message.label.message_id,
+                                error = %e, "dropping a reply that cannot be read"),
+            }
+        }
+        let applied = self.store.apply_replies(&replies).await?;
+        for (reply, applied) in replies.iter().zip(applied) {
+            if reply.run != self.run {
+                debug!(job = %self.job.name, run = reply.run, seq = reply.seq, ?applied,
+                       "reply of another run");
+                continue;
+            }
+            if applied == Applied::Recorded {
+                self.log_outcome(reply);
+            }
+            if reply.outcome.is_final() {
+                self.outstanding.remove(&reply.seq);
+            }
+        }
+        if let Some(last) = incoming.last() {
+            last.ack_through().await?;
+        }
+        Ok(())
+    }
+
+    fn log_outcome(&mut self, reply: &Reply) {
+        let (job, run, seq, attempt) = (&self.job.name, reply.run, reply.seq, reply.attempt);
+        match &reply.outcome {
+            Outcome::Done {
+                processed,
+                bad_items,
+            } => {
+                if let Some(o) = self.outstanding.get(&seq) {
+                    debug!(job = %job, run, seq, ms = o.since.elapsed().as_millis() as u64, "chunk done");
+                }
+                self.processed += processed;
+                self.skipped += bad_items.len() as u64;
+                for b in bad_items {
+                    warn!(job = %job, run, seq, line = b.line, reason = %b.reason, "item skipped by the processor");
+                }
+            }
+            Outcome::Retrying {
+                error,
+                next_attempt,
+            } => {
+                warn!(job = %job, run, seq, attempt, next_attempt, consumer = %reply.consumer,
+                      error = %error, "chunk failed; it will be retried");
+                if let Some(o) = self.outstanding.get_mut(&seq) {
+                    o.since = Instant::now();
+                    o.record.attempts = *next_attempt;
+                }
+            }
+            Outcome::Dead { error } => {
+                error!(job = %job, run, seq, attempt, error = %error,
+                       "chunk failed on its last attempt; parked on the dead queue")
+            }
+            Outcome::Failed { error } => {
+                error!(job = %job, run, seq, attempt, error = %error, "chunk failed permanently")
+            }
+        }
+    }
+}

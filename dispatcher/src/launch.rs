@@ -1,0 +1,79 @@
+//! Starting a run: a new one (`run`) or an interrupted one (`resume`). Each checks what it can
+//! before anything is sent (the input opens, no live dispatcher owns the job, the run can be
+//! resumed), then drives the dispatch loop over the job's carrier.
+
+use hopper_common::Job;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::carrier::drive;
+use crate::context::{ExecutionContext, RunId};
+use crate::dispatch::{RunSummary, Start};
+use crate::error::DispatchError;
+use crate::options::RunOptions;
+use crate::owner::{find_run, refuse_if_alive};
+use crate::source::{self, Cursor};
+
+/// Dispatches a new run of `job` to the end, over RabbitMQ or (with [`RunOptions::with_local`])
+/// to workers in this process.
+///
+/// # Errors
+/// A [`DispatchError`]; [`DispatchError::exit_code`] tells the ones where nothing was sent.
+pub async fn run(
+    job: &Job,
+    context: &ExecutionContext,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, DispatchError> {
+    // The input and the execution context are checked before anything else: a missing file or
+    // a live dispatcher of the same job sends nothing.
+    let source = source::open(&job.source)?;
+    if let Some(prev) = context.store().run(&job.name, None).await? {
+        if !prev.state.is_final() {
+            refuse_if_alive(job, &prev)?;
+            warn!(job = %job.name, run = prev.id,
+                  "run {} was interrupted and stays unfinished; `run --resume {}` finishes it", prev.id, prev.id);
+        }
+    }
+    drive(job, Start::New(source), context, opts, shutdown).await
+}
+
+/// Finishes an interrupted run of `job` (the latest one unless `run` names it), like [`run()`]:
+/// publishes again what was recorded but never confirmed, waits for what is in flight, and reads
+/// on from the run's checkpoint.
+///
+/// # Errors
+/// A [`DispatchError`]; [`DispatchError::exit_code`] tells the ones where nothing was sent.
+pub async fn resume(
+    job: &Job,
+    context: &ExecutionContext,
+    run: Option<RunId>,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, DispatchError> {
+    let record = find_run(job, context.store().as_ref(), run).await?;
+    if record.state.is_final() {
+        return Err(DispatchError::NotResumable {
+            run: record.id,
+            state: record.state,
+        });
+    }
+    refuse_if_alive(job, &record)?;
+    let source = if record.checkpoint.exhausted {
+        None
+    } else {
+        let at = Cursor {
+            offset: record.checkpoint.offset,
+            lines: record.checkpoint.line,
+        };
+        Some(source::open_at(&job.source, at)?)
+    };
+    drive(
+        job,
+        Start::Resume { record, source },
+        context,
+        opts,
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,107 @@
+//! `retry`: dispatches again, as new chunks of the same run, only what a run failed on (failed
+//! and dead chunks, bad data, bad items), read again from the positions the run recorded.
+//!
+//! The operator fixes the failed records in place, then runs `retry`. A fix may make a record
+//! longer or shorter, which moves every byte after it: the reader keeps the shift (`delta`) seen
+//! at the end of each record or chunk it read again, and seeks to the next one at its recorded
+//! offset plus that shift. It never scans the input from its start.
+//!
+//! [`plan`] decides what to read again; [`reader`] reads it from the fixed input.
+//!
+//! Invariants:
+//! - **Nothing done is sent again.** Only the lines of what failed are read: a failed chunk's
+//!   whole range, a done chunk's bad items by line, a bad record by its own span.
+//! - **Checked before anything is sent.** The whole plan is read once before the run is taken
+//!   up: every seek must land at the start of a line, and the shift after the last failed record
+//!   must be the input's change in size. Otherwise something else moved and nothing is sent
+//!   ([`SourceError::Moved`]).
+//! - **A retry chunk takes over in the transaction that records it.** Its failures stop counting
+//!   in the same transaction, so an interrupted retry leaves every failure either taken over by
+//!   a recorded chunk or still standing for the next `retry`.
+
+use hopper_common::Job;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::carrier::drive;
+use crate::context::{ExecutionContext, RunId, RunState};
+use crate::dispatch::{RunSummary, Start};
+use crate::error::DispatchError;
+use crate::options::RunOptions;
+use crate::owner::{find_run, refuse_if_alive};
+use plan::Plan;
+use reader::RetryReader;
+
+mod plan;
+mod reader;
+#[cfg(test)]
+mod tests;
+
+/// Dispatches again what run `run` of `job` failed on (over RabbitMQ, or to workers in this
+/// process with [`RunOptions::with_local`]) and ends the run again:
+/// `completed` when everything now succeeds.
+///
+/// A run that is still going (its dispatcher alive) is refused; one whose dispatcher died is
+/// taken over first, as `--resume` would. A run that stopped before reading all its input
+/// (`failed` at the skip limit) is refused: `retry` does not read on.
+///
+/// # Errors
+/// A [`DispatchError`]; [`DispatchError::exit_code`] tells the ones where nothing was sent.
+pub async fn retry(
+    job: &Job,
+    context: &ExecutionContext,
+    run: RunId,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, DispatchError> {
+    let store = context.store();
+    let record = find_run(job, store.as_ref(), Some(run)).await?;
+    match record.state {
+        RunState::Running => refuse_if_alive(job, &record)?,
+        RunState::Completed | RunState::CompletedWithFailures | RunState::Failed => {}
+    }
+    if !record.checkpoint.exhausted {
+        return Err(DispatchError::NotRetryable {
+            run,
+            state: record.state,
+        });
+    }
+    let failed = store.retryable(run).await?;
+    let plan = Plan::new(&failed);
+    for what in &plan.unretryable {
+        warn!(job = %job.name, run, "cannot retry {what}");
+    }
+    let open = store.open_chunks(run).await?;
+    if plan.is_empty() && open.is_empty() {
+        info!(job = %job.name, run, state = %record.state, "nothing to retry");
+        let status = store.status(run, job.retry.chunk_timeout).await?;
+        return Ok(RunSummary {
+            run,
+            state: record.state,
+            status,
+        });
+    }
+    let (spec, limits) = (job.source.clone(), job.chunking);
+    let (size_before, checked) = (record.checkpoint.offset, plan.clone());
+    let found = tokio::task::spawn_blocking(move || {
+        RetryReader::new(&spec, limits, &checked).check(size_before)
+    })
+    .await
+    .map_err(|e| DispatchError::Task {
+        what: "retry check",
+        message: e.to_string(),
+    })??;
+    info!(job = %job.name, run, failures = plan.failures(), items = found.items,
+          still_bad = found.bad, "retrying what failed");
+    // From here on the run's positions are those of the input as it is now, so that failures
+    // found by this retry and those it has yet to reach share one frame, even if it is
+    // interrupted.
+    store.rebase(run, &found.moves, found.size).await?;
+    let plan = Plan::new(&store.retryable(run).await?);
+    let record = find_run(job, store.as_ref(), Some(run)).await?;
+    let start = Start::Retry {
+        record,
+        chunks: Box::new(RetryReader::new(&job.source, job.chunking, &plan)),
+    };
+    drive(job, start, context, opts, shutdown).await
+}
