@@ -134,3 +134,37 @@ fn backoff_doubles_and_caps() {
         .collect();
     assert_eq!(d, vec![1, 2, 4, 5, 5]);
 }
+
+#[test]
+fn custom_options_are_read_into_the_processor_own_type_naming_a_bad_field() {
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Options {
+        min_price: f64,
+    }
+    let custom = GOOD.replace("kind = \"file\"\ndir = \"out\"", "kind = \"custom\"");
+    let good = parse(&format!("{custom}[processor.options]\nmin_price = 1.5\n")).expect("valid");
+    assert_eq!(
+        good.processor_options::<Options>()
+            .expect("options")
+            .min_price,
+        1.5
+    );
+    let bad = parse(&format!(
+        "{custom}[processor.options]\nmin_price = \"cheap\"\n"
+    ))
+    .expect("valid job file");
+    match bad.processor_options::<Options>() {
+        Err(JobError::Field { field, .. }) => assert_eq!(field, "processor.options.min_price"),
+        other => panic!("expected a field error, got {other:?}"),
+    }
+    let missing = parse(&custom).expect("valid job file");
+    match missing.processor_options::<Options>() {
+        Err(JobError::Field { field, .. }) => assert_eq!(field, "processor.options.min_price"),
+        other => panic!("expected a field error, got {other:?}"),
+    }
+    match parse(GOOD).expect("valid").processor_options::<Options>() {
+        Err(JobError::Field { field, .. }) => assert_eq!(field, "processor.kind"),
+        other => panic!("expected a field error, got {other:?}"),
+    }
+}

@@ -346,3 +346,6 @@ async fn park_poison(ctx: &Context, message: Incoming, why: String) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

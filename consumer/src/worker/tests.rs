@@ -1,0 +1,155 @@
+//! The worker loop in-process, with no broker: the test plays the dispatcher over the local
+//! transport, publishing chunks and reading the replies, and checks each outcome and where the
+//! chunk went.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use hopper_common::transport::Inbox;
+use hopper_common::{
+    codec, Chunk, Item, Job, Label, LocalBroker, Outcome, Position, Reply, Route, Transport,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{run_on, ConsumerOptions};
+use crate::processor::{ProcessError, Processed, Processor};
+
+fn job() -> Job {
+    let text = "name = \"unit\"\n[broker]\nurl = \"amqp://127.0.0.1:1\"\n\
+                [source]\nkind = \"file\"\npath = \"x.jsonl\"\n[processor]\nkind = \"noop\"\n\
+                [retry]\nmax_attempts = 2\nbackoff = \"10ms..10ms\"\n";
+    Job::parse(&std::env::temp_dir().join("job.toml"), text, &|_| None).expect("a valid job")
+}
+
+fn chunk(seq: u64) -> Chunk {
+    Chunk {
+        job: "unit".into(),
+        run: 1,
+        seq,
+        attempt: 1,
+        position: Position {
+            line: seq * 10 - 9,
+            offset: 0,
+        },
+        items: (0..10)
+            .map(|i| Item {
+                line: seq * 10 - 9 + i,
+                data: format!("{{\"id\":{}}}", seq * 10 - 9 + i),
+            })
+            .collect(),
+    }
+}
+
+/// Refuses line 3 as a bad item, panics on chunk 2's first attempt, fails chunk 3 for good,
+/// and fails chunk 4 transiently on every attempt.
+struct Picky {
+    calls: AtomicU32,
+}
+
+#[async_trait]
+impl Processor for Picky {
+    async fn process(&self, chunk: &Chunk) -> Result<Processed, ProcessError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        match (chunk.seq, chunk.attempt) {
+            (2, 1) => panic!("a bug"),
+            (3, _) => Err(ProcessError::Permanent("no such table".into())),
+            (4, _) => Err(ProcessError::Transient("service down".into())),
+            _ => {
+                let mut out = Processed::all_done();
+                for item in chunk.items.iter().filter(|i| i.line == 3) {
+                    out.bad_item(item, "no price");
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+async fn next_reply(inbox: &mut Inbox) -> Reply {
+    let message = tokio::time::timeout(Duration::from_secs(10), inbox.next())
+        .await
+        .expect("a reply within 10 s")
+        .expect("the inbox is open")
+        .expect("a message");
+    message.ack().await.expect("ack");
+    codec::decode_reply(&message.payload).expect("a reply")
+}
+
+#[tokio::test]
+async fn each_outcome_is_replied_and_the_chunk_goes_where_it_belongs() {
+    let job = job();
+    let broker = LocalBroker::new(&job);
+    let dispatcher = broker.transport();
+    let mut replies = dispatcher
+        .receive(Route::Replies, 64)
+        .await
+        .expect("receive");
+    for seq in 1..=4 {
+        let c = chunk(seq);
+        let payload = codec::encode_chunk(&c).expect("encode");
+        let confirm = dispatcher
+            .publish(Route::Chunks, &payload, &Label::chunk(&c))
+            .await
+            .expect("publish");
+        confirm.await.expect("confirmed");
+    }
+    let processor = Arc::new(Picky {
+        calls: AtomicU32::new(0),
+    });
+    let stop = CancellationToken::new();
+    let worker = {
+        let (job, processor, stop) = (job.clone(), processor.clone(), stop.clone());
+        let transport = Arc::new(broker.transport());
+        tokio::spawn(async move {
+            let opts = ConsumerOptions::default().with_concurrency(2);
+            run_on(&job, processor, transport, opts, stop).await
+        })
+    };
+
+    // Chunk 1 done with one bad item; chunk 2 retried after its panic, then done; chunk 3
+    // failed; chunk 4 retried, then dead. Six replies in all, in whatever order.
+    let mut outcomes: Vec<(u64, u32, String)> = Vec::new();
+    for _ in 0..6 {
+        let r = next_reply(&mut replies).await;
+        let what = match &r.outcome {
+            Outcome::Done {
+                processed,
+                bad_items,
+            } => {
+                format!(
+                    "done {processed} bad {:?}",
+                    bad_items.iter().map(|b| b.line).collect::<Vec<_>>()
+                )
+            }
+            Outcome::Retrying { next_attempt, .. } => format!("retrying as {next_attempt}"),
+            Outcome::Dead { .. } => "dead".to_string(),
+            Outcome::Failed { .. } => "failed".to_string(),
+        };
+        outcomes.push((r.seq, r.attempt, what));
+    }
+    outcomes.sort();
+    assert_eq!(
+        outcomes,
+        vec![
+            (1, 1, "done 9 bad [3]".to_string()),
+            (2, 1, "retrying as 2".to_string()),
+            (2, 2, "done 10 bad []".to_string()),
+            (3, 1, "failed".to_string()),
+            (4, 1, "retrying as 2".to_string()),
+            (4, 2, "dead".to_string()),
+        ]
+    );
+    stop.cancel();
+    let summary = tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("the worker stops")
+        .expect("the worker task")
+        .expect("the worker ran");
+    assert_eq!((summary.chunks, summary.retried, summary.dead), (4, 2, 2));
+    assert_eq!(processor.calls.load(Ordering::SeqCst), 6);
+    // The failed and the dead chunk are parked; nothing is left on the chunk queue.
+    assert_eq!(broker.dead(), 2);
+}
