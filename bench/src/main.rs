@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p hopper-bench -- [--records 1000000] [--width 200] [--rounds 5]
 //!     [--window 32] [--prefetch 4] [--memory-small 100000] [--memory-large 2000000]
-//!     [--only raw|hopper|local]
+//!     [--only raw|hopper|local] [--bin-dir DIR]
 //! ```
 //!
 //! Both sides move the same input: `records` JSON lines of about `width` bytes, cut into
@@ -14,24 +14,26 @@
 //! encoding, recording every chunk in SQLite, replying and applying replies. The machine is
 //! noisy, so the figure that matters is the ratio of the two times, measured in one run.
 //!
+//! `--bin-dir DIR` times the `hopper-dispatcher` and `hopper-consumer` found in DIR instead of
+//! building this tree's: to compare two builds on the same machine in one session, run the bench
+//! with and without it, in turn.
+//!
 //! Each round also runs the same job in local mode (`run --local N`, N = consumers x prefetch,
 //! the `noop` processor, no broker), and reports its items per second beside the broker's.
 
+mod hopper;
+mod raw;
+
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::BasicProperties;
 
+use hopper::{build_binaries, hopper, local};
+use raw::raw;
+
+/// Lines per message, on both sides.
 const CHUNK_ITEMS: usize = 1000;
+/// Consumer processes (Hopper) or consumers (raw lapin).
 const CONSUMERS: usize = 2;
 
 /// The flow-control shape both sides share.
@@ -51,6 +53,7 @@ struct Args {
     rounds: usize,
     only: Option<String>,
     url: String,
+    bin_dir: Option<PathBuf>,
 }
 
 fn args() -> Result<Args> {
@@ -65,6 +68,7 @@ fn args() -> Result<Args> {
         only: None,
         url: std::env::var("AMQP_URL")
             .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()),
+        bin_dir: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -79,6 +83,7 @@ fn args() -> Result<Args> {
             "--window" => a.window = value()?.parse()?,
             "--prefetch" => a.prefetch = value()?.parse()?,
             "--url" => a.url = value()?,
+            "--bin-dir" => a.bin_dir = Some(PathBuf::from(value()?)),
             other => bail!("unknown argument {other}; see the top of bench/src/main.rs"),
         }
     }
@@ -103,284 +108,6 @@ fn write_input(path: &Path, n: u64, width: usize) -> Result<u64> {
     Ok(bytes)
 }
 
-/// Raw lapin: the same lines, cut into the same messages, through a quorum queue.
-async fn raw(url: &str, input: &Path, shape: Shape) -> Result<Duration> {
-    let queue = format!("hopper-bench-raw-{}", std::process::id());
-    let setup = lapin::Connection::connect(url, Default::default()).await?;
-    let ch = setup.create_channel().await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
-        .await?;
-
-    let text = std::fs::read(input)?;
-    let lines: Vec<&[u8]> = text
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .collect();
-    let messages = lines.len().div_ceil(CHUNK_ITEMS);
-
-    let started = Instant::now();
-    let mut consumers = Vec::new();
-    let per = messages; // each consumer stops when the shared count reaches `messages`
-    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
-    for i in 0..CONSUMERS {
-        let conn = lapin::Connection::connect(url, Default::default()).await?;
-        let c = conn.create_channel().await?;
-        c.basic_qos(shape.prefetch, BasicQosOptions::default())
-            .await?;
-        let mut stream = c
-            .basic_consume(
-                queue.as_str().into(),
-                format!("bench-{i}").as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let count = count.clone();
-        let done = done_tx.clone();
-        consumers.push(tokio::spawn(async move {
-            while let Some(Ok(d)) = stream.next().await {
-                // Like a consumer that looks at its payload: count the lines.
-                let _lines = d.data.iter().filter(|b| **b == b'\n').count();
-                if d.ack(BasicAckOptions::default()).await.is_err() {
-                    break;
-                }
-                if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == per {
-                    let _ = done.send(()).await;
-                }
-            }
-            drop(conn);
-        }));
-    }
-
-    let pub_conn = lapin::Connection::connect(url, Default::default()).await?;
-    let p = pub_conn.create_channel().await?;
-    p.confirm_select(ConfirmSelectOptions::default()).await?;
-    let mut confirms = FuturesUnordered::new();
-    let mut buf = Vec::with_capacity(CHUNK_ITEMS * 256);
-    for chunk in lines.chunks(CHUNK_ITEMS) {
-        while confirms.len() >= shape.window {
-            let c: lapin::Result<lapin::Confirmation> =
-                confirms.next().await.context("a confirm")?;
-            if !c?.is_ack() {
-                bail!("raw publish nacked");
-            }
-        }
-        buf.clear();
-        for l in chunk {
-            buf.extend_from_slice(l);
-            buf.push(b'\n');
-        }
-        let confirm = p
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &buf,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await?;
-        confirms.push(confirm);
-    }
-    while let Some(c) = confirms.next().await {
-        if !c?.is_ack() {
-            bail!("raw publish nacked");
-        }
-    }
-    tokio::time::timeout(Duration::from_secs(600), done_rx.recv())
-        .await
-        .context("raw consumers did not finish")?;
-    let took = started.elapsed();
-    for c in consumers {
-        c.abort();
-    }
-    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await?;
-    Ok(took)
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".."))
-}
-
-fn build_binaries() -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "hopper-dispatcher",
-            "-p",
-            "hopper-consumer",
-            "--bins",
-        ])
-        .current_dir(root())
-        .status()?;
-    if !status.success() {
-        bail!("building the release binaries failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    Ok(target.join("release"))
-}
-
-fn job_file(dir: &Path, name: &str, url: &str, input: &Path, window: usize) -> Result<PathBuf> {
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "name = \"{name}\"\n[broker]\nurl = \"{url}\"\n[state]\nurl = \"sqlite://{name}.db\"\n\
-             [source]\nkind = \"file\"\npath = \"{}\"\nformat = \"jsonl\"\n\
-             [chunking]\nitems = {CHUNK_ITEMS}\n[throttle]\nwindow = {window}\n[processor]\nkind = \"noop\"\n",
-            input.display()
-        ),
-    )?;
-    Ok(path)
-}
-
-/// Peak resident memory (VmHWM) of a process, in KiB, read while it runs.
-fn peak_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
-struct HopperRun {
-    took: Duration,
-    peak_kib: u64,
-}
-
-/// Starts consumers, runs the dispatcher to its end, stops the consumers.
-async fn hopper(
-    bins: &Path,
-    url: &str,
-    dir: &Path,
-    name: &str,
-    input: &Path,
-    shape: Shape,
-) -> Result<HopperRun> {
-    let job = job_file(dir, name, url, input, shape.window)?;
-    let mut consumers = Vec::new();
-    for _ in 0..CONSUMERS {
-        consumers.push(
-            tokio::process::Command::new(bins.join("hopper-consumer"))
-                .arg(&job)
-                .args(["--concurrency", &shape.prefetch.to_string()])
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()?,
-        );
-    }
-    // Wait until both consumers are attached, so their start-up is not timed.
-    let conn = lapin::Connection::connect(url, Default::default()).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ch = conn.create_channel().await?;
-        let q = ch
-            .queue_declare(
-                format!("hopper.{name}.chunks").as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        if matches!(&q, Ok(q) if q.consumer_count() as usize == CONSUMERS) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the consumers did not attach within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
-    let started = Instant::now();
-    let mut child = std::process::Command::new(bins.join("hopper-dispatcher"))
-        .arg("run")
-        .arg(&job)
-        .stderr(Stdio::null())
-        .spawn()?;
-    let pid = child.id();
-    let mut peak = 0;
-    let status = loop {
-        if let Some(kib) = peak_kib(pid) {
-            peak = peak.max(kib);
-        }
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let took = started.elapsed();
-    if !status.success() {
-        bail!("hopper-dispatcher failed: {status}");
-    }
-    for mut c in consumers {
-        if let Some(pid) = c.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(30), c.wait()).await;
-    }
-    let ch = conn.create_channel().await?;
-    for q in [
-        "chunks", "replies", "dead", "retry.1s", "retry.2s", "retry.4s", "retry.8s",
-    ] {
-        let _ = ch
-            .queue_delete(
-                format!("hopper.{name}.{q}").as_str().into(),
-                QueueDeleteOptions::default(),
-            )
-            .await;
-    }
-    Ok(HopperRun {
-        took,
-        peak_kib: peak,
-    })
-}
-
-/// Runs the same job in local mode: one process, `workers` worker tasks, no broker.
-async fn local(
-    bins: &Path,
-    dir: &Path,
-    name: &str,
-    input: &Path,
-    shape: Shape,
-    workers: usize,
-) -> Result<Duration> {
-    // Local mode contacts no broker: the URL is never used.
-    let job = job_file(dir, name, "amqp://127.0.0.1:1/%2f", input, shape.window)?;
-    let started = Instant::now();
-    let status = tokio::process::Command::new(bins.join("hopper-dispatcher"))
-        .arg("run")
-        .arg(&job)
-        .args(["--local", &workers.to_string()])
-        .stderr(Stdio::null())
-        .status()
-        .await?;
-    let took = started.elapsed();
-    if !status.success() {
-        bail!("hopper-dispatcher --local failed: {status}");
-    }
-    Ok(took)
-}
-
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -389,7 +116,10 @@ fn median(v: &mut [f64]) -> f64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = args()?;
-    let bins = build_binaries()?;
+    let bins = match &a.bin_dir {
+        Some(dir) => dir.clone(),
+        None => build_binaries()?,
+    };
     let dir = tempfile::tempdir()?;
     let pid = std::process::id();
 

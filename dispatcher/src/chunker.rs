@@ -51,19 +51,6 @@ impl Chunks for Chunker {
     }
 }
 
-/// Why `item` is bad data when it is larger than `chunking.max_bytes`: no chunk could carry
-/// it. The one place this rule is written; a first reading, a reading again and `retry` all
-/// ask it.
-pub(crate) fn too_large(item: &Item, limits: &Chunking) -> Option<String> {
-    let size = item.data.len() as u64;
-    (size > limits.max_bytes).then(|| {
-        format!(
-            "item of {size} bytes is larger than chunking.max_bytes ({})",
-            limits.max_bytes
-        )
-    })
-}
-
 /// A bad record met at `start`, the source's cursor being just past it.
 pub(crate) fn bad_data(start: Position, after: Cursor, reason: String) -> BadData {
     BadData {
@@ -113,7 +100,7 @@ impl Chunker {
                     bad.push(bad_data(read.start, self.source.cursor(), reason))
                 }
                 Record::Item(item) => {
-                    if let Some(reason) = too_large(&item, &self.limits) {
+                    if let Some(reason) = self.limits.too_large(&item) {
                         bad.push(bad_data(read.start, self.source.cursor(), reason));
                         continue;
                     }

@@ -145,6 +145,20 @@ pub struct Chunking {
     pub max_bytes: u64,
 }
 
+impl Chunking {
+    /// Why `item` is bad data when it is larger than `max_bytes`: no chunk could carry it. The
+    /// one place this rule is written; a first reading, a reading again and `retry` all ask it.
+    pub fn too_large(&self, item: &crate::message::Item) -> Option<String> {
+        let size = item.data.len() as u64;
+        (size > self.max_bytes).then(|| {
+            format!(
+                "item of {size} bytes is larger than chunking.max_bytes ({})",
+                self.max_bytes
+            )
+        })
+    }
+}
+
 /// The dispatcher's throttle.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Throttle {

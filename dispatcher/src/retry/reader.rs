@@ -11,7 +11,7 @@ use hopper_common::job::{Chunking, SourceSpec};
 use hopper_common::Position;
 
 use super::plan::{Plan, Target};
-use crate::chunker::{bad_data, too_large, Chunks, RawChunk, RetryOf};
+use crate::chunker::{bad_data, Chunks, RawChunk, RetryOf};
 use crate::context::{Moved, Retried};
 use crate::source::{self, Cursor, Record, SourceError};
 
@@ -175,7 +175,7 @@ impl RetryReader {
                     });
                     chunk.end = after;
                     match read.record {
-                        Record::Item(item) => match too_large(&item, &self.limits) {
+                        Record::Item(item) => match self.limits.too_large(&item) {
                             Some(why) => chunk.bad.push(bad_data(read.start, after, why)),
                             None => {
                                 if chunk.items.is_empty() {

@@ -6,7 +6,6 @@ use hopper_common::job::{Chunking, SourceSpec};
 use hopper_common::Item;
 
 use super::{open_span, Cursor, Read, Record, SourceError};
-use crate::chunker::too_large;
 use crate::context::ChunkRecord;
 
 /// The items of a recorded chunk, read again from its position: the records between its start
@@ -28,7 +27,7 @@ pub(crate) fn reread(
             break;
         }
         match record {
-            Record::Item(item) if too_large(&item, &limits).is_none() => items.push(item),
+            Record::Item(item) if limits.too_large(&item).is_none() => items.push(item),
             Record::Item(_) | Record::Bad { .. } => {}
         }
     }

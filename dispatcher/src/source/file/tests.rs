@@ -1,0 +1,142 @@
+//! The file source: JSON Lines, CSV and lines, with their positions and bad records.
+
+use super::*;
+use std::io::Write;
+
+fn source(format: FileFormat, text: &[u8]) -> (tempfile::NamedTempFile, FileSource) {
+    let mut f = tempfile::NamedTempFile::new().expect("temp file");
+    f.write_all(text).expect("write");
+    let s = FileSource::open_at(f.path(), format, Cursor::default()).expect("open");
+    (f, s)
+}
+
+fn all(s: &mut FileSource) -> Vec<Read> {
+    std::iter::from_fn(|| s.next().expect("read")).collect()
+}
+
+#[test]
+fn jsonl_keeps_lines_offsets_and_reports_bad_lines() {
+    let (_f, mut s) = source(FileFormat::Jsonl, b"{\"id\":1}\n\n{oops\n{\"id\":3}\r\n");
+    let reads = all(&mut s);
+    assert_eq!(reads.len(), 3);
+    assert_eq!(
+        reads[0],
+        Read {
+            record: Record::Item(Item {
+                line: 1,
+                data: "{\"id\":1}".into()
+            }),
+            start: Position { line: 1, offset: 0 }
+        }
+    );
+    assert!(matches!(&reads[1].record, Record::Bad { line: 3, reason } if reason.contains("JSON")));
+    assert_eq!(
+        reads[1].start,
+        Position {
+            line: 3,
+            offset: 10
+        }
+    );
+    assert_eq!(
+        reads[2].start,
+        Position {
+            line: 4,
+            offset: 16
+        }
+    );
+    assert_eq!(
+        s.cursor(),
+        Cursor {
+            offset: 26,
+            lines: 4
+        }
+    );
+}
+
+#[test]
+fn lines_become_json_strings() {
+    let (_f, mut s) = source(FileFormat::Lines, b"a \"quoted\" line\nlast");
+    let reads = all(&mut s);
+    assert_eq!(
+        reads[0].record,
+        Record::Item(Item {
+            line: 1,
+            data: r#""a \"quoted\" line""#.into()
+        })
+    );
+    assert_eq!(
+        reads[1].start,
+        Position {
+            line: 2,
+            offset: 16
+        }
+    );
+}
+
+#[test]
+fn invalid_utf8_is_bad_data() {
+    let (_f, mut s) = source(FileFormat::Lines, b"ok\n\xff\xfe\n");
+    let reads = all(&mut s);
+    assert!(matches!(&reads[1].record, Record::Bad { line: 2, .. }));
+}
+
+#[test]
+fn csv_uses_headers_quotes_and_reports_short_rows() {
+    let text = b"id,name\n1,\"a, \"\"b\"\"\"\n2,\"multi\nline\"\n3\n4,d\n";
+    let (_f, mut s) = source(FileFormat::Csv, text);
+    let reads = all(&mut s);
+    assert_eq!(reads.len(), 4);
+    assert_eq!(
+        reads[0].record,
+        Record::Item(Item {
+            line: 2,
+            data: r#"{"id":"1","name":"a, \"b\""}"#.into()
+        })
+    );
+    assert_eq!(reads[0].start.offset, 8);
+    assert_eq!(reads[1].start.line, 3);
+    assert!(
+        matches!(&reads[2].record, Record::Bad { line: 5, reason } if reason.contains("1 fields"))
+    );
+    assert_eq!(reads[3].start.line, 6);
+}
+
+#[test]
+fn opened_at_a_cursor_it_reads_on_from_there() {
+    for (format, text) in [
+        (
+            FileFormat::Jsonl,
+            &b"{\"id\":1}\n{\"id\":2}\n{\"id\":3}\n"[..],
+        ),
+        (FileFormat::Csv, &b"id,name\n1,a\n2,\"b\nb\"\n3,c\n"[..]),
+    ] {
+        let (f, mut s) = source(format, text);
+        let first = s.next().expect("read").expect("a record");
+        let at = s.cursor();
+        let rest: Vec<Read> = all(&mut s);
+        let mut again = FileSource::open_at(f.path(), format, at).expect("open at");
+        assert_eq!(all(&mut again), rest, "{format}");
+        assert_ne!(rest[0], first);
+    }
+}
+
+#[test]
+fn a_position_past_the_end_is_refused() {
+    let (f, _) = source(FileFormat::Jsonl, b"{}\n");
+    let at = Cursor {
+        offset: 99,
+        lines: 9,
+    };
+    assert!(FileSource::open_at(f.path(), FileFormat::Jsonl, at).is_err());
+}
+
+#[test]
+fn a_missing_file_cannot_be_opened() {
+    let err = FileSource::open_at(
+        Path::new("/nonexistent/x.jsonl"),
+        FileFormat::Jsonl,
+        Cursor::default(),
+    )
+    .expect_err("missing");
+    assert!(err.to_string().contains("/nonexistent/x.jsonl"));
+}
