@@ -20,6 +20,17 @@ pub enum DispatchError {
     /// The transport stopped delivering replies (the replies queue was deleted?).
     #[error("the transport stopped delivering replies")]
     RepliesEnded,
+    /// A consumer replied in another message schema (another release): the dispatcher cannot
+    /// read it, and stops rather than drop it. Its replies stay on the queue.
+    #[error("a reply ({}) has message schema version {found}, this dispatcher reads version {expected}; run consumers and dispatcher of the same release", message_id.as_deref().unwrap_or("no message id"))]
+    ReplySchema {
+        /// The schema version of the reply.
+        found: u16,
+        /// The version this build reads.
+        expected: u16,
+        /// The reply's message id, to find it in the management UI.
+        message_id: Option<String>,
+    },
     /// The transport refused a chunk again and again.
     #[error("chunk {seq} of run {run} was refused {times} times; stopping ({last})")]
     Refused {
@@ -105,6 +116,7 @@ impl DispatchError {
             DispatchError::RepliesEnded => true,
             DispatchError::Source(_)
             | DispatchError::Refused { .. }
+            | DispatchError::ReplySchema { .. }
             | DispatchError::Context(_)
             | DispatchError::Codec(_)
             | DispatchError::Task { .. }
@@ -134,6 +146,7 @@ impl DispatchError {
             | DispatchError::Transport(_)
             | DispatchError::RepliesEnded
             | DispatchError::Refused { .. }
+            | DispatchError::ReplySchema { .. }
             | DispatchError::Context(_)
             | DispatchError::Codec(_)
             | DispatchError::Task { .. }

@@ -259,10 +259,9 @@ async fn handle(ctx: Arc<Context>, message: Incoming) {
     };
     let sent = match codec::encode_reply(&reply) {
         Ok(payload) => publish(&ctx, Route::Replies, &payload, &Label::reply(&reply)).await,
-        Err(e) => {
-            error!(job = %job, run, seq, error = %e, "cannot encode the reply");
-            return;
-        }
+        // A bug, not bad input: the chunk goes back, so its prefetch slot is not lost; the
+        // queue's delivery limit dead-letters it if this keeps happening.
+        Err(e) => return give_back(message, &e, &label).await,
     };
     if let Err(e) = sent {
         return give_back(message, &e, &label).await;

@@ -309,8 +309,11 @@ pub(crate) struct Retryable {
 pub(crate) enum Applied {
     /// The reply changed the chunk.
     Recorded,
-    /// The chunk already had this or a later outcome; nothing changed.
+    /// The chunk already had this outcome, or a final one; nothing changed.
     Duplicate,
+    /// An outcome of an older attempt while a newer one is under way; nothing changed, and the
+    /// chunk still waits for the newer attempt's outcome.
+    Stale,
     /// No such chunk in this store (another store's run, or a deleted one); nothing changed.
     Unknown,
 }

@@ -228,11 +228,14 @@ pub(crate) async fn run_on(
         if d.skipped > job.failures.skip_limit {
             break End::SkipLimit;
         }
-        if exhausted && held.is_none() && d.outstanding.is_empty() {
-            break End::Exhausted;
-        }
         let room = d.throttle.has_room(d.outstanding.len());
         let step: Result<Option<End>, DispatchError> = async {
+        if exhausted && held.is_none() && d.outstanding.is_empty() {
+            // The context's rows have the last word: a chunk recorded but never sent (or sent
+            // and never answered) holds the run open until it has an outcome.
+            d.take_over_open_chunks().await?;
+            return Ok(d.outstanding.is_empty().then_some(End::Exhausted));
+        }
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(Some(End::Interrupted)),

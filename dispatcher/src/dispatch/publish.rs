@@ -19,14 +19,28 @@ use crate::progress::Snapshot;
 use crate::source::reread;
 
 impl Dispatch<'_> {
-    /// On resume: chunks in flight count against the window until their replies come; chunks
-    /// recorded but never confirmed are read again from their position and published again
-    /// (a consumer may then see one twice, which processing absorbs: it is idempotent per chunk).
+    /// Brings every open chunk row of the run (`pending` or `in_flight` in the execution
+    /// context) into the outstanding set, and publishes again each one the broker does not hold:
+    /// `pending` rows (recorded, never confirmed) and, when the queue did not outlive an earlier
+    /// process (local mode), `in_flight` rows. Chunks already outstanding and unconfirmed are
+    /// published again from their kept bytes; others are read again from their position. A
+    /// consumer may then see a chunk twice, which processing absorbs (it is idempotent per
+    /// chunk).
+    ///
+    /// The context's rows are the truth: a resumed run, a recovery after the connection was
+    /// lost and the end of a run all go through here, so no recorded chunk is left unsent.
     pub(super) async fn take_over_open_chunks(&mut self) -> Result<(), DispatchError> {
         let open = self.store.open_chunks(self.run).await?;
-        // Chunks confirmed into queues that died with the interrupted process are sent again.
+        // Chunks confirmed into queues that died with an earlier process are sent again.
         let queued_elsewhere = self.transport.outlives_process();
+        let mut taken = 0usize;
         for c in open {
+            if let Some(o) = self.outstanding.get(&c.seq) {
+                if !o.confirmed() {
+                    self.publish(c.seq).await?;
+                }
+                continue;
+            }
             let message = match c.status {
                 ChunkStatus::InFlight if queued_elsewhere => None,
                 ChunkStatus::InFlight | ChunkStatus::Pending => Some(self.message_for(&c).await?),
@@ -35,13 +49,14 @@ impl Dispatch<'_> {
             let republish = message.is_some();
             self.outstanding
                 .insert(c.seq, Outstanding::publishing(c, message));
+            taken += 1;
             if republish {
                 self.publish(c.seq).await?;
             }
         }
-        if !self.outstanding.is_empty() {
-            info!(job = %self.job.name, run = self.run, chunks = self.outstanding.len(),
-                  "waiting for the chunks of the interrupted dispatcher");
+        if taken > 0 {
+            info!(job = %self.job.name, run = self.run, chunks = taken,
+                  "taking over recorded chunks that had no outcome yet");
         }
         Ok(())
     }
@@ -163,51 +178,47 @@ impl Dispatch<'_> {
                 items: raw.items,
             });
         }
+        // Encoded before they are recorded, and all in the outstanding set before the first is
+        // published: a publish that fails part-way leaves the rest outstanding and unconfirmed,
+        // and recovery publishes them.
+        let mut messages = Vec::with_capacity(chunks.len());
+        for chunk in &chunks {
+            messages.push((Arc::new(codec::encode_chunk(chunk)?), Label::chunk(chunk)));
+        }
         self.skipped += bad.len() as u64;
         self.record(&new, &bad, &retried).await?;
-
-        for (chunk, record) in chunks.into_iter().zip(&new) {
-            let (seq, items) = (chunk.seq, chunk.items.len() as u64);
-            let payload = Arc::new(codec::encode_chunk(&chunk)?);
-            let label = Label::chunk(&chunk);
+        for (record, message) in new.iter().zip(messages) {
             let recorded = ChunkRecord {
-                seq,
+                seq: record.seq,
                 position: record.position,
                 end_offset: record.end_offset,
-                items,
+                items: record.items,
                 status: ChunkStatus::Pending,
                 attempts: 1,
             };
-            self.outstanding.insert(
-                seq,
-                Outstanding::publishing(recorded, Some((payload, label))),
-            );
-            self.publish(seq).await?;
-            self.throttle.sent(items);
+            self.outstanding
+                .insert(record.seq, Outstanding::publishing(recorded, Some(message)));
+            self.throttle.sent(record.items);
             if !self.is_retry {
-                self.read += items;
+                self.read += record.items;
             }
-            debug!(job = %self.job.name, run, seq, items, "chunk published");
+        }
+        for record in &new {
+            self.publish(record.seq).await?;
+            debug!(job = %self.job.name, run, seq = record.seq, items = record.items, "chunk published");
         }
         Ok(())
     }
 
-    /// After the connection was lost: connect again, publish again every chunk the broker had
-    /// not confirmed (the old confirms are void; confirmed chunks are safe in their durable
-    /// queue), and receive replies again (unacked ones come again and are duplicates).
+    /// After the connection was lost: connect again, receive replies again (unacked ones come
+    /// again and are duplicates), and publish again every chunk the broker had not confirmed,
+    /// from the execution context's rows (the old confirms are void; confirmed chunks are safe
+    /// in their durable queue).
     pub(super) async fn recover(&mut self, prefetch: u16) -> Result<Inbox, DispatchError> {
         self.confirms = FuturesUnordered::new();
         self.transport.reconnect().await?;
         let replies = self.transport.receive(Route::Replies, prefetch).await?;
-        let unconfirmed: Vec<u64> = self
-            .outstanding
-            .iter()
-            .filter(|(_, o)| !o.confirmed())
-            .map(|(seq, _)| *seq)
-            .collect();
-        for seq in unconfirmed {
-            self.publish(seq).await?;
-        }
+        self.take_over_open_chunks().await?;
         Ok(replies)
     }
 

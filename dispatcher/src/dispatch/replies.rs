@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use hopper_common::{codec, Incoming, Outcome, Reply};
+use hopper_common::{codec, CodecError, Incoming, Label, Outcome, Reply, Route};
 use tracing::{debug, error, warn};
 
 use super::Dispatch;
@@ -21,9 +21,20 @@ impl Dispatch<'_> {
         for message in &incoming {
             match codec::decode_reply(&message.payload) {
                 Ok(reply) => replies.push(reply),
-                Err(e) => warn!(job = %self.job.name,
-                                message_id = ?message.label.message_id,
-                                error = %e, "dropping a reply that cannot be read"),
+                // A consumer of another release: its replies stay on the queue (nothing of this
+                // batch is acked) for a dispatcher that reads them.
+                Err(CodecError::SchemaVersion {
+                    found, expected, ..
+                }) => {
+                    return Err(DispatchError::ReplySchema {
+                        found,
+                        expected,
+                        message_id: message.label.message_id.clone(),
+                    })
+                }
+                Err(e @ (CodecError::Decode { .. } | CodecError::Encode { .. })) => {
+                    self.park_unreadable(message, &e.to_string()).await?
+                }
             }
         }
         let applied = self.store.apply_replies(&replies).await?;
@@ -33,16 +44,34 @@ impl Dispatch<'_> {
                        "reply of another run");
                 continue;
             }
-            if applied == Applied::Recorded {
-                self.log_outcome(reply);
+            match applied {
+                Applied::Recorded => self.log_outcome(reply),
+                Applied::Stale => debug!(job = %self.job.name, run = reply.run, seq = reply.seq,
+                                         attempt = reply.attempt,
+                                         "an older attempt's outcome; a newer attempt is under way"),
+                Applied::Duplicate | Applied::Unknown => {}
             }
-            if reply.outcome.is_final() {
+            // A stale outcome leaves the chunk waiting for its newer attempt.
+            if reply.outcome.is_final() && applied != Applied::Stale {
                 self.outstanding.remove(&reply.seq);
             }
         }
         if let Some(last) = incoming.last() {
             last.ack_through().await?;
         }
+        Ok(())
+    }
+
+    /// A message on the replies queue that is no reply at all: parked on the dead queue, where
+    /// a person can look at it, rather than dropped.
+    async fn park_unreadable(&self, message: &Incoming, why: &str) -> Result<(), DispatchError> {
+        warn!(job = %self.job.name, message_id = ?message.label.message_id, error = %why,
+              "parking an unreadable reply on the dead queue");
+        let label: Label = message.label.clone().parked(why);
+        self.transport
+            .publish(Route::Dead, &message.payload, &label)
+            .await?
+            .await?;
         Ok(())
     }
 

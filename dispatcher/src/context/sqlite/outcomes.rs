@@ -27,7 +27,34 @@ fn insert_failures(
     Ok(())
 }
 
-/// Applies one reply inside `tx`: at most once per chunk, and a retry only once per attempt.
+/// What `reply` does to a chunk that stands at `status` after `attempts` attempts:
+/// [`Applied::Recorded`] when it changes it.
+///
+/// Done is final: nothing changes a done chunk. An outcome of an older attempt never overrides
+/// a newer attempt's: a copy of attempt 1 that fails late (its consumer was slow, or the broker
+/// delivered it twice) is [`Applied::Stale`] once attempt 2 exists. A failed or dead chunk
+/// changes only for an outcome of a newer attempt, which proves the failure was not the last
+/// word.
+fn decide(status: &str, attempts: i64, reply: &Reply) -> Applied {
+    let attempt = i64::from(reply.attempt);
+    let change = match status {
+        "done" => false,
+        "failed" | "dead" => attempt > attempts,
+        _ => match &reply.outcome {
+            Outcome::Done { .. } => true,
+            Outcome::Retrying { next_attempt, .. } => i64::from(*next_attempt) > attempts,
+            Outcome::Dead { .. } | Outcome::Failed { .. } => attempt >= attempts,
+        },
+    };
+    match (change, status) {
+        (true, _) => Applied::Recorded,
+        (false, "done" | "failed" | "dead") => Applied::Duplicate,
+        (false, _) if attempt < attempts => Applied::Stale,
+        (false, _) => Applied::Duplicate,
+    }
+}
+
+/// Applies one reply inside `tx`, as [`decide`] says.
 fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, Fail> {
     let found: Option<(String, i64, i64)> = tx
         .query_row(
@@ -40,11 +67,19 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, F
     let Some((status, attempts, line)) = found else {
         return Ok(Applied::Unknown);
     };
-    if matches!(status.as_str(), "done" | "failed" | "dead") {
-        return Ok(Applied::Duplicate);
+    match decide(&status, attempts, reply) {
+        Applied::Recorded => {}
+        other => return Ok(other),
     }
     let (run, seq, now) = (reply.run as i64, reply.seq as i64, now_ms() as i64);
     let attempt = i64::from(reply.attempt);
+    if matches!(status.as_str(), "failed" | "dead") {
+        // A newer attempt answered after an older one failed: that failure no longer stands.
+        tx.execute(
+            "DELETE FROM failures WHERE run = ?1 AND seq = ?2 AND class = 'chunk'",
+            params![run, seq],
+        )?;
+    }
     let finish =
         |tx: &rusqlite::Transaction<'_>, status: &str, processed: u64, error: Option<&str>| {
             tx.execute(
@@ -84,9 +119,6 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, F
             error,
             next_attempt,
         } => {
-            if attempts >= i64::from(*next_attempt) {
-                return Ok(Applied::Duplicate);
-            }
             // The chunk comes back after its delay; its stuck clock starts again.
             tx.execute(
                 "UPDATE chunks SET status = 'in_flight', attempts = ?3, last_error = ?4,

@@ -139,6 +139,66 @@ async fn replies_apply_once() {
     assert!(s.run.checkpoint.exhausted);
 }
 
+/// Regression (the protocol issue, finding 5): a late failure of an older attempt left the chunk
+/// `failed` although a newer attempt succeeded.
+#[tokio::test]
+async fn an_older_attempt_never_overrides_a_newer_one_and_done_is_final() {
+    let (_dir, store, run) = store_with_two_chunks().await;
+    store.mark_in_flight(run, &[1, 2]).await.expect("in flight");
+    let retrying = |seq| {
+        reply(
+            seq,
+            1,
+            Outcome::Retrying {
+                error: "timeout".into(),
+                next_attempt: 2,
+            },
+        )
+    };
+    let done = |seq, attempt| {
+        reply(
+            seq,
+            attempt,
+            Outcome::Done {
+                processed: 10,
+                bad_items: vec![],
+            },
+        )
+    };
+    let failed = |seq, attempt| {
+        reply(
+            seq,
+            attempt,
+            Outcome::Failed {
+                error: "no table".into(),
+            },
+        )
+    };
+    // Chunk 1: attempt 2 is under way when a copy of attempt 1 fails late: ignored.
+    assert_eq!(apply(&store, &retrying(1)).await, Applied::Recorded);
+    assert_eq!(apply(&store, &failed(1, 1)).await, Applied::Duplicate);
+    assert_eq!(apply(&store, &done(1, 2)).await, Applied::Recorded);
+    // Done is final, whatever comes after, of any attempt.
+    assert_eq!(apply(&store, &failed(1, 3)).await, Applied::Duplicate);
+    assert_eq!(apply(&store, &retrying(1)).await, Applied::Duplicate);
+    // Chunk 2: attempt 1 failed first; attempt 2 (a newer one) then succeeded: it stands.
+    assert_eq!(apply(&store, &failed(2, 1)).await, Applied::Recorded);
+    assert_eq!(apply(&store, &done(2, 1)).await, Applied::Duplicate);
+    assert_eq!(apply(&store, &done(2, 2)).await, Applied::Recorded);
+
+    let s = store
+        .status(run, Duration::from_secs(600))
+        .await
+        .expect("status");
+    assert_eq!((s.chunks.done, s.chunks.failed), (2, 0));
+    assert_eq!(s.items.processed, 20);
+    assert!(
+        s.failures.iter().all(|f| f.class != FailureClass::Chunk),
+        "{:?}",
+        s.failures
+    );
+}
+
 #[tokio::test]
 async fn retrying_then_dead() {
     let (_dir, store, run) = store_with_two_chunks().await;
