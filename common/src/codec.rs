@@ -13,8 +13,9 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::message::{Chunk, Reply};
 
-/// The version of the message schema this build writes and reads.
-pub const SCHEMA_VERSION: u16 = 1;
+/// The version of the message schema this build writes and reads. Version 2 added the
+/// `Processing` note to [`crate::Outcome`].
+pub const SCHEMA_VERSION: u16 = 2;
 
 /// The content type of every Hopper message.
 pub const CONTENT_TYPE: &str = "application/msgpack";
@@ -209,14 +210,14 @@ mod tests {
         assert!(matches!(
             err,
             CodecError::SchemaVersion {
-                found: 2,
-                expected: 1,
+                found: 3,
+                expected: 2,
                 ..
             }
         ));
         assert_eq!(
             err.to_string(),
-            "chunk has schema version 2, this build reads version 1"
+            "chunk has schema version 3, this build reads version 2"
         );
     }
 

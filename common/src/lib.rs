@@ -46,7 +46,7 @@ pub mod transport;
 
 pub use codec::{CodecError, SCHEMA_VERSION};
 pub use job::{FileFormat, Job, JobError, ProcessorSpec, SourceSpec, StateSpec};
-pub use message::{BadItem, Chunk, Item, Outcome, Position, Reply};
+pub use message::{BadItem, Chunk, Item, NoteTiming, Outcome, Position, Reply};
 pub use transport::{
     AmqpTransport, Incoming, Label, LocalBroker, LocalTransport, Route, Transport, TransportError,
 };

@@ -99,6 +99,14 @@ pub enum Outcome {
         /// The last error.
         error: String,
     },
+    /// Not an outcome yet: the attempt is being processed, for `elapsed_ms` so far. A consumer
+    /// sends this note once a chunk has run a while, then at every heartbeat until it ends
+    /// ([`NoteTiming`]), so that `status` can show what is in progress and what is stuck. Fast
+    /// chunks never send one.
+    Processing {
+        /// How long the attempt has been processed, by the consumer's clock.
+        elapsed_ms: u64,
+    },
     /// A permanent failure (the processor says retrying cannot help); the chunk was parked on the
     /// dead queue.
     Failed {
@@ -112,7 +120,7 @@ impl Outcome {
     pub fn is_final(&self) -> bool {
         match self {
             Outcome::Done { .. } | Outcome::Dead { .. } | Outcome::Failed { .. } => true,
-            Outcome::Retrying { .. } => false,
+            Outcome::Retrying { .. } | Outcome::Processing { .. } => false,
         }
     }
 }
@@ -133,4 +141,31 @@ pub struct Reply {
     pub consumer: String,
     /// What became of the attempt; [`Outcome::is_final`] tells whether another reply follows.
     pub outcome: Outcome,
+}
+
+/// When consumers tell the dispatcher about a chunk they are processing, and when the dispatcher
+/// takes a silent one for gone. Both sides derive it from the job's `broker.heartbeat`, so they
+/// agree without asking each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoteTiming {
+    /// The first note, once processing has run this long: chunks faster than this send none.
+    pub first: std::time::Duration,
+    /// Then one note every this long.
+    pub every: std::time::Duration,
+    /// A chunk whose consumer sent no note for this long is reported stuck.
+    pub silent: std::time::Duration,
+}
+
+impl NoteTiming {
+    /// The timing of `job`: a first note after 5 s (sooner with a shorter heartbeat), then one
+    /// per heartbeat; silent for three heartbeats and a first note's time is gone.
+    pub fn for_job(job: &crate::Job) -> NoteTiming {
+        let every = job.broker_heartbeat;
+        let first = every.min(std::time::Duration::from_secs(5));
+        NoteTiming {
+            first,
+            every,
+            silent: every * 3 + first,
+        }
+    }
 }

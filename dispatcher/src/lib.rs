@@ -48,7 +48,7 @@ mod throttle;
 
 pub use context::{
     Checkpoint, ChunkCounts, ContextError, ExecutionContext, FailureClass, FailureRecord,
-    ItemCounts, RunId, RunRecord, RunState, RunStatus, StuckChunk,
+    InProgress, ItemCounts, RunId, RunRecord, RunState, RunStatus, StuckChunk,
 };
 pub use dispatch::RunSummary;
 pub use error::DispatchError;
@@ -57,4 +57,4 @@ pub use launch::{resume, run};
 pub use options::{Local, RunOptions};
 pub use retry::retry;
 pub use source::SourceError;
-pub use status::{status, FailureOut, StatusReport, StuckOut};
+pub use status::{status, FailureOut, InProgressOut, StatusReport, StuckOut};

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::context::{
     ChunkCounts, ExecutionContext, FailureClass, FailureRecord, ItemCounts, RunId, RunState,
-    RunStatus, StuckChunk,
+    RunStatus, StuckAfter, StuckChunk,
 };
 use crate::error::DispatchError;
 use crate::owner::{find_run, heartbeat_fresh, HEARTBEAT_STALE};
@@ -27,7 +27,7 @@ pub async fn status(
     let record = find_run(job, context.store().as_ref(), run).await?;
     Ok(context
         .store()
-        .status(record.id, job.retry.chunk_timeout)
+        .status(record.id, StuckAfter::for_job(job))
         .await?)
 }
 
@@ -55,7 +55,11 @@ pub struct StatusReport<'a> {
     pub chunks: ChunkCounts,
     /// Every failure still standing, in source order.
     pub failures: Vec<FailureOut<'a>>,
-    /// Chunks in flight past the job's `chunk_timeout`.
+    /// Chunks consumers are processing and have said so (chunks that run long; fast ones never
+    /// show here).
+    pub in_progress: Vec<InProgressOut<'a>>,
+    /// Chunks in progress whose consumer went silent, or whose processing passed
+    /// `chunk_timeout`.
     pub stuck: Vec<StuckOut<'a>>,
 }
 
@@ -72,17 +76,32 @@ pub struct FailureOut<'a> {
     pub reason: &'a str,
 }
 
+/// A chunk in progress in the report.
+#[derive(Debug, Serialize)]
+pub struct InProgressOut<'a> {
+    /// The chunk being processed.
+    pub seq: u64,
+    /// The attempt being processed.
+    pub attempt: u32,
+    /// The consumer processing it (`host/pid`).
+    pub consumer: Option<&'a str>,
+    /// When its processing started (time in a queue does not count), RFC 3339.
+    pub since: String,
+}
+
 /// A stuck chunk in the report.
 #[derive(Debug, Serialize)]
 pub struct StuckOut<'a> {
     /// The stuck chunk.
     pub seq: u64,
-    /// The consumer (`host/pid`) that last replied about it, to look at first.
+    /// The consumer (`host/pid`) that was processing it, to look at first.
     pub consumer: Option<&'a str>,
-    /// When it was confirmed or last came back from a retry, RFC 3339.
+    /// When its processing started, RFC 3339.
     pub since: String,
     /// The attempt it is at.
     pub attempt: u32,
+    /// Why it counts as stuck.
+    pub reason: &'a str,
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -104,6 +123,16 @@ impl<'a> StatusReport<'a> {
             items: s.items,
             chunks: s.chunks,
             failures: s.failures.iter().map(failure).collect(),
+            in_progress: s
+                .in_progress
+                .iter()
+                .map(|c| InProgressOut {
+                    seq: c.seq,
+                    attempt: c.attempt,
+                    consumer: c.consumer.as_deref(),
+                    since: rfc3339(c.since),
+                })
+                .collect(),
             stuck: s.stuck.iter().map(stuck).collect(),
         }
     }
@@ -139,21 +168,40 @@ impl<'a> StatusReport<'a> {
             "chunks   total {:>8}  pending {:>6}  in flight {:>6}  done {:>8}  failed {:>6}  dead {:>6}  retried {:>6}",
             c.total, c.pending, c.in_flight, c.done, c.failed, c.dead, c.retried
         );
-        if !self.stuck.is_empty() {
-            let _ = writeln!(out, "\nstuck chunks (in flight past chunk_timeout):");
+        if !self.in_progress.is_empty() {
+            let _ = writeln!(out, "\nin progress (chunks that run long):");
             let _ = writeln!(
                 out,
                 "  {:>8}  {:>7}  {:<20}  consumer",
                 "seq", "attempt", "since"
             );
-            for s in &self.stuck {
+            for c in &self.in_progress {
                 let _ = writeln!(
                     out,
                     "  {:>8}  {:>7}  {:<20}  {}",
+                    c.seq,
+                    c.attempt,
+                    c.since,
+                    c.consumer.unwrap_or("-")
+                );
+            }
+        }
+        if !self.stuck.is_empty() {
+            let _ = writeln!(out, "\nstuck chunks:");
+            let _ = writeln!(
+                out,
+                "  {:>8}  {:>7}  {:<20}  {:<24}  why",
+                "seq", "attempt", "since", "consumer"
+            );
+            for s in &self.stuck {
+                let _ = writeln!(
+                    out,
+                    "  {:>8}  {:>7}  {:<20}  {:<24}  {}",
                     s.seq,
                     s.attempt,
                     s.since,
-                    s.consumer.unwrap_or("-")
+                    s.consumer.unwrap_or("-"),
+                    s.reason
                 );
             }
         }
@@ -193,5 +241,6 @@ fn stuck(s: &StuckChunk) -> StuckOut<'_> {
         consumer: s.consumer.as_deref(),
         since: rfc3339(s.since),
         attempt: s.attempt,
+        reason: &s.reason,
     }
 }

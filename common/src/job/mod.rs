@@ -76,6 +76,10 @@ pub struct Job {
     pub dir: PathBuf,
     /// The broker's URL, possibly with a password; print it with [`redact_url`].
     pub broker_url: String,
+    /// `broker.heartbeat`: both sides' AMQP heartbeat. A consumer that freezes or vanishes
+    /// loses its deliveries to the broker within about two of them; the same period paces a
+    /// consumer's notes about chunks that run long ([`crate::message::NoteTiming`]).
+    pub broker_heartbeat: Duration,
     /// `[state]`: where the execution context lives.
     pub state: StateSpec,
     /// `[source]`: what the dispatcher reads.
@@ -224,7 +228,8 @@ pub struct RetryPolicy {
     pub backoff_min: Duration,
     /// The delay never grows past this.
     pub backoff_max: Duration,
-    /// A chunk in flight longer than this is reported stuck.
+    /// The limit on processing one attempt, enforced by the consumer: past it the processor is
+    /// cancelled and the attempt fails transiently. Time spent waiting in a queue never counts.
     pub chunk_timeout: Duration,
 }
 

@@ -26,6 +26,7 @@ pub(super) struct RawJob {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBroker {
     pub(super) url: String,
+    pub(super) heartbeat: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

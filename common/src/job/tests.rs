@@ -41,6 +41,7 @@ fn a_good_file_gets_defaults_and_resolved_paths() {
     assert_eq!(job.throttle.window, 32);
     assert_eq!(job.retry.max_attempts, 5);
     assert_eq!(job.retry.backoff_min, Duration::from_secs(1));
+    assert_eq!(job.broker_heartbeat, Duration::from_secs(10));
     assert_eq!(
         job.state,
         StateSpec::Sqlite {
@@ -83,6 +84,13 @@ fn each_bad_field_is_named() {
         field_of(&format!("{GOOD}\n[retry]\nbackoff = \"5m..1s\"\n")),
         "retry.backoff"
     );
+    for bad in ["0s", "500ms", "1h"] {
+        assert_eq!(
+            field_of(&GOOD.replace("[source]", &format!("heartbeat = \"{bad}\"\n[source]"))),
+            "broker.heartbeat",
+            "{bad}"
+        );
+    }
 }
 
 #[test]

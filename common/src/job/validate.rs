@@ -19,6 +19,7 @@ pub(super) type FieldResult<T> = Result<T, (&'static str, String)>;
 pub(super) fn validate(raw: RawJob, file: &Path, dir: PathBuf) -> FieldResult<Job> {
     Ok(Job {
         name: name(raw.name)?,
+        broker_heartbeat: heartbeat(raw.broker.heartbeat.as_deref())?,
         broker_url: broker_url(raw.broker.url)?,
         state: state(raw.state, &dir)?,
         source: source(raw.source, &dir)?,
@@ -57,6 +58,22 @@ fn broker_url(url: String) -> FieldResult<String> {
         ));
     }
     Ok(url)
+}
+
+/// The AMQP heartbeat: a frozen or vanished peer is noticed within about two of them, so its
+/// chunks come back. Whole seconds (the protocol's unit), never 0 (which turns it off).
+fn heartbeat(text: Option<&str>) -> FieldResult<Duration> {
+    let d = duration("broker.heartbeat", text.unwrap_or("10s"))?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(600) || d.subsec_nanos() != 0 {
+        return Err((
+            "broker.heartbeat",
+            format!(
+                "{} must be whole seconds from 1s to 600s (0 would turn heartbeats off, and a frozen consumer would hold its chunks for good)",
+                humantime::format_duration(d)
+            ),
+        ));
+    }
+    Ok(d)
 }
 
 fn state(raw: RawState, dir: &Path) -> FieldResult<StateSpec> {

@@ -12,6 +12,9 @@
 //! - **stderr**: logged by the consumer, line by line, tagged with the chunk.
 //! - **exit status**: 0, the chunk is done (but for the refused items). Anything else, or death
 //!   by a signal: a transient failure, and the chunk comes back after the job's backoff.
+//! - **cancellation**: the command runs in a process group of its own. When the attempt is
+//!   cancelled (processing passed `retry.chunk_timeout`) the whole group is killed, so a script's
+//!   own children do not outlive it.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -58,6 +61,23 @@ impl ExecProcessor {
     }
 }
 
+/// Kills the command's process group when dropped before the command ended: the attempt was
+/// cancelled (its future dropped at `chunk_timeout`) or the consumer is going away.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) else {
+            return;
+        };
+        // The group's id is the child's pid (`process_group(0)`). Already gone: nothing to do.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 fn program_exists(program: &str, dir: &Path) -> bool {
     if program.contains('/') {
         return dir.join(program).is_file();
@@ -72,6 +92,7 @@ impl Processor for ExecProcessor {
         let program = &self.command[0];
         let mut child = Command::new(program)
             .args(&self.command[1..])
+            .process_group(0)
             .current_dir(&self.dir)
             .env("HOPPER_JOB", &chunk.job)
             .env("HOPPER_RUN", chunk.run.to_string())
@@ -84,6 +105,7 @@ impl Processor for ExecProcessor {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| ProcessError::Transient(format!("cannot start {program:?}: {e}")))?;
+        let mut group = GroupGuard(child.id());
 
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
@@ -131,6 +153,8 @@ impl Processor for ExecProcessor {
             .wait()
             .await
             .map_err(|e| ProcessError::Transient(format!("waiting for {program:?}: {e}")))?;
+        // It ended by itself: whatever it left running in its group is its own business.
+        group.0 = None;
         if !status.success() {
             let mut msg = format!("{program:?} {status}");
             if !last_stderr.is_empty() {
@@ -197,6 +221,35 @@ mod tests {
             r#"n=$(wc -l); [ "$n" = 3 ] && [ "$HOPPER_SEQ" = 2 ] && [ "$HOPPER_ATTEMPT" = 3 ] && [ "$HOPPER_FIRST_LINE" = 10 ]"#,
         );
         p.process(&chunk()).await.expect("done");
+    }
+
+    /// A cancelled attempt (its future dropped, as at `chunk_timeout`) kills the command and
+    /// what it started: nothing of it keeps running.
+    #[tokio::test]
+    async fn a_cancelled_command_dies_with_its_children() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pids = dir.path().join("pids");
+        let p = sh(&format!(
+            "sleep 300 & echo $! > {0}; echo $$ >> {0}; cat >/dev/null; wait",
+            pids.display()
+        ));
+        let chunk = chunk();
+        let cancelled =
+            tokio::time::timeout(std::time::Duration::from_millis(500), p.process(&chunk)).await;
+        assert!(cancelled.is_err(), "the command was still running");
+        let written = std::fs::read_to_string(&pids).expect("the script wrote its pids");
+        let alive = |pid: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|stat| !stat.contains(") Z "))
+                .unwrap_or(false)
+        };
+        for _ in 0..50 {
+            if !written.lines().any(alive) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("still alive after cancellation: {written}");
     }
 
     #[tokio::test]

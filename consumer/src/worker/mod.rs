@@ -20,14 +20,14 @@ use std::sync::Arc;
 use futures::{FutureExt, StreamExt};
 use hopper_common::transport::Inbox;
 use hopper_common::{
-    codec, AmqpTransport, Chunk, CodecError, Incoming, Job, Label, Outcome, Reply, Route,
-    Transport, TransportError,
+    codec, AmqpTransport, Chunk, CodecError, Incoming, Job, Label, NoteTiming, Outcome, Reply,
+    Route, Transport, TransportError,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::processor::{ProcessError, Processor};
+use crate::processor::{ProcessError, Processed, Processor};
 
 /// How a consumer runs. Built from [`ConsumerOptions::default`] with the `with_*` methods, so
 /// that new options can be added without breaking callers.
@@ -79,6 +79,10 @@ struct Context {
     processor: Arc<dyn Processor>,
     transport: Arc<dyn Transport>,
     me: String,
+    /// When to send notes about long chunks.
+    notes: NoteTiming,
+    /// Taken shared to process a chunk, alone for a chunk delivered before (see `handle`).
+    turns: tokio::sync::RwLock<()>,
     chunks: AtomicU64,
     retried: AtomicU64,
     dead: AtomicU64,
@@ -123,6 +127,8 @@ pub async fn run_on(
         processor,
         transport: Arc::clone(&transport),
         me: hopper_common::process::identity(),
+        notes: NoteTiming::for_job(job),
+        turns: tokio::sync::RwLock::new(()),
         chunks: AtomicU64::new(0),
         retried: AtomicU64::new(0),
         dead: AtomicU64::new(0),
@@ -198,22 +204,16 @@ async fn handle(ctx: Arc<Context>, message: Incoming) {
     debug!(job = %job, run, seq, attempt, items = chunk.items.len(),
            redelivered = message.redelivered, "chunk received");
 
+    // A chunk delivered before may be the one that killed a consumer: it is processed alone, so
+    // that chunks which merely shared that consumer's hands do not die with it again and again
+    // until the broker's delivery limit parks them.
+    let (_shared, _alone) = if message.redelivered {
+        (None, Some(ctx.turns.write().await))
+    } else {
+        (Some(ctx.turns.read().await), None)
+    };
     let started = std::time::Instant::now();
-    // A panicking processor must not lose the message (and with it a prefetch slot): the panic
-    // is a transient failure of this chunk.
-    let result = AssertUnwindSafe(ctx.processor.process(&chunk))
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".to_string());
-            Err(ProcessError::Transient(format!(
-                "the processor panicked: {what}"
-            )))
-        });
+    let result = process(&ctx, &chunk).await;
     let processed_in = started.elapsed();
     let label = Label::chunk(&chunk);
     let outcome = match result {
@@ -290,6 +290,69 @@ enum HandOff {
     /// Its next attempt could not be encoded (a bug, not bad input).
     #[error(transparent)]
     Codec(#[from] CodecError),
+}
+
+/// Runs the processor on `chunk`, bounded by the job's `chunk_timeout`, sending a note to the
+/// dispatcher while it runs long ([`NoteTiming`]). Time spent waiting in a queue never counts:
+/// the clock starts here. A panic, and a processor cancelled at the limit (its future dropped;
+/// an `exec` child's process group killed), are transient failures of this attempt.
+async fn process(ctx: &Context, chunk: &Chunk) -> Result<Processed, ProcessError> {
+    let limit = ctx.job.retry.chunk_timeout;
+    let work = tokio::time::timeout(
+        limit,
+        AssertUnwindSafe(ctx.processor.process(chunk)).catch_unwind(),
+    );
+    tokio::pin!(work);
+    let started = tokio::time::Instant::now();
+    let mut next_note = started + ctx.notes.first;
+    loop {
+        tokio::select! {
+            done = &mut work => return match done {
+                Ok(Ok(result)) => result,
+                Ok(Err(panic)) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".to_string());
+                    Err(ProcessError::Transient(format!("the processor panicked: {what}")))
+                }
+                Err(_) => Err(ProcessError::Transient(format!(
+                    "processing passed retry.chunk_timeout ({}); the processor was cancelled",
+                    humantime::format_duration(limit)
+                ))),
+            },
+            _ = tokio::time::sleep_until(next_note) => {
+                note(ctx, chunk, started.elapsed()).await;
+                next_note += ctx.notes.every;
+            }
+        }
+    }
+}
+
+/// Tells the dispatcher that `chunk` has been processed for `elapsed` so far. Best effort: a
+/// note that does not get through only makes `status` less precise.
+async fn note(ctx: &Context, chunk: &Chunk, elapsed: std::time::Duration) {
+    let reply = Reply {
+        job: chunk.job.clone(),
+        run: chunk.run,
+        seq: chunk.seq,
+        attempt: chunk.attempt,
+        consumer: ctx.me.clone(),
+        outcome: Outcome::Processing {
+            elapsed_ms: elapsed.as_millis() as u64,
+        },
+    };
+    let sent = match codec::encode_reply(&reply) {
+        Ok(payload) => publish(ctx, Route::Replies, &payload, &Label::reply(&reply))
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = sent {
+        debug!(job = %ctx.job.name, run = chunk.run, seq = chunk.seq, error = %e,
+               "cannot send a progress note");
+    }
 }
 
 /// Something failed after processing: hand the chunk back to be delivered again.

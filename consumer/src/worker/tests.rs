@@ -18,10 +18,17 @@ use super::{run_on, ConsumerOptions};
 use crate::processor::{ProcessError, Processed, Processor};
 
 fn job() -> Job {
-    let text = "name = \"unit\"\n[broker]\nurl = \"amqp://127.0.0.1:1\"\n\
-                [source]\nkind = \"file\"\npath = \"x.jsonl\"\n[processor]\nkind = \"noop\"\n\
-                [retry]\nmax_attempts = 2\nbackoff = \"10ms..10ms\"\n";
-    Job::parse(&std::env::temp_dir().join("job.toml"), text, &|_| None).expect("a valid job")
+    job_with("")
+}
+
+/// The test job, with `retry` added to its `[retry]` section and `broker` to its `[broker]`.
+fn job_with(extra: &str) -> Job {
+    let text = format!(
+        "name = \"unit\"\n[broker]\nurl = \"amqp://127.0.0.1:1\"\nheartbeat = \"2s\"\n\
+         [source]\nkind = \"file\"\npath = \"x.jsonl\"\n[processor]\nkind = \"noop\"\n\
+         [retry]\nmax_attempts = 2\nbackoff = \"10ms..10ms\"\n{extra}"
+    );
+    Job::parse(&std::env::temp_dir().join("job.toml"), &text, &|_| None).expect("a valid job")
 }
 
 fn chunk(seq: u64) -> Chunk {
@@ -125,6 +132,7 @@ async fn each_outcome_is_replied_and_the_chunk_goes_where_it_belongs() {
                 )
             }
             Outcome::Retrying { next_attempt, .. } => format!("retrying as {next_attempt}"),
+            Outcome::Processing { .. } => "processing".to_string(),
             Outcome::Dead { .. } => "dead".to_string(),
             Outcome::Failed { .. } => "failed".to_string(),
         };
@@ -152,4 +160,117 @@ async fn each_outcome_is_replied_and_the_chunk_goes_where_it_belongs() {
     assert_eq!(processor.calls.load(Ordering::SeqCst), 6);
     // The failed and the dead chunk are parked; nothing is left on the chunk queue.
     assert_eq!(broker.dead(), 2);
+}
+
+/// Sleeps `first` on a chunk's first attempt, then finishes at once.
+struct Slow {
+    first: Duration,
+}
+
+#[async_trait]
+impl Processor for Slow {
+    async fn process(&self, chunk: &Chunk) -> Result<Processed, ProcessError> {
+        if chunk.attempt == 1 {
+            tokio::time::sleep(self.first).await;
+        }
+        Ok(Processed::all_done())
+    }
+}
+
+/// Publishes chunk 1 and, `queued` later, starts a worker running `processor`.
+async fn start(
+    job: &Job,
+    broker: &LocalBroker,
+    processor: Arc<dyn Processor>,
+    queued: Duration,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<super::ConsumerSummary, super::ConsumerError>> {
+    let c = chunk(1);
+    let payload = codec::encode_chunk(&c).expect("encode");
+    let confirm = broker
+        .transport()
+        .publish(Route::Chunks, &payload, &Label::chunk(&c))
+        .await
+        .expect("publish");
+    confirm.await.expect("confirmed");
+    tokio::time::sleep(queued).await;
+    let (job, transport, stop) = (job.clone(), Arc::new(broker.transport()), stop.clone());
+    tokio::spawn(async move {
+        let opts = ConsumerOptions::default().with_concurrency(1);
+        run_on(&job, processor, transport, opts, stop).await
+    })
+}
+
+/// A chunk that runs long is noted (first after the heartbeat, at most 5 s, then every
+/// heartbeat), and cancelled at `chunk_timeout`: its attempt fails transiently, saying so, and
+/// the next attempt finishes it. The clock is tokio's paused one.
+#[tokio::test(start_paused = true)]
+async fn a_long_chunk_is_noted_then_cancelled_at_its_timeout_and_retried() {
+    let job = job_with("chunk_timeout = \"7s\"\n");
+    let broker = LocalBroker::new(&job);
+    let mut replies = broker
+        .transport()
+        .receive(Route::Replies, 64)
+        .await
+        .expect("receive");
+    let stop = CancellationToken::new();
+    let slow = Arc::new(Slow {
+        first: Duration::from_secs(3600),
+    });
+    let worker = start(&job, &broker, slow, Duration::ZERO, &stop).await;
+
+    let mut seen = Vec::new();
+    loop {
+        let r = next_reply(&mut replies).await;
+        let what = match r.outcome {
+            Outcome::Processing { elapsed_ms } => format!("note at {}s", elapsed_ms / 1000),
+            Outcome::Retrying { error, .. } => format!("retrying: {error}"),
+            Outcome::Done { .. } => "done".into(),
+            Outcome::Dead { .. } | Outcome::Failed { .. } => "failed".into(),
+        };
+        seen.push((r.attempt, what));
+        if r.attempt == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (1, "note at 2s".to_string()),
+            (1, "note at 4s".to_string()),
+            (1, "note at 6s".to_string()),
+            (
+                1,
+                "retrying: processing passed retry.chunk_timeout (7s); the processor was cancelled"
+                    .to_string()
+            ),
+            (2, "done".to_string()),
+        ]
+    );
+    stop.cancel();
+    worker.await.expect("worker").expect("ran");
+}
+
+/// A chunk that waited in the queue and then runs fast is never noted, and never cancelled:
+/// only processing counts against `chunk_timeout`.
+#[tokio::test(start_paused = true)]
+async fn a_fast_chunk_sends_no_note_however_long_it_waited() {
+    let job = job_with("chunk_timeout = \"1s\"\n");
+    let broker = LocalBroker::new(&job);
+    let mut replies = broker
+        .transport()
+        .receive(Route::Replies, 64)
+        .await
+        .expect("receive");
+    let stop = CancellationToken::new();
+    let fast = Arc::new(Slow {
+        first: Duration::from_millis(500),
+    });
+    // The chunk waits in the queue for ten times its timeout before a consumer comes.
+    let worker = start(&job, &broker, fast, Duration::from_secs(10), &stop).await;
+    let r = next_reply(&mut replies).await;
+    assert!(matches!(r.outcome, Outcome::Done { .. }), "{:?}", r.outcome);
+    assert_eq!(r.attempt, 1);
+    stop.cancel();
+    worker.await.expect("worker").expect("ran");
 }

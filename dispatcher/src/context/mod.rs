@@ -17,18 +17,18 @@ mod model;
 mod sqlite;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use hopper_common::{Job, Reply, StateSpec};
 
 pub(crate) use model::{
     Applied, BadData, ChunkRecord, ChunkStatus, FailedChunk, Moved, NewChunk, OpenFailure,
-    RecordBatch, Retried, Retryable,
+    RecordBatch, Retried, Retryable, StuckAfter,
 };
 pub use model::{
-    Checkpoint, ChunkCounts, FailureClass, FailureRecord, ItemCounts, RunId, RunRecord, RunState,
-    RunStatus, StuckChunk,
+    Checkpoint, ChunkCounts, FailureClass, FailureRecord, InProgress, ItemCounts, RunId, RunRecord,
+    RunState, RunStatus, StuckChunk,
 };
 use sqlite::SqliteStore;
 
@@ -137,9 +137,8 @@ pub(crate) trait ContextStore: Send + Sync {
     /// Ends a run in `state`.
     async fn finish_run(&self, run: RunId, state: RunState) -> Result<(), ContextError>;
 
-    /// Counts, failures and stuck chunks of a run; chunks in flight longer than `chunk_timeout`
-    /// are stuck.
-    async fn status(&self, run: RunId, chunk_timeout: Duration) -> Result<RunStatus, ContextError>;
+    /// Counts, failures, chunks in progress and stuck chunks of a run, `stuck` telling which.
+    async fn status(&self, run: RunId, stuck: StuckAfter) -> Result<RunStatus, ContextError>;
 }
 
 /// Milliseconds since the Unix epoch.

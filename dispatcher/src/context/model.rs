@@ -350,17 +350,57 @@ pub struct ItemCounts {
     pub failed: u64,
 }
 
-/// A chunk in flight for longer than the job's `chunk_timeout`.
+/// A chunk a consumer is processing and has told the dispatcher about (chunks that run long
+/// send notes; fast ones never show here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InProgress {
+    /// The chunk being processed.
+    pub seq: u64,
+    /// The attempt being processed.
+    pub attempt: u32,
+    /// The consumer processing it (`host/pid`).
+    pub consumer: Option<String>,
+    /// Since when it has been processed (time in a queue does not count), ms since the Unix
+    /// epoch.
+    pub since: u64,
+    /// The consumer's last note, ms since the Unix epoch.
+    pub noted_at: u64,
+}
+
+/// A chunk in progress that needs a person's look: its consumer went silent, or its processing
+/// passed `chunk_timeout` (the consumer should have cancelled it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StuckChunk {
     /// The stuck chunk.
     pub seq: u64,
-    /// The consumer that last replied about it, if any did.
+    /// The consumer that was processing it, to look at first.
     pub consumer: Option<String>,
-    /// Since when it has been in flight, ms since the Unix epoch.
+    /// Since when it has been processed, ms since the Unix epoch.
     pub since: u64,
     /// The attempt it is at.
     pub attempt: u32,
+    /// Why it counts as stuck, for people.
+    pub reason: String,
+}
+
+/// When `status` counts a chunk in progress as stuck: processed longer than `processing` (the
+/// job's `chunk_timeout`), or no note from its consumer for `silent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StuckAfter {
+    /// The job's `retry.chunk_timeout`.
+    pub processing: std::time::Duration,
+    /// [`hopper_common::NoteTiming::silent`].
+    pub silent: std::time::Duration,
+}
+
+impl StuckAfter {
+    /// The rules of `job`.
+    pub(crate) fn for_job(job: &hopper_common::Job) -> StuckAfter {
+        StuckAfter {
+            processing: job.retry.chunk_timeout,
+            silent: hopper_common::NoteTiming::for_job(job).silent,
+        }
+    }
 }
 
 /// Everything `status` shows about a run.
@@ -374,6 +414,9 @@ pub struct RunStatus {
     pub chunks: ChunkCounts,
     /// Every failure still standing (not dispatched again by `retry`), in source order.
     pub failures: Vec<FailureRecord>,
-    /// Chunks in flight past the job's `chunk_timeout`.
+    /// Chunks that consumers are processing and have said so (chunks that run long).
+    pub in_progress: Vec<InProgress>,
+    /// Chunks in progress whose consumer went silent or whose processing passed
+    /// `chunk_timeout`.
     pub stuck: Vec<StuckChunk>,
 }

@@ -35,7 +35,7 @@ use tracing::{error, info, warn};
 
 use crate::chunker::{Chunker, Chunks, RawChunk};
 use crate::context::{
-    Checkpoint, ContextStore, ExecutionContext, RunId, RunRecord, RunState, RunStatus,
+    Checkpoint, ContextStore, ExecutionContext, RunId, RunRecord, RunState, RunStatus, StuckAfter,
 };
 use crate::error::DispatchError;
 use crate::options::RunOptions;
@@ -184,7 +184,7 @@ pub(crate) async fn run_on(
     if record.checkpoint.next_seq > 1 {
         // A resumed run goes on counting from where it was: skips before the interruption count
         // against the skip limit too.
-        let so_far = store.status(run, job.retry.chunk_timeout).await?;
+        let so_far = store.status(run, StuckAfter::for_job(job)).await?;
         d.read = so_far.items.read;
         d.processed = so_far.items.processed;
         d.skipped = so_far.items.skipped;
@@ -308,7 +308,6 @@ pub(crate) async fn run_on(
             },
             _ = tick.tick() => {
                 progress.update(&d.snapshot());
-                d.republish_stuck().await?;
                 if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
                     last_heartbeat = Instant::now();
                     d.store.heartbeat(run).await?;
@@ -352,7 +351,7 @@ pub(crate) async fn run_on(
             RunState::Failed
         }
         End::Exhausted => {
-            let s = store.status(run, job.retry.chunk_timeout).await?;
+            let s = store.status(run, StuckAfter::for_job(job)).await?;
             if s.items.skipped > 0 || s.chunks.failed > 0 || s.chunks.dead > 0 {
                 RunState::CompletedWithFailures
             } else {
@@ -361,7 +360,7 @@ pub(crate) async fn run_on(
         }
     };
     store.finish_run(run, state).await?;
-    let status = store.status(run, job.retry.chunk_timeout).await?;
+    let status = store.status(run, StuckAfter::for_job(job)).await?;
     info!(job = %job.name, run, state = %state, processed = status.items.processed,
           skipped = status.items.skipped, failed = status.items.failed,
           seconds = started.elapsed().as_secs_f64(), "run finished");

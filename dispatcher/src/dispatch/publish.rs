@@ -1,9 +1,13 @@
 //! Recording and publishing: chunks recorded then published, confirms applied, refused chunks
-//! published again, a resumed run's open chunks taken over, stuck chunks published again, and
-//! recovery after the connection was lost.
+//! published again, open chunks taken over from the execution context (a resumed run, a
+//! recovery after the connection was lost, the end of a run).
+//!
+//! A chunk is published again only when the broker does not hold it: a publish never confirmed,
+//! or (local mode) a queue that died with an earlier process. Never on a timer: a chunk waiting
+//! in a queue behind others is not lost, and a consumer that froze or vanished loses its
+//! deliveries through the broker (heartbeats), which delivers them to another.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::stream::FuturesUnordered;
 use hopper_common::transport::Inbox;
@@ -79,30 +83,6 @@ impl Dispatch<'_> {
             items,
         };
         Ok((Arc::new(codec::encode_chunk(&chunk)?), Label::chunk(&chunk)))
-    }
-
-    /// Chunks confirmed but without a final reply for longer than the job's `chunk_timeout` (a
-    /// consumer froze or vanished while holding them) are read again and published again, as
-    /// the same attempt: whichever copy finishes first is applied, the other is a duplicate.
-    pub(super) async fn republish_stuck(&mut self) -> Result<(), DispatchError> {
-        let timeout = self.job.retry.chunk_timeout;
-        let stuck: Vec<(ChunkRecord, u64)> = self
-            .outstanding
-            .values()
-            .filter(|o| o.confirmed() && o.since.elapsed() > timeout)
-            .map(|o| (o.record, o.since.elapsed().as_secs()))
-            .collect();
-        for (c, secs) in stuck {
-            warn!(job = %self.job.name, run = self.run, seq = c.seq, attempt = c.attempts, secs,
-                  "chunk stuck: in flight past chunk_timeout; publishing it again");
-            let message = self.message_for(&c).await?;
-            if let Some(o) = self.outstanding.get_mut(&c.seq) {
-                o.message = Some(message);
-                o.since = Instant::now();
-            }
-            self.publish(c.seq).await?;
-        }
-        Ok(())
     }
 
     pub(super) fn snapshot(&self) -> Snapshot {

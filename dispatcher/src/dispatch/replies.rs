@@ -102,6 +102,10 @@ impl Dispatch<'_> {
                     o.record.attempts = *next_attempt;
                 }
             }
+            Outcome::Processing { elapsed_ms } => {
+                debug!(job = %job, run, seq, attempt, consumer = %reply.consumer, elapsed_ms,
+                       "chunk in progress")
+            }
             Outcome::Dead { error } => {
                 error!(job = %job, run, seq, attempt, error = %error,
                        "chunk failed on its last attempt; parked on the dead queue")

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::carrier::drive;
-use crate::context::{ExecutionContext, RunId, RunState};
+use crate::context::{ExecutionContext, RunId, RunState, StuckAfter};
 use crate::dispatch::{RunSummary, Start};
 use crate::error::DispatchError;
 use crate::options::RunOptions;
@@ -74,7 +74,7 @@ pub async fn retry(
     let open = store.open_chunks(run).await?;
     if plan.is_empty() && open.is_empty() {
         info!(job = %job.name, run, state = %record.state, "nothing to retry");
-        let status = store.status(run, job.retry.chunk_timeout).await?;
+        let status = store.status(run, StuckAfter::for_job(job)).await?;
         return Ok(RunSummary {
             run,
             state: record.state,

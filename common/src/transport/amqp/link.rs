@@ -62,8 +62,9 @@ impl Link {
         let me = crate::process::identity();
         let step = |what: &'static str| super::broker(what, &topology.chunks);
         let name = |side: &str| format!("{role} {} {side} {me}", job.name);
-        let publish = connect(&job.broker_url, &name("publish")).await?;
-        let consume = connect(&job.broker_url, &name("consume")).await?;
+        let url = with_heartbeat(&job.broker_url, job.broker_heartbeat);
+        let publish = connect(&url, &name("publish")).await?;
+        let consume = connect(&url, &name("consume")).await?;
         let channel = publish
             .create_channel()
             .await
@@ -90,5 +91,44 @@ impl Link {
         let limit = std::time::Duration::from_secs(1);
         let _ = tokio::time::timeout(limit, self.publish.close(200, why.into())).await;
         let _ = tokio::time::timeout(limit, self.consume.close(200, why.into())).await;
+    }
+}
+
+/// The broker URL with the job's heartbeat in its query (`heartbeat=SECONDS`, as lapin reads
+/// it), replacing any there: the job file's `broker.heartbeat` is the one setting. A URL that
+/// does not parse is left as it is, for the connection to report.
+fn with_heartbeat(url: &str, heartbeat: std::time::Duration) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return url.to_string();
+    };
+    let kept: Vec<(String, String)> = parsed
+        .query_pairs()
+        .filter(|(k, _)| k != "heartbeat")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    parsed
+        .query_pairs_mut()
+        .clear()
+        .extend_pairs(kept)
+        .append_pair("heartbeat", &heartbeat.as_secs().to_string());
+    parsed.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_job_heartbeat_goes_into_the_url_once() {
+        let d = Duration::from_secs(7);
+        assert_eq!(
+            with_heartbeat("amqp://u:p@h:5672/%2f", d),
+            "amqp://u:p@h:5672/%2f?heartbeat=7"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://h/%2f?heartbeat=60&frame_max=8192", d),
+            "amqp://h/%2f?frame_max=8192&heartbeat=7"
+        );
     }
 }

@@ -30,7 +30,7 @@ use rusqlite::Connection;
 
 use super::{
     Applied, ChunkRecord, ContextError, ContextStore, Moved, RecordBatch, Retryable, RunId,
-    RunRecord, RunState, RunStatus,
+    RunRecord, RunState, RunStatus, StuckAfter,
 };
 
 /// The SQLite store.
@@ -185,8 +185,8 @@ impl ContextStore for SqliteStore {
         self.with(move |conn| runs::finish(conn, run, state)).await
     }
 
-    async fn status(&self, run: RunId, chunk_timeout: Duration) -> Result<RunStatus, ContextError> {
-        self.with(move |conn| status::status(conn, run, chunk_timeout))
+    async fn status(&self, run: RunId, stuck: StuckAfter) -> Result<RunStatus, ContextError> {
+        self.with(move |conn| status::status(conn, run, stuck))
             .await
     }
 }

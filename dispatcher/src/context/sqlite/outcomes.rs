@@ -39,9 +39,12 @@ fn decide(status: &str, attempts: i64, reply: &Reply) -> Applied {
     let attempt = i64::from(reply.attempt);
     let change = match status {
         "done" => false,
-        "failed" | "dead" => attempt > attempts,
+        "failed" | "dead" => {
+            attempt > attempts && !matches!(reply.outcome, Outcome::Processing { .. })
+        }
         _ => match &reply.outcome {
             Outcome::Done { .. } => true,
+            Outcome::Processing { .. } => attempt >= attempts,
             Outcome::Retrying { next_attempt, .. } => i64::from(*next_attempt) > attempts,
             Outcome::Dead { .. } | Outcome::Failed { .. } => attempt >= attempts,
         },
@@ -49,8 +52,12 @@ fn decide(status: &str, attempts: i64, reply: &Reply) -> Applied {
     match (change, status) {
         (true, _) => Applied::Recorded,
         (false, "done" | "failed" | "dead") => Applied::Duplicate,
-        (false, _) if attempt < attempts => Applied::Stale,
-        (false, _) => Applied::Duplicate,
+        // A retry already applied is a duplicate; another outcome of an older attempt is stale.
+        (false, _) => match reply.outcome {
+            Outcome::Retrying { .. } => Applied::Duplicate,
+            _ if attempt < attempts => Applied::Stale,
+            _ => Applied::Duplicate,
+        },
     }
 }
 
@@ -119,16 +126,31 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, F
             error,
             next_attempt,
         } => {
-            // The chunk comes back after its delay; its stuck clock starts again.
+            // The chunk comes back after its delay; its next attempt is not in progress yet.
             tx.execute(
                 "UPDATE chunks SET status = 'in_flight', attempts = ?3, last_error = ?4,
-                 consumer = ?5, dispatched_at = ?6 WHERE run = ?1 AND seq = ?2",
+                 consumer = ?5, dispatched_at = ?6, processing_since = NULL, noted_at = NULL
+                 WHERE run = ?1 AND seq = ?2",
                 params![
                     run,
                     seq,
                     i64::from(*next_attempt),
                     error,
                     reply.consumer,
+                    now
+                ],
+            )?;
+        }
+        Outcome::Processing { elapsed_ms } => {
+            // Since when, by this clock: the consumer's own clock may differ.
+            tx.execute(
+                "UPDATE chunks SET consumer = ?3, processing_since = ?4, noted_at = ?5
+                 WHERE run = ?1 AND seq = ?2",
+                params![
+                    run,
+                    seq,
+                    reply.consumer,
+                    now.saturating_sub(*elapsed_ms as i64),
                     now
                 ],
             )?;

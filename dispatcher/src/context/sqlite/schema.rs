@@ -6,7 +6,7 @@ use rusqlite::Connection;
 use super::Fail;
 
 /// Bumped with every change to [`SCHEMA`].
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// The whole schema of a new store.
 const SCHEMA: &str = "
@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     end_line      INTEGER,
     retry         INTEGER NOT NULL DEFAULT 0,
     retried_at    INTEGER,
+    processing_since INTEGER,
+    noted_at      INTEGER,
     PRIMARY KEY (run, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS failures (

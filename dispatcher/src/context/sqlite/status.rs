@@ -1,20 +1,19 @@
 //! `status`: a run's counts, derived from its chunk and failure rows (never kept twice), its
 //! standing failures and its stuck chunks.
 
-use std::time::Duration;
-
 use rusqlite::{params, Connection};
 
 use super::runs::run_by;
 use super::Fail;
 use crate::context::{
-    now_ms, ChunkCounts, FailureClass, FailureRecord, ItemCounts, RunId, RunStatus, StuckChunk,
+    now_ms, ChunkCounts, FailureClass, FailureRecord, InProgress, ItemCounts, RunId, RunStatus,
+    StuckAfter, StuckChunk,
 };
 
 pub(super) fn status(
     conn: &mut Connection,
     run: RunId,
-    chunk_timeout: Duration,
+    rules: StuckAfter,
 ) -> Result<RunStatus, Fail> {
     let job: String = conn.query_row(
         "SELECT job FROM runs WHERE id = ?1",
@@ -96,26 +95,56 @@ pub(super) fn status(
             reason,
         });
     }
-    let cutoff = now_ms().saturating_sub(chunk_timeout.as_millis() as u64) as i64;
+    let now = now_ms();
     let mut stmt = conn.prepare(
-        "SELECT seq, consumer, dispatched_at, attempts FROM chunks
-         WHERE run = ?1 AND status = 'in_flight' AND dispatched_at < ?2 ORDER BY seq",
+        "SELECT seq, attempts, consumer, processing_since, noted_at FROM chunks
+         WHERE run = ?1 AND status = 'in_flight' AND processing_since IS NOT NULL ORDER BY seq",
     )?;
-    let stuck = stmt
-        .query_map(params![run as i64, cutoff], |r| {
-            Ok(StuckChunk {
+    let in_progress = stmt
+        .query_map(params![run as i64], |r| {
+            Ok(InProgress {
                 seq: r.get::<_, i64>(0)? as u64,
-                consumer: r.get(1)?,
-                since: r.get::<_, i64>(2)? as u64,
-                attempt: r.get::<_, i64>(3)? as u32,
+                attempt: r.get::<_, i64>(1)? as u32,
+                consumer: r.get(2)?,
+                since: r.get::<_, i64>(3)? as u64,
+                noted_at: r.get::<_, Option<i64>>(4)?.unwrap_or(0) as u64,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
+    let stuck = in_progress
+        .iter()
+        .filter_map(|c| {
+            let (silent, processing) =
+                (now.saturating_sub(c.noted_at), now.saturating_sub(c.since));
+            let reason = if silent > rules.silent.as_millis() as u64 {
+                format!(
+                    "its consumer sent no note for {}s (it notes every heartbeat while it works)",
+                    silent / 1000
+                )
+            } else if processing > rules.processing.as_millis() as u64 {
+                format!(
+                    "processed for {}s, past chunk_timeout ({}s), and not cancelled",
+                    processing / 1000,
+                    rules.processing.as_secs()
+                )
+            } else {
+                return None;
+            };
+            Some(StuckChunk {
+                seq: c.seq,
+                consumer: c.consumer.clone(),
+                since: c.since,
+                attempt: c.attempt,
+                reason,
+            })
+        })
+        .collect();
     Ok(RunStatus {
         run: record,
         items,
         chunks,
         failures,
+        in_progress,
         stuck,
     })
 }

@@ -2,7 +2,9 @@
 //! transaction, stuck and open chunks, schema versions.
 
 use super::*;
-use crate::context::{BadData, Checkpoint, ChunkStatus, FailureClass, NewChunk, Retried};
+use crate::context::{
+    now_ms, BadData, Checkpoint, ChunkStatus, FailureClass, NewChunk, Retried, StuckAfter,
+};
 use hopper_common::{BadItem, Outcome, Position};
 
 fn reply(seq: u64, attempt: u32, outcome: Outcome) -> Reply {
@@ -122,10 +124,7 @@ async fn replies_apply_once() {
     other_run.run = 99;
     assert_eq!(apply(&store, &other_run).await, Applied::Unknown);
 
-    let s = store
-        .status(run, Duration::from_secs(600))
-        .await
-        .expect("status");
+    let s = store.status(run, LENIENT).await.expect("status");
     assert_eq!(s.chunks.total, 2);
     assert_eq!(s.chunks.done, 1);
     assert_eq!(s.chunks.pending, 1);
@@ -176,7 +175,7 @@ async fn an_older_attempt_never_overrides_a_newer_one_and_done_is_final() {
     };
     // Chunk 1: attempt 2 is under way when a copy of attempt 1 fails late: ignored.
     assert_eq!(apply(&store, &retrying(1)).await, Applied::Recorded);
-    assert_eq!(apply(&store, &failed(1, 1)).await, Applied::Duplicate);
+    assert_eq!(apply(&store, &failed(1, 1)).await, Applied::Stale);
     assert_eq!(apply(&store, &done(1, 2)).await, Applied::Recorded);
     // Done is final, whatever comes after, of any attempt.
     assert_eq!(apply(&store, &failed(1, 3)).await, Applied::Duplicate);
@@ -186,10 +185,7 @@ async fn an_older_attempt_never_overrides_a_newer_one_and_done_is_final() {
     assert_eq!(apply(&store, &done(2, 1)).await, Applied::Duplicate);
     assert_eq!(apply(&store, &done(2, 2)).await, Applied::Recorded);
 
-    let s = store
-        .status(run, Duration::from_secs(600))
-        .await
-        .expect("status");
+    let s = store.status(run, LENIENT).await.expect("status");
     assert_eq!((s.chunks.done, s.chunks.failed), (2, 0));
     assert_eq!(s.items.processed, 20);
     assert!(
@@ -220,10 +216,7 @@ async fn retrying_then_dead() {
         },
     );
     assert_eq!(apply(&store, &dead).await, Applied::Recorded);
-    let s = store
-        .status(run, Duration::from_secs(600))
-        .await
-        .expect("status");
+    let s = store.status(run, LENIENT).await.expect("status");
     assert_eq!(s.chunks.dead, 1);
     assert_eq!(s.items.failed, 10);
     let chunk_failure = s
@@ -292,10 +285,7 @@ async fn a_retry_takes_failures_over_in_the_transaction_that_records_it() {
         store.retryable(run).await.expect("retryable"),
         Retryable::default()
     );
-    let s = store
-        .status(run, Duration::from_secs(600))
-        .await
-        .expect("status");
+    let s = store.status(run, LENIENT).await.expect("status");
     assert_eq!(s.chunks.dead, 0);
     assert_eq!(s.chunks.retried, 1);
     assert_eq!(s.items.read, 21, "a retry reads nothing new");
@@ -305,22 +295,74 @@ async fn a_retry_takes_failures_over_in_the_transaction_that_records_it() {
     assert_eq!(s.chunks.pending, 2);
 }
 
+/// Rules under which nothing is stuck within a test.
+const LENIENT: StuckAfter = StuckAfter {
+    processing: Duration::from_secs(600),
+    silent: Duration::from_secs(600),
+};
+
+/// Regression (the protocol issue): time waiting in the queue counted as processing, and a
+/// chunk behind a backlog was taken for stuck and published again.
 #[tokio::test]
-async fn chunks_in_flight_past_their_timeout_are_stuck() {
+async fn only_chunks_in_progress_can_be_stuck_and_queue_time_never_counts() {
     let (_dir, store, run) = store_with_two_chunks().await;
-    store.mark_in_flight(run, &[2]).await.expect("in flight");
+    store.mark_in_flight(run, &[1, 2]).await.expect("in flight");
+    let tight = StuckAfter {
+        processing: Duration::from_millis(1),
+        silent: Duration::from_secs(600),
+    };
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let s = store
-        .status(run, Duration::from_millis(1))
-        .await
-        .expect("status");
-    assert_eq!(s.stuck.len(), 1);
-    assert_eq!(s.stuck[0].seq, 2);
-    let s = store
-        .status(run, Duration::from_secs(600))
-        .await
-        .expect("status");
+    // In flight for longer than the limit, but nobody is processing them: waiting in a queue.
+    let s = store.status(run, tight).await.expect("status");
+    assert!(
+        s.in_progress.is_empty() && s.stuck.is_empty(),
+        "{:?}",
+        s.stuck
+    );
+
+    // Chunk 2's consumer says it has been at it for 3 s.
+    let note = reply(2, 1, Outcome::Processing { elapsed_ms: 3_000 });
+    assert_eq!(apply(&store, &note).await, Applied::Recorded);
+    let s = store.status(run, LENIENT).await.expect("status");
+    assert_eq!(s.in_progress.len(), 1);
+    assert_eq!(
+        (s.in_progress[0].seq, s.in_progress[0].consumer.as_deref()),
+        (2, Some("h/1"))
+    );
+    assert!(s.in_progress[0].since <= now_ms() - 3_000);
     assert!(s.stuck.is_empty());
+    // Past the processing limit: stuck, with why.
+    let s = store.status(run, tight).await.expect("status");
+    assert_eq!(s.stuck.len(), 1);
+    assert!(
+        s.stuck[0].reason.contains("past chunk_timeout"),
+        "{}",
+        s.stuck[0].reason
+    );
+    // A consumer silent for longer than its notes allow: stuck too.
+    let silent = StuckAfter {
+        processing: Duration::from_secs(600),
+        silent: Duration::from_millis(1),
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let s = store.status(run, silent).await.expect("status");
+    assert!(
+        s.stuck[0].reason.contains("no note"),
+        "{}",
+        s.stuck[0].reason
+    );
+    // Its outcome ends it being in progress.
+    let done = reply(
+        2,
+        1,
+        Outcome::Done {
+            processed: 10,
+            bad_items: vec![],
+        },
+    );
+    assert_eq!(apply(&store, &done).await, Applied::Recorded);
+    let s = store.status(run, tight).await.expect("status");
+    assert!(s.in_progress.is_empty() && s.stuck.is_empty());
 }
 
 #[tokio::test]
@@ -366,10 +408,7 @@ async fn opening_an_up_to_date_store_writes_nothing() {
     };
     let before = data_version(&store);
     let reader = SqliteStore::open(&dir.path().join("s.db")).expect("second open");
-    reader
-        .status(1, Duration::from_secs(1))
-        .await
-        .expect("status");
+    reader.status(1, LENIENT).await.expect("status");
     assert_eq!(data_version(&store), before, "another connection committed");
 }
 
