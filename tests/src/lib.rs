@@ -311,6 +311,11 @@ impl Consumer {
         assert!(status.success(), "kill -{name} {pid} failed");
     }
 
+    /// True once the consumer process has exited (it was killed, or stopped on an error).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Sends SIGTERM and waits (at most `limit`) for it to finish the chunks in hand and exit.
     pub async fn stop(mut self, limit: Duration) -> ExitStatus {
         if let Some(pid) = self.child.id() {

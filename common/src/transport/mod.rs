@@ -57,6 +57,11 @@ pub struct Label {
     pub attempt: Option<u32>,
     /// Why the message was parked, on [`Route::Dead`].
     pub dead_reason: Option<String>,
+    /// Set by the broker on a message it dead-lettered itself (a chunk past its queue's
+    /// delivery limit): why, as the broker says it (`delivery_limit`).
+    pub dead_lettered: Option<String>,
+    /// How often the broker delivered the message, where it counts (quorum queues).
+    pub deliveries: Option<u64>,
 }
 
 impl Label {
@@ -79,6 +84,8 @@ impl Label {
             seq: Some(seq),
             attempt: Some(attempt),
             dead_reason: None,
+            dead_lettered: None,
+            deliveries: None,
         }
     }
 

@@ -19,6 +19,16 @@ impl Dispatch<'_> {
     ) -> Result<(), DispatchError> {
         let mut replies = Vec::with_capacity(incoming.len());
         for message in &incoming {
+            if message.label.dead_lettered.is_some() {
+                match self.dead_lettered(message).await? {
+                    Some(reply) => replies.push(reply),
+                    None => {
+                        self.park_unreadable(message, "dead-lettered, unlabelled")
+                            .await?
+                    }
+                }
+                continue;
+            }
             match codec::decode_reply(&message.payload) {
                 Ok(reply) => replies.push(reply),
                 // A consumer of another release: its replies stay on the queue (nothing of this
@@ -60,6 +70,42 @@ impl Dispatch<'_> {
             last.ack_through().await?;
         }
         Ok(())
+    }
+
+    /// A chunk the broker dead-lettered onto the replies queue: it passed the chunk queue's
+    /// delivery limit, so every consumer that took it died or lost its connection before
+    /// answering. It is parked on the dead queue (where a person can look at it) and becomes a
+    /// `Dead` outcome for its chunk, so that its run can end; `retry` sends it again. `None`
+    /// when its label does not say which chunk it is.
+    async fn dead_lettered(&self, message: &Incoming) -> Result<Option<Reply>, DispatchError> {
+        let label = &message.label;
+        let (Some(run), Some(seq), Some(attempt)) = (label.run, label.seq, label.attempt) else {
+            return Ok(None);
+        };
+        let deliveries = label
+            .deliveries
+            .map_or_else(|| "too many".to_string(), |n| n.to_string());
+        let error = format!(
+            "the broker dead-lettered it ({}) after {deliveries} deliveries: each consumer that \
+             took it died or lost its connection before answering (a chunk that crashes its \
+             consumer, or one processed past the broker's consumer_timeout)",
+            label.dead_lettered.as_deref().unwrap_or("no reason given")
+        );
+        error!(job = %self.job.name, run, seq, attempt, %deliveries,
+               "chunk dead-lettered by the broker; parking it on the dead queue");
+        let parked = label.clone().parked(&error);
+        self.transport
+            .publish(Route::Dead, &message.payload, &parked)
+            .await?
+            .await?;
+        Ok(Some(Reply {
+            job: label.job.clone().unwrap_or_else(|| self.job.name.clone()),
+            run,
+            seq,
+            attempt,
+            consumer: "rabbitmq".to_string(),
+            outcome: Outcome::Dead { error },
+        }))
     }
 
     /// A message on the replies queue that is no reply at all: parked on the dead queue, where

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use hopper_common::transport::{Confirm, Inbox};
 use hopper_common::{
-    codec, Job, Label, LocalBroker, Outcome, Reply, Route, Transport, TransportError,
+    codec, Chunk, Job, Label, LocalBroker, Outcome, Reply, Route, Transport, TransportError,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -272,4 +272,171 @@ async fn a_lost_confirm_publishes_the_chunk_again_and_its_duplicate_counts_once(
     // twice; the context counted them once (above).
     assert!(seen.values().filter(|&&n| n == 2).count() >= 2, "{seen:?}");
     assert!(seen.values().all(|&n| n <= 3), "{seen:?}");
+}
+
+/// One thing a scripted consumer sends for a chunk it received.
+enum Step {
+    /// A reply about the chunk.
+    Reply(Reply),
+    /// The chunk itself onto the replies queue, as the broker dead-letters one past its delivery
+    /// limit.
+    DeadLetter,
+    /// The chunk again onto the chunk queue, as its next attempt.
+    Again(u32),
+}
+
+fn reply_to(chunk: &Chunk, attempt: u32, outcome: Outcome) -> Step {
+    Step::Reply(Reply {
+        job: chunk.job.clone(),
+        run: chunk.run,
+        seq: chunk.seq,
+        attempt,
+        consumer: "test/1".into(),
+        outcome,
+    })
+}
+
+fn done(chunk: &Chunk) -> Outcome {
+    Outcome::Done {
+        processed: chunk.items.len() as u64,
+        bad_items: Vec::new(),
+    }
+}
+
+/// A consumer that sends what `script` says for each chunk, then acks it.
+fn scripted(
+    broker: &LocalBroker,
+    stop: CancellationToken,
+    script: impl Fn(&Chunk) -> Vec<Step> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let transport = broker.transport();
+    tokio::spawn(async move {
+        let mut inbox = transport.receive(Route::Chunks, 8).await.expect("receive");
+        loop {
+            let message = tokio::select! {
+                _ = stop.cancelled() => break,
+                m = inbox.next() => match m {
+                    Some(Ok(m)) => m,
+                    _ => break,
+                },
+            };
+            let chunk = codec::decode_chunk(&message.payload).expect("a chunk");
+            for send in script(&chunk) {
+                let (route, payload, label) = match send {
+                    Step::Reply(r) => {
+                        let payload = codec::encode_reply(&r).expect("encode");
+                        (Route::Replies, payload, Label::reply(&r))
+                    }
+                    Step::DeadLetter => {
+                        let mut label = message.label.clone();
+                        label.dead_lettered = Some("delivery_limit".into());
+                        label.deliveries = Some(11);
+                        (Route::Replies, message.payload.clone(), label)
+                    }
+                    Step::Again(attempt) => {
+                        let mut again = chunk.clone();
+                        again.attempt = attempt;
+                        let payload = codec::encode_chunk(&again).expect("encode");
+                        (Route::Chunks, payload, Label::chunk(&again))
+                    }
+                };
+                let confirm = transport
+                    .publish(route, &payload, &label)
+                    .await
+                    .expect("publish");
+                confirm.await.expect("confirmed");
+            }
+            message.ack().await.expect("ack");
+        }
+    })
+}
+
+/// Runs 100 records in chunks of 10 against `script`.
+async fn scripted_run(
+    script: impl Fn(&Chunk) -> Vec<Step> + Send + 'static,
+) -> (RunSummary, LocalBroker) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = job(dir.path(), 100, 10, 4);
+    let broker = LocalBroker::new(&job);
+    let stop = CancellationToken::new();
+    let consumer = scripted(&broker, stop.clone(), script);
+    let summary = dispatch(&job, Arc::new(broker.transport())).await;
+    stop.cancel();
+    consumer.await.expect("consumer");
+    (summary, broker)
+}
+
+/// Replies duplicated, notes before them, and each chunk's replies sent in reverse order (the
+/// final one first): every chunk counts once, and the run completes.
+#[tokio::test]
+async fn duplicated_and_reordered_replies_count_once() {
+    let (summary, _) = scripted_run(|c| {
+        vec![
+            reply_to(c, 1, done(c)),
+            reply_to(c, 1, Outcome::Processing { elapsed_ms: 10 }),
+            reply_to(c, 1, done(c)),
+        ]
+    })
+    .await;
+    assert_eq!(summary.state, RunState::Completed);
+    assert_eq!(summary.status.items.processed, 100);
+    assert_eq!(summary.status.chunks.done, 10);
+    assert!(summary.status.in_progress.is_empty());
+}
+
+/// Regression (the protocol issue, finding 5): attempt 2 succeeds, then a copy of attempt 1
+/// fails late. The chunk stays done, and the late failure does not end the run early either.
+#[tokio::test]
+async fn an_old_attempt_failing_after_a_newer_success_changes_nothing() {
+    let (summary, _) = scripted_run(|c| match (c.seq, c.attempt) {
+        (5, 1) => vec![
+            reply_to(
+                c,
+                1,
+                Outcome::Retrying {
+                    error: "timeout".into(),
+                    next_attempt: 2,
+                },
+            ),
+            Step::Again(2),
+        ],
+        (5, 2) => vec![
+            reply_to(c, 2, done(c)),
+            reply_to(
+                c,
+                1,
+                Outcome::Failed {
+                    error: "late".into(),
+                },
+            ),
+        ],
+        _ => vec![reply_to(c, c.attempt, done(c))],
+    })
+    .await;
+    assert_eq!(summary.state, RunState::Completed);
+    assert_eq!(summary.status.chunks.done, 10);
+    assert_eq!(summary.status.items.processed, 100);
+    assert!(summary.status.failures.is_empty());
+}
+
+/// A chunk the broker dead-letters (past its delivery limit) comes to the dispatcher: recorded
+/// dead with why, parked on the dead queue, and the run ends.
+#[tokio::test]
+async fn a_dead_lettered_chunk_is_recorded_dead_and_parked_and_the_run_ends() {
+    let (summary, broker) = scripted_run(|c| match c.seq {
+        4 => vec![Step::DeadLetter],
+        _ => vec![reply_to(c, 1, done(c))],
+    })
+    .await;
+    assert_eq!(summary.state, RunState::CompletedWithFailures);
+    assert_eq!(summary.status.chunks.dead, 1);
+    assert_eq!(summary.status.items.processed, 90);
+    let failure = &summary.status.failures[0];
+    assert_eq!(failure.seq, Some(4));
+    assert!(
+        failure.reason.contains("after 11 deliveries"),
+        "{}",
+        failure.reason
+    );
+    assert_eq!(broker.dead(), 1);
 }

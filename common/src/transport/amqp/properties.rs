@@ -60,6 +60,18 @@ pub(super) fn label_of(props: &BasicProperties) -> Label {
         Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         _ => None,
     };
+    // A message the broker dead-lettered carries `x-death`, newest first, each with a count.
+    let died = match get("x-death") {
+        Some(AMQPValue::FieldArray(deaths)) => deaths.as_slice().iter().find_map(|d| match d {
+            AMQPValue::FieldTable(t) => match t.inner().get("count") {
+                Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).ok(),
+                Some(AMQPValue::LongInt(n)) => u64::try_from(*n).ok(),
+                _ => None,
+            },
+            _ => None,
+        }),
+        _ => None,
+    };
     Label {
         message_id: props.message_id().as_ref().map(|s| s.to_string()),
         kind: props.kind().as_ref().map(|s| s.to_string()),
@@ -68,6 +80,8 @@ pub(super) fn label_of(props: &BasicProperties) -> Label {
         seq: number("seq"),
         attempt: number("attempt").and_then(|a| u32::try_from(a).ok()),
         dead_reason: text(DEAD_REASON),
+        dead_lettered: text("x-first-death-reason"),
+        deliveries: number("x-delivery-count").or(died),
     }
 }
 
@@ -85,6 +99,8 @@ mod tests {
             seq: Some(7),
             attempt: Some(2),
             dead_reason: Some("bad".into()),
+            dead_lettered: None,
+            deliveries: None,
         };
         let props = properties(&label);
         assert_eq!(props.delivery_mode(), &Some(2));

@@ -2,17 +2,20 @@
 //!
 //! | queue | what |
 //! |---|---|
-//! | `hopper.<job>.chunks` | quorum queue the consumers read |
-//! | `hopper.<job>.retry.<delay>` | one delay queue per backoff delay (per-queue TTL), dead-lettering back to `chunks` |
-//! | `hopper.<job>.replies` | quorum queue the dispatcher reads |
+//! | `hopper.<job>.chunks` | quorum queue the consumers read; a chunk past its delivery limit is dead-lettered to `replies` |
+//! | `hopper.<job>.retry.<delay>` | one quorum delay queue per backoff delay (per-queue TTL), dead-lettering back to `chunks` |
+//! | `hopper.<job>.replies` | quorum queue the dispatcher reads: replies, and chunks the broker dead-lettered |
 //! | `hopper.<job>.dead` | quorum queue for chunks that exhausted retries or could not be decoded |
 //!
 //! Delay queues use a per-queue TTL, one queue per delay: per-message TTLs only expire at the
 //! head of a queue, so one queue with mixed delays would hold short delays behind long ones.
 //!
+//! Dead-lettering is at least once (RabbitMQ 3.10+), so no chunk is lost moving between queues.
+//!
 //! Declaring is idempotent and both sides do it, so dispatcher and consumers can start in any
-//! order. The queue arguments are constants (never derived from the job file): RabbitMQ refuses a
-//! re-declaration whose arguments differ, and a changed job file must not make that happen.
+//! order. The queue arguments depend on nothing in the job file but the delays, which name their
+//! queues: RabbitMQ refuses a re-declaration whose arguments differ, and a changed job file must
+//! not make that happen.
 
 use std::time::Duration;
 
@@ -98,13 +101,14 @@ impl Topology {
     /// The broker's error, for example a queue of the same name declared with other arguments.
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         let durable = QueueDeclareOptions::durable();
-        let mut chunk_args = quorum();
+        // A chunk past its delivery limit (it killed or outlived every consumer that took it) is
+        // dead-lettered to the replies queue: the dispatcher records it dead, with why, and
+        // parks it on the dead queue for people. Without this it would hold its run open.
+        let mut chunk_args = dead_letter_to(&self.replies);
         chunk_args.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(DELIVERY_LIMIT),
         );
-        chunk_args.insert("x-dead-letter-exchange".into(), string(""));
-        chunk_args.insert("x-dead-letter-routing-key".into(), string(&self.dead));
         channel
             .queue_declare(self.chunks.as_str().into(), durable, chunk_args)
             .await?;
@@ -115,11 +119,9 @@ impl Topology {
             .queue_declare(self.dead.as_str().into(), durable, quorum())
             .await?;
         for tier in &self.delays {
-            let mut args = FieldTable::default();
+            let mut args = dead_letter_to(&self.chunks);
             let ttl = i64::try_from(tier.delay.as_millis()).unwrap_or(i64::MAX);
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
-            args.insert("x-dead-letter-exchange".into(), string(""));
-            args.insert("x-dead-letter-routing-key".into(), string(&self.chunks));
             channel
                 .queue_declare(tier.queue.as_str().into(), durable, args)
                 .await?;
@@ -139,6 +141,19 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// A quorum queue whose dead letters go to `target`, at least once: RabbitMQ's default
+/// (at most once) can drop a message moving between queues when a broker node fails, and a chunk
+/// lost between queues would hold its run open for ever. At-least-once dead-lettering needs
+/// `reject-publish` overflow.
+fn dead_letter_to(target: &str) -> FieldTable {
+    let mut args = quorum();
+    args.insert("x-dead-letter-exchange".into(), string(""));
+    args.insert("x-dead-letter-routing-key".into(), string(target));
+    args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+    args.insert("x-overflow".into(), string("reject-publish"));
+    args
 }
 
 fn quorum() -> FieldTable {

@@ -160,7 +160,7 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, F
                 Outcome::Dead { .. } => (
                     "dead",
                     format!(
-                        "parked on the dead queue after {} attempts: {error}",
+                        "parked on the dead queue at attempt {}: {error}",
                         reply.attempt
                     ),
                 ),

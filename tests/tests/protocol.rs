@@ -1,0 +1,207 @@
+//! The chunk protocol under ordinary and hostile workloads, end to end: real broker, real
+//! processes, executions counted, not only outputs.
+//!
+//! - a backlog (processing slower than the window): each chunk runs exactly once;
+//! - a processor that hangs: cancelled at `chunk_timeout`, retried, then dead; the run ends;
+//! - a chunk that kills its consumer on every delivery: dead-lettered by the broker, recorded
+//!   dead with its reason, and every other chunk runs exactly once.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hopper_tests::{require_broker, write_jsonl, TestJob};
+
+/// `seq:attempt` lines the exec processor appended, one per execution that got that far.
+fn executions(path: &Path) -> BTreeMap<String, usize> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().fold(BTreeMap::new(), |mut m, l| {
+        *m.entry(l.to_string()).or_default() += 1;
+        m
+    })
+}
+
+/// Regression (the protocol issue, "Seen"): a slow processor behind a large window ran most
+/// chunks two or three times, because time waiting in the queue counted against
+/// `chunk_timeout`.
+#[tokio::test]
+async fn a_backlog_runs_every_chunk_exactly_once_in_about_the_work_own_time() {
+    let conn = require_broker().await;
+    let t = TestJob::new(
+        "backlog",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 100
+[throttle]
+window = 16
+[processor]
+kind = "exec"
+command = ["sh", "-c", "cat >/dev/null; sleep 0.5; echo $HOPPER_SEQ:$HOPPER_ATTEMPT >> executions.log"]
+[retry]
+chunk_timeout = "2s"
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 2_000, 40);
+    // One consumer taking one chunk at a time: 20 chunks of 0.5 s, all but one waiting in the
+    // queue for up to ten times chunk_timeout.
+    let consumer = t.start_consumer(1, 1);
+    t.wait_for_consumers(&conn, 1).await;
+    let started = Instant::now();
+    let out = t.dispatcher(&["run"], Duration::from_secs(120)).await;
+    let took = started.elapsed();
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let runs = executions(&t.path("executions.log"));
+    let expected: BTreeMap<String, usize> = (1..=20).map(|seq| (format!("{seq}:1"), 1)).collect();
+    assert_eq!(runs, expected, "each chunk once, on its first attempt");
+    assert!(took < Duration::from_secs(25), "10 s of work took {took:?}");
+    let status = t.status().await;
+    assert_eq!(status["items"]["processed"], 2_000);
+    assert!(consumer.stop(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test]
+async fn a_processor_that_hangs_is_cancelled_at_chunk_timeout_retried_then_dead() {
+    let conn = require_broker().await;
+    let t = TestJob::new(
+        "hang",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[processor]
+kind = "exec"
+command = ["sh", "-c", "cat >/dev/null; echo $HOPPER_SEQ:$HOPPER_ATTEMPT >> executions.log; if [ $HOPPER_SEQ = 2 ]; then sleep 600; fi"]
+[retry]
+max_attempts = 2
+backoff = "100ms..100ms"
+chunk_timeout = "1s"
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 40, 40);
+    let consumer = t.start_consumer(1, 2);
+    t.wait_for_consumers(&conn, 1).await;
+    let started = Instant::now();
+    let out = t.dispatcher(&["run"], Duration::from_secs(60)).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let status = t.status().await;
+    assert_eq!(status["state"], "completed_with_failures");
+    assert_eq!(status["items"]["processed"], 30);
+    assert_eq!(status["chunks"]["dead"], 1);
+    let reason = status["failures"][0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("passed retry.chunk_timeout (1s)"),
+        "{reason}"
+    );
+    let runs = executions(&t.path("executions.log"));
+    assert_eq!(runs.get("2:1"), Some(&1));
+    assert_eq!(runs.get("2:2"), Some(&1));
+    assert_eq!(runs.len(), 5, "{runs:?}");
+    // Nothing of the hung commands is left running.
+    let leftovers = std::process::Command::new("pgrep")
+        .args(["-f", "sleep 600"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(leftovers.trim().is_empty(), "still running: {leftovers}");
+    assert!(consumer.stop(Duration::from_secs(30)).await.success());
+}
+
+/// Regression (the protocol issue, finding 2): a chunk that crashed its consumer each time was
+/// dead-lettered with no reply, taken for stuck and published again, for ever.
+#[tokio::test]
+async fn a_chunk_that_kills_its_consumer_ends_dead_and_the_rest_runs_once() {
+    let conn = require_broker().await;
+    let t = TestJob::new(
+        "killer",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[processor]
+kind = "exec"
+command = ["sh", "-c", "if [ $HOPPER_SEQ = 3 ] && [ -e killer ]; then kill -9 $PPID; exit 1; fi; cat > out-$HOPPER_SEQ.jsonl; echo $HOPPER_SEQ:$HOPPER_ATTEMPT >> executions.log"]
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 100, 40);
+    std::fs::write(t.path("killer"), "").expect("arm the killer");
+    let mut dispatcher = t
+        .dispatcher_command(&["run"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(t.path("dispatcher.log")).expect("log"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the dispatcher");
+    // Two consumers, one chunk at a time each, restarted whenever one dies.
+    let mut consumers = vec![t.start_consumer(0, 1), t.start_consumer(1, 1)];
+    let mut restarts = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let code = loop {
+        if let Some(status) = dispatcher.try_wait().expect("poll the dispatcher") {
+            break status.code();
+        }
+        assert!(Instant::now() < deadline, "the run did not end");
+        for c in consumers.iter_mut() {
+            if c.exited() {
+                restarts += 1;
+                *c = t.start_consumer(2 + restarts, 1);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = std::fs::read_to_string(t.path("dispatcher.log")).unwrap_or_default();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(restarts >= 10, "only {restarts} consumer deaths");
+    let status = t.status().await;
+    assert_eq!(status["state"], "completed_with_failures");
+    assert_eq!(status["chunks"]["dead"], 1);
+    assert_eq!(status["items"]["processed"], 90);
+    let failure = &status["failures"][0];
+    assert_eq!(failure["seq"], 3);
+    let reason = failure["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("dead-lettered"), "{reason}");
+    assert!(reason.contains("died or lost its connection"), "{reason}");
+    // Every other chunk ran exactly once; the killer stays inspectable on the dead queue.
+    let runs = executions(&t.path("executions.log"));
+    let expected: BTreeMap<String, usize> = (1..=10)
+        .filter(|&s| s != 3)
+        .map(|seq| (format!("{seq}:1"), 1))
+        .collect();
+    assert_eq!(runs, expected);
+    let dead = format!("hopper.{}.dead", t.name);
+    assert_eq!(t.queue_depth(&conn, &dead).await, 1);
+
+    // Disarmed, `retry` sends it again and the run completes.
+    std::fs::remove_file(t.path("killer")).expect("disarm");
+    for c in consumers.iter_mut() {
+        if c.exited() {
+            restarts += 1;
+            *c = t.start_consumer(2 + restarts, 1);
+        }
+    }
+    let out = t
+        .dispatcher(&["retry", "--run", "1"], Duration::from_secs(60))
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert_eq!(t.status().await["items"]["processed"], 100);
+    for c in consumers {
+        assert!(c.stop(Duration::from_secs(30)).await.success());
+    }
+}
