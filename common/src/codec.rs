@@ -87,17 +87,23 @@ fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, Co
     Ok(body)
 }
 
-/// The largest encoded chunk a job's dispatcher can send: its item data (up to twice
-/// `chunking.max_bytes`, since a `retry` chunk carries the records fixed in it on top of what the
-/// chunk held), the framing of up to `chunking.items` items, and the envelope. A message on a
-/// chunk queue larger than this was not sent by the job's dispatcher: consumers park it unread.
-pub fn chunk_size_limit(chunking: &crate::job::Chunking) -> usize {
-    let limit = chunking
+/// The most MessagePack adds to one item's data: an array header, its line (a u64) and a
+/// string header.
+const ITEM_FRAMING: u64 = 16;
+
+/// The most the rest of a chunk takes: the envelope, the job's name (at most 100 bytes), run,
+/// seq, attempt, position and the items' array header.
+const CHUNK_FRAMING: u64 = 1024;
+
+/// The largest encoded chunk of a job: its item data (at most `chunking.max_bytes`, for a first
+/// reading and for `retry` alike), the framing of up to `chunking.items` items, and the rest.
+/// The job file is refused when this passes the broker's message limit; a message on a chunk
+/// queue larger than this was not sent by the job's dispatcher, and consumers park it unread.
+pub fn chunk_size_bound(chunking: &crate::job::Chunking) -> u64 {
+    chunking
         .max_bytes
-        .saturating_mul(2)
-        .saturating_add((chunking.items as u64).saturating_mul(32))
-        .saturating_add(64 * 1024);
-    usize::try_from(limit).unwrap_or(usize::MAX)
+        .saturating_add((chunking.items as u64).saturating_mul(ITEM_FRAMING))
+        .saturating_add(CHUNK_FRAMING)
 }
 
 /// Encodes a chunk.

@@ -31,6 +31,13 @@ pub enum DispatchError {
         /// The reply's message id, to find it in the management UI.
         message_id: Option<String>,
     },
+    /// The connection to the broker was lost again and again, each time soon after it was
+    /// recovered; the run stops and can be resumed.
+    #[error("lost the broker connection {times} times in a row, each soon after recovering it; stopping (the run can be resumed)")]
+    Unrecoverable {
+        /// Losses in a row.
+        times: u32,
+    },
     /// The transport refused a chunk again and again.
     #[error("chunk {seq} of run {run} was refused {times} times; stopping ({last})")]
     Refused {
@@ -116,6 +123,7 @@ impl DispatchError {
             DispatchError::RepliesEnded => true,
             DispatchError::Source(_)
             | DispatchError::Refused { .. }
+            | DispatchError::Unrecoverable { .. }
             | DispatchError::ReplySchema { .. }
             | DispatchError::Context(_)
             | DispatchError::Codec(_)
@@ -146,6 +154,7 @@ impl DispatchError {
             | DispatchError::Transport(_)
             | DispatchError::RepliesEnded
             | DispatchError::Refused { .. }
+            | DispatchError::Unrecoverable { .. }
             | DispatchError::ReplySchema { .. }
             | DispatchError::Context(_)
             | DispatchError::Codec(_)

@@ -28,7 +28,8 @@ mod validate;
 
 pub use expand::{expand, redact_url};
 
-/// The largest chunk a job may ask for. RabbitMQ 4 refuses messages over 16 MiB by default
+/// The largest encoded chunk a job may produce (see [`crate::codec::chunk_size_bound`]). RabbitMQ 4
+/// refuses messages over 16 MiB by default
 /// (`max_message_size`), and a chunk is one message.
 pub const MAX_CHUNK_BYTES: u64 = 16 * 1024 * 1024;
 

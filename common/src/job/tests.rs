@@ -84,6 +84,14 @@ fn each_bad_field_is_named() {
         field_of(&format!("{GOOD}\n[retry]\nbackoff = \"5m..1s\"\n")),
         "retry.backoff"
     );
+    // A chunk is one message: data and framing must stay under the broker's limit.
+    assert_eq!(
+        field_of(&format!(
+            "{GOOD}\n[chunking]\nitems = 1000000\nmax_bytes = 1048576\n"
+        )),
+        "chunking.max_bytes"
+    );
+    assert!(parse(&format!("{GOOD}\n[chunking]\nmax_bytes = 16000000\n")).is_ok());
     for bad in ["0s", "500ms", "1h"] {
         assert_eq!(
             field_of(&GOOD.replace("[source]", &format!("heartbeat = \"{bad}\"\n[source]"))),

@@ -157,16 +157,27 @@ fn chunking(raw: RawChunking) -> FieldResult<Chunking> {
         ));
     }
     let max_bytes = raw.max_bytes.unwrap_or(1024 * 1024);
-    if max_bytes == 0 || max_bytes > MAX_CHUNK_BYTES {
-        return Err((
-            "chunking.max_bytes",
-            format!("{max_bytes} must be between 1 and {MAX_CHUNK_BYTES} (16 MiB, RabbitMQ's default message limit)"),
-        ));
+    if max_bytes == 0 {
+        return Err(("chunking.max_bytes", "must be at least 1".to_string()));
     }
-    Ok(Chunking {
+    let chunking = Chunking {
         items: items as usize,
         max_bytes,
-    })
+    };
+    // A chunk is one message: its encoding must stay under the broker's message limit, or the
+    // broker closes the channel on it every time it is published.
+    let bound = crate::codec::chunk_size_bound(&chunking);
+    if bound > MAX_CHUNK_BYTES {
+        let room = MAX_CHUNK_BYTES - (bound - max_bytes).min(MAX_CHUNK_BYTES);
+        return Err((
+            "chunking.max_bytes",
+            format!(
+                "{max_bytes}: with items = {items}, a chunk can encode to {bound} bytes, over \
+                 {MAX_CHUNK_BYTES} (16 MiB, RabbitMQ's default message limit); at most {room}"
+            ),
+        ));
+    }
+    Ok(chunking)
 }
 
 fn throttle(raw: RawThrottle) -> FieldResult<Throttle> {

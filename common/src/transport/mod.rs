@@ -12,6 +12,7 @@
 
 pub mod amqp;
 mod local;
+mod recovery;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
@@ -19,6 +20,7 @@ use futures::stream::BoxStream;
 
 pub use amqp::AmqpTransport;
 pub use local::{LocalBroker, LocalTransport};
+pub use recovery::Recoveries;
 
 use crate::message::{message_id, Chunk, Reply};
 
@@ -113,6 +115,20 @@ pub enum TransportError {
         /// The broker client's error.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The broker refused a step for a reason that retrying will not cure (access refused, a
+    /// queue declared with other arguments, a message over its size limit): reconnecting would
+    /// only loop. The side that sees it stops, naming the queue and the cause.
+    #[error("RabbitMQ refused to {what} ({queue}): {code} {text}{}", rejected_hint(*code, text))]
+    Rejected {
+        /// The step refused.
+        what: &'static str,
+        /// The queue involved.
+        queue: String,
+        /// The AMQP reply code (403 access refused, 404 not found, 406 precondition failed...).
+        code: u16,
+        /// The broker's reply text.
+        text: String,
+    },
     /// The transport did not take a message (nacked, or no queue to route it to).
     #[error("{queue} did not take the message: {why}")]
     Refused {
@@ -129,14 +145,37 @@ impl TransportError {
     pub fn is_connection_lost(&self) -> bool {
         match self {
             TransportError::Connect(_) | TransportError::Broker { .. } => true,
-            TransportError::Refused { .. } => false,
+            TransportError::Refused { .. } | TransportError::Rejected { .. } => false,
         }
+    }
+}
+
+/// What to do about a refusal, where the broker's text alone does not say it.
+fn rejected_hint(code: u16, text: &str) -> &'static str {
+    match code {
+        403 => "; give the user that right on hopper.<job>.* (see config/rabbitmq)",
+        406 if text.contains("inequivalent arg") => {
+            "; the queue was declared by another version of Hopper with other arguments: delete \
+             the job's queues once (they must be empty), and both sides declare them again"
+        }
+        406 if text.contains("max size") => {
+            "; lower chunking.max_bytes, or raise the broker's max_message_size"
+        }
+        _ => "",
     }
 }
 
 impl From<amqp::ConnectError> for TransportError {
     fn from(e: amqp::ConnectError) -> Self {
-        TransportError::Connect(Box::new(e))
+        match e.refusal {
+            Some((code, text)) => TransportError::Rejected {
+                what: "connect",
+                queue: e.url,
+                code,
+                text,
+            },
+            None => TransportError::Connect(Box::new(e)),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::{FutureExt, StreamExt};
-use hopper_common::transport::Inbox;
+use hopper_common::transport::{Inbox, Recoveries};
 use hopper_common::{
     codec, AmqpTransport, Chunk, CodecError, Incoming, Job, Label, NoteTiming, Outcome, Reply,
     Route, Transport, TransportError,
@@ -71,6 +71,13 @@ pub enum ConsumerError {
     /// The transport cannot be reached, or failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The connection to the broker was lost again and again, each time soon after it was
+    /// recovered.
+    #[error("lost the broker connection {times} times in a row, each soon after recovering it; stopping")]
+    Unrecoverable {
+        /// Losses in a row.
+        times: u32,
+    },
 }
 
 /// What every chunk task shares.
@@ -134,6 +141,7 @@ pub async fn run_on(
         dead: AtomicU64::new(0),
     });
     let tracker = TaskTracker::new();
+    let mut recoveries = Recoveries::default();
     let stopped = loop {
         tokio::select! {
             biased;
@@ -151,9 +159,11 @@ pub async fn run_on(
                     None => "the broker stopped delivering chunks".to_string(),
                 };
                 warn!(job = %job.name, error = %why, "lost the broker; reconnecting");
-                match reconnect(&transport, opts.concurrency).await {
-                    Ok(again) => inbox = again,
-                    Err(e) => break Err(e.into()),
+                match reconnect(&transport, opts.concurrency, &mut recoveries, &shutdown).await {
+                    Ok(Some(again)) => inbox = again,
+                    // Stopped while reconnecting: nothing is in hand that could still be acked.
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
                 }
                 info!(job = %job.name, "reconnected to the broker");
             }
@@ -176,15 +186,43 @@ pub async fn run_on(
 }
 
 /// Connects again and receives chunks again.
-async fn reconnect(transport: &Arc<dyn Transport>, prefetch: u16) -> Result<Inbox, TransportError> {
-    transport.reconnect().await?;
-    transport.receive(Route::Chunks, prefetch.max(1)).await
+/// Connects again and receives chunks again, with a growing pause while the connection keeps
+/// failing, up to [`Recoveries::MAX`] losses in a row; `None` when `shutdown` came first. A
+/// refusal that will recur (access refused...) is not retried.
+async fn reconnect(
+    transport: &Arc<dyn Transport>,
+    prefetch: u16,
+    recoveries: &mut Recoveries,
+    shutdown: &CancellationToken,
+) -> Result<Option<Inbox>, ConsumerError> {
+    loop {
+        let Some(pause) = recoveries.lost() else {
+            return Err(ConsumerError::Unrecoverable {
+                times: Recoveries::MAX,
+            });
+        };
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            attempt = async {
+                tokio::time::sleep(pause).await;
+                transport.reconnect().await?;
+                transport.receive(Route::Chunks, prefetch.max(1)).await
+            } => attempt,
+        };
+        match attempt {
+            Ok(inbox) => return Ok(Some(inbox)),
+            Err(e) if e.is_connection_lost() => {
+                warn!(error = %e, "the connection failed again while reconnecting; trying again")
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// One message, from decoding to ack.
 async fn handle(ctx: Arc<Context>, message: Incoming) {
     let job = &ctx.job.name;
-    let limit = codec::chunk_size_limit(&ctx.job.chunking);
+    let limit = usize::try_from(codec::chunk_size_bound(&ctx.job.chunking)).unwrap_or(usize::MAX);
     if message.payload.len() > limit {
         let why = format!(
             "oversized: {} bytes, more than a chunk of this job can be ({limit} bytes)",

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use hopper_common::transport::Recoveries;
 use hopper_common::{Job, Route, Transport};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -223,6 +224,7 @@ pub(crate) async fn run_on(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heartbeat = Instant::now();
+    let mut recoveries = Recoveries::default();
 
     let end = loop {
         if d.skipped > job.failures.skip_limit {
@@ -322,7 +324,13 @@ pub(crate) async fn run_on(
             Ok(None) => {}
             Err(e) if e.is_connection_lost() => {
                 warn!(job = %job.name, run, error = %e, "lost the broker; reconnecting");
-                replies = d.recover(prefetch).await?;
+                match d
+                    .recover_bounded(prefetch, &mut recoveries, &shutdown)
+                    .await?
+                {
+                    Some(again) => replies = again,
+                    None => break End::Interrupted,
+                }
                 info!(job = %job.name, run, "reconnected to the broker");
             }
             Err(e) => return Err(e),

@@ -10,8 +10,9 @@
 use std::sync::Arc;
 
 use futures::stream::FuturesUnordered;
-use hopper_common::transport::Inbox;
+use hopper_common::transport::{Inbox, Recoveries};
 use hopper_common::{codec, Chunk, Label, Route, TransportError};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::outstanding::Outstanding;
@@ -202,6 +203,39 @@ impl Dispatch<'_> {
         Ok(replies)
     }
 
+    /// [`Dispatch::recover`], again and again with a growing pause while the connection keeps
+    /// failing, up to [`Recoveries::MAX`] losses in a row; `None` when `shutdown` came first
+    /// (the run stays resumable). A refusal that will recur is not retried.
+    pub(super) async fn recover_bounded(
+        &mut self,
+        prefetch: u16,
+        recoveries: &mut Recoveries,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Inbox>, DispatchError> {
+        loop {
+            let Some(pause) = recoveries.lost() else {
+                return Err(DispatchError::Unrecoverable {
+                    times: Recoveries::MAX,
+                });
+            };
+            let attempt = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                attempt = async {
+                    tokio::time::sleep(pause).await;
+                    self.recover(prefetch).await
+                } => attempt,
+            };
+            match attempt {
+                Ok(inbox) => return Ok(Some(inbox)),
+                Err(e) if e.is_connection_lost() => {
+                    warn!(job = %self.job.name, run = self.run, error = %e,
+                          "the connection failed again while recovering; trying again")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Publishes an outstanding chunk from its kept bytes and keeps the confirm.
     async fn publish(&mut self, seq: u64) -> Result<(), DispatchError> {
         let Some((payload, label)) = self.outstanding.get(&seq).and_then(|o| o.message.clone())
@@ -226,9 +260,11 @@ impl Dispatch<'_> {
             let refused = match confirmation {
                 Ok(()) => None,
                 Err(e @ TransportError::Refused { .. }) => Some(e.to_string()),
-                Err(e @ (TransportError::Connect(_) | TransportError::Broker { .. })) => {
-                    return Err(e.into())
-                }
+                Err(
+                    e @ (TransportError::Connect(_)
+                    | TransportError::Broker { .. }
+                    | TransportError::Rejected { .. }),
+                ) => return Err(e.into()),
             };
             let Some(o) = self.outstanding.get_mut(&seq) else {
                 // Its final reply came before its confirm: nothing left to do.

@@ -440,3 +440,48 @@ async fn a_dead_lettered_chunk_is_recorded_dead_and_parked_and_the_run_ends() {
     );
     assert_eq!(broker.dead(), 1);
 }
+
+/// A second drop while recovering from the first is retried, after a pause.
+#[tokio::test]
+async fn a_drop_during_recovery_is_recovered_from_too() {
+    let broker = LocalBroker::new(&job(tempfile::tempdir().expect("tmp").path(), 1, 1, 1));
+    let faulty = Faulty {
+        failed_reconnects: 1,
+        ..Faulty::new(&broker, &[(3, Fault::PublishLost)])
+    };
+    let (faulty, _) = survives(faulty).await;
+    assert_eq!(faulty.reconnects.load(Ordering::SeqCst), 2);
+}
+
+/// A broker that never comes back stops the run with a clear error, after a bounded number of
+/// recoveries with growing pauses, and leaves it resumable.
+///
+/// The clock is paused (the pauses add up to 15 s); the input fits the reader's channel, so no
+/// blocking reader thread holds the paused clock still.
+#[tokio::test(start_paused = true)]
+async fn recovery_is_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = job(dir.path(), 30, 10, 4);
+    let broker = LocalBroker::new(&job);
+    let faulty = Arc::new(Faulty {
+        failed_reconnects: usize::MAX,
+        ..Faulty::new(&broker, &[(0, Fault::PublishLost)])
+    });
+    let context = ExecutionContext::open(&job).expect("context");
+    let source = source::open(&job.source).expect("source");
+    let err = run_on(
+        &job,
+        Start::New(source),
+        faulty.clone(),
+        &context,
+        RunOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .expect_err("the run stops");
+    assert!(
+        matches!(err, crate::error::DispatchError::Unrecoverable { times: 5 }),
+        "{err}"
+    );
+    assert_eq!(faulty.reconnects.load(Ordering::SeqCst), 5);
+}

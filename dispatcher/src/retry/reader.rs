@@ -140,6 +140,8 @@ impl RetryReader {
         let span = t.end_offset.saturating_sub(t.start.offset) + 4096;
         let mut source = source::open_span(&self.spec, at, span)?;
         let mut group: Option<RawChunk> = None;
+        // Bytes of item data in `group`.
+        let mut bytes = 0u64;
         loop {
             let before = source.cursor();
             let Some(read) = source.next()? else {
@@ -166,6 +168,16 @@ impl RetryReader {
             };
             match ids {
                 Some(ids) => {
+                    // A fix may have made the stretch larger than a chunk may be: it goes out
+                    // in pieces, each a contiguous range, within the job's chunking.
+                    if let (Some(g), Record::Item(item)) = (&group, &read.record) {
+                        let full = g.items.len() >= self.limits.items
+                            || bytes + item.data.len() as u64 > self.limits.max_bytes;
+                        if !g.items.is_empty() && full && self.limits.too_large(item).is_none() {
+                            self.ready.extend(group.take());
+                            bytes = 0;
+                        }
+                    }
                     let chunk = group.get_or_insert_with(|| RawChunk {
                         position: read.start,
                         end: after,
@@ -181,6 +193,7 @@ impl RetryReader {
                                 if chunk.items.is_empty() {
                                     chunk.position = read.start;
                                 }
+                                bytes += item.data.len() as u64;
                                 chunk.items.push(item);
                             }
                         },
@@ -193,7 +206,10 @@ impl RetryReader {
                         of.retried.extend(ids.into_iter().map(Retried::Failure));
                     }
                 }
-                None => self.ready.extend(group.take()),
+                None => {
+                    self.ready.extend(group.take());
+                    bytes = 0;
+                }
             }
             if after.lines >= t.end_line {
                 if after.lines == t.end_line {
@@ -208,7 +224,9 @@ impl RetryReader {
             end_offset: (t.end_offset as i64 + self.delta).max(0) as u64,
         });
         if t.only.is_none() {
-            // A whole stretch is one chunk, even when it holds nothing now: it still takes over.
+            // A whole stretch takes over its failures with its last chunk (one even when it
+            // holds nothing now): an interrupted retry that recorded only its first pieces still
+            // lists the failure, and the next `retry` reads the whole stretch again.
             let chunk = group.get_or_insert_with(|| RawChunk {
                 position: Position {
                     line: at.lines + 1,

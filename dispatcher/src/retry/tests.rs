@@ -169,3 +169,42 @@ fn an_edit_elsewhere_is_refused_before_anything_is_sent() {
         .expect_err("moved");
     assert!(matches!(err, SourceError::Moved { .. }), "{err}");
 }
+
+/// Regression (the protocol issue, finding 3): a retry read a failed stretch as one chunk
+/// however large the fixes made it, past `max_bytes` and the broker's message limit. It now goes
+/// out in pieces within the job's chunking, and takes over its failure with the last one.
+#[test]
+fn a_stretch_larger_than_a_chunk_goes_out_in_pieces_taking_over_with_the_last() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("in.jsonl");
+    let text: String = (1..=5).map(|i| format!("{{\"id\":{i}}}\n")).collect();
+    std::fs::write(&path, &text).expect("write");
+    let failed = Retryable {
+        chunks: vec![FailedChunk {
+            seq: 1,
+            position: Position { line: 1, offset: 0 },
+            end_offset: text.len() as u64,
+            end_line: Some(5),
+        }],
+        ..Retryable::default()
+    };
+    let limits = Chunking {
+        items: 10,
+        max_bytes: 17,
+    };
+    let plan = Plan::new(&failed);
+    let mut reader = RetryReader::new(&spec(&path), limits, &plan);
+    let chunks: Vec<RawChunk> =
+        std::iter::from_fn(|| reader.next_chunk().expect("chunk")).collect();
+    assert_eq!(lines(&chunks), vec![vec![1, 2], vec![3, 4], vec![5]]);
+    let takeovers: Vec<Vec<Retried>> = chunks
+        .iter()
+        .map(|c| c.retry.clone().unwrap_or_default().retried)
+        .collect();
+    assert_eq!(takeovers, vec![vec![], vec![], vec![Retried::Chunk(1)]]);
+    // Each piece is a contiguous range that can be read again by its position.
+    for c in &chunks {
+        let range = &text[c.position.offset as usize..c.end.offset as usize];
+        assert_eq!(range.lines().count(), c.items.len(), "{range:?}");
+    }
+}

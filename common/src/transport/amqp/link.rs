@@ -20,6 +20,9 @@ pub struct ConnectError {
     pub name: String,
     /// The client's error.
     pub source: Box<dyn std::error::Error + Send + Sync>,
+    /// The broker's reply code and text when it refused us for a reason that retrying will not
+    /// cure (wrong credentials, no access to the vhost).
+    pub refusal: Option<(u16, String)>,
 }
 
 /// Opens a connection named `name` (shown in the management UI's Connections tab).
@@ -33,6 +36,7 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> 
         .map_err(|source| ConnectError {
             url: redact_url(url),
             name: name.to_string(),
+            refusal: super::rejection(&source),
             source: Box::new(source),
         })
 }

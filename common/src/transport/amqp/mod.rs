@@ -47,14 +47,49 @@ pub struct AmqpTransport {
     receivers: Mutex<Vec<(Channel, String)>>,
 }
 
-/// Maps lapin's error at `what` on `queue` to a [`TransportError::Broker`].
+/// Maps lapin's error at `what` on `queue`: a refusal that will recur is
+/// [`TransportError::Rejected`], anything else [`TransportError::Broker`] (the connection may
+/// come back).
 fn broker(what: &'static str, queue: &str) -> impl FnOnce(lapin::Error) -> TransportError {
     let queue = queue.to_string();
-    move |source| TransportError::Broker {
-        what,
-        queue,
-        source: Box::new(source),
+    move |source| match rejection(&source) {
+        Some((code, text)) => TransportError::Rejected {
+            what,
+            queue,
+            code,
+            text,
+        },
+        None => TransportError::Broker {
+            what,
+            queue,
+            source: Box::new(source),
+        },
     }
+}
+
+/// The reply code and text of a broker refusal that retrying will not cure.
+fn rejection(e: &lapin::Error) -> Option<(u16, String)> {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return None;
+    };
+    let code = match amqp.kind() {
+        AMQPErrorKind::Soft(
+            soft @ (AMQPSoftError::ACCESSREFUSED
+            | AMQPSoftError::NOTFOUND
+            | AMQPSoftError::RESOURCELOCKED
+            | AMQPSoftError::PRECONDITIONFAILED
+            | AMQPSoftError::CONTENTTOOLARGE),
+        ) => soft.get_id(),
+        AMQPErrorKind::Hard(
+            hard @ (AMQPHardError::NOTALLOWED
+            | AMQPHardError::INVALIDPATH
+            | AMQPHardError::COMMANDINVALID
+            | AMQPHardError::NOTIMPLEMENTED),
+        ) => hard.get_id(),
+        AMQPErrorKind::Soft(_) | AMQPErrorKind::Hard(_) => return None,
+    };
+    Some((code, amqp.get_message().to_string()))
 }
 
 impl AmqpTransport {
