@@ -118,7 +118,7 @@ pub enum TransportError {
     /// The broker refused a step for a reason that retrying will not cure (access refused, a
     /// queue declared with other arguments, a message over its size limit): reconnecting would
     /// only loop. The side that sees it stops, naming the queue and the cause.
-    #[error("RabbitMQ refused to {what} ({queue}): {code} {text}{}", rejected_hint(*code, text))]
+    #[error("RabbitMQ refused to {what} ({queue}): {code} {text}{}", rejected_hint(what, *code, text))]
     Rejected {
         /// The step refused.
         what: &'static str,
@@ -151,9 +151,12 @@ impl TransportError {
 }
 
 /// What to do about a refusal, where the broker's text alone does not say it.
-fn rejected_hint(code: u16, text: &str) -> &'static str {
+fn rejected_hint(what: &str, code: u16, text: &str) -> &'static str {
     match code {
-        403 => "; give the user that right on hopper.<job>.* (see config/rabbitmq)",
+        403 if what == "connect" => {
+            "; check the user and password in broker.url, and the user's access to its vhost"
+        }
+        403 => "; give the user that right on the job's queues (hopper.<job>.*)",
         406 if text.contains("inequivalent arg") => {
             "; the queue was declared by another version of Hopper with other arguments: delete \
              the job's queues once (they must be empty), and both sides declare them again"
