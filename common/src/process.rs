@@ -20,6 +20,15 @@ pub fn identity() -> String {
     format!("{host}/{}", std::process::id())
 }
 
+/// When process `pid` of this host started (clock ticks since boot, `/proc/PID/stat`), or `None`
+/// when no such process runs. With the pid it names one process, even after its pid is reused.
+pub fn started_at(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// Runs a binary's `main`: installs the log subscriber (stderr, `HOPPER_LOG`, `info` by
 /// default), starts the runtime and drives `body` to its exit code. Only binaries call this: a
 /// library never installs a subscriber.

@@ -1,13 +1,13 @@
-//! Who owns a run: the dispatcher process that created, resumed or retried it, proven alive by
-//! a heartbeat in the execution context. A second dispatcher refuses a run whose owner is
-//! alive; `status` says when a `running` run's owner has gone.
+//! Who owns a run: the dispatcher that created, resumed or retried it last, holding its write
+//! token ([`crate::context::Fence`]). A second dispatcher refuses a run whose owner is alive:
+//! on this host, its process exists (the same process: same pid and start time); elsewhere, its
+//! heartbeat is fresh. `status` says when a `running` run's owner has gone.
 
-use std::path::Path;
 use std::time::Duration;
 
 use hopper_common::Job;
 
-use crate::context::{now_ms, ContextStore, RunId, RunRecord};
+use crate::context::{now_ms, ContextStore, Fence, RunId, RunRecord};
 use crate::error::DispatchError;
 
 /// How often the owner writes its heartbeat.
@@ -21,18 +21,24 @@ pub(crate) fn heartbeat_fresh(run: &RunRecord) -> bool {
     now_ms().saturating_sub(run.heartbeat_at) < HEARTBEAT_STALE.as_millis() as u64
 }
 
-/// Refuses to go on while the dispatcher that owns `run` is alive: its heartbeat is recent and,
-/// when it ran on this host, its process still exists.
-pub(crate) fn refuse_if_alive(job: &Job, run: &RunRecord) -> Result<(), DispatchError> {
-    if !heartbeat_fresh(run) {
-        return Ok(());
-    }
-    if let Some((host, pid)) = run.owner.as_deref().and_then(|o| o.rsplit_once('/')) {
-        let me = hopper_common::process::identity();
-        let same_host = me.rsplit_once('/').map(|(h, _)| h) == Some(host);
-        if same_host && !Path::new("/proc").join(pid).exists() {
-            return Ok(());
+/// True when the dispatcher that owns `run` is alive: on this host, its process still runs
+/// (however old its heartbeat: a live owner may be stalled); on another host, its heartbeat is
+/// fresh.
+pub(crate) fn owner_alive(run: &RunRecord) -> bool {
+    let me = hopper_common::process::identity();
+    let my_host = me.rsplit_once('/').map(|(h, _)| h);
+    match run.owner_token.as_deref().and_then(Fence::process) {
+        Some((host, pid, started)) if Some(host) == my_host => {
+            hopper_common::process::started_at(pid) == Some(started)
         }
+        Some(_) | None => heartbeat_fresh(run),
+    }
+}
+
+/// Refuses to go on while the dispatcher that owns `run` is alive ([`owner_alive`]).
+pub(crate) fn refuse_if_alive(job: &Job, run: &RunRecord) -> Result<(), DispatchError> {
+    if !owner_alive(run) {
+        return Ok(());
     }
     Err(DispatchError::AlreadyRunning {
         job: job.name.clone(),

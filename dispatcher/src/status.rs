@@ -12,7 +12,7 @@ use crate::context::{
     RunStatus, StuckAfter, StuckChunk,
 };
 use crate::error::DispatchError;
-use crate::owner::{find_run, heartbeat_fresh, HEARTBEAT_STALE};
+use crate::owner::{find_run, owner_alive, HEARTBEAT_STALE};
 
 /// Where run `run` of `job` stands (its latest run when `None`).
 ///
@@ -111,7 +111,7 @@ fn rfc3339(ms: u64) -> String {
 impl<'a> StatusReport<'a> {
     /// The report of a run's status, as `status` prints it.
     pub fn new(s: &'a RunStatus) -> StatusReport<'a> {
-        let alive = !s.run.state.is_final() && heartbeat_fresh(&s.run);
+        let alive = !s.run.state.is_final() && owner_alive(&s.run);
         StatusReport {
             job: &s.run.job,
             run: s.run.id,

@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use hopper_common::{Job, Reply, StateSpec};
 
 pub(crate) use model::{
-    Applied, BadData, ChunkRecord, ChunkStatus, FailedChunk, Moved, NewChunk, OpenFailure,
+    Applied, BadData, ChunkRecord, ChunkStatus, FailedChunk, Fence, Moved, NewChunk, OpenFailure,
     RecordBatch, Retried, Retryable, StuckAfter,
 };
 pub use model::{
@@ -43,6 +43,14 @@ pub enum ContextError {
         store: String,
         /// The database's error.
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Another dispatcher took the run over: this one must stop writing it (and does, at once).
+    #[error("run {run} was taken over by the dispatcher {holder}; this one stops")]
+    Fenced {
+        /// The run.
+        run: RunId,
+        /// The dispatcher that owns it now (`host/pid`).
+        holder: String,
     },
     /// The store holds something this build cannot read (another schema, an unknown state).
     #[error("execution context {store}: {message}")]
@@ -90,19 +98,20 @@ impl ExecutionContext {
 #[async_trait]
 pub(crate) trait ContextStore: Send + Sync {
     /// Starts a run of `job` reading `source` (a description for people), in state `running`,
-    /// owned by `owner` (`host/pid`).
+    /// owned by this process and writable with `token` ([`Fence::token`]).
     async fn create_run(
         &self,
         job: &str,
         source: &str,
-        owner: &str,
+        token: &str,
     ) -> Result<RunRecord, ContextError>;
 
-    /// A dispatcher takes over an interrupted run: it becomes the owner, with a fresh heartbeat.
-    async fn claim_run(&self, run: RunId, owner: &str) -> Result<(), ContextError>;
+    /// A dispatcher takes over an interrupted run: `fence` becomes its token, with a fresh
+    /// heartbeat. Whoever held it before is fenced off.
+    async fn claim_run(&self, fence: &Fence) -> Result<(), ContextError>;
 
-    /// `retry` takes an ended run up again: it is `running` again, owned by `owner`.
-    async fn reopen_run(&self, run: RunId, owner: &str) -> Result<(), ContextError>;
+    /// `retry` takes an ended run up again: it is `running` again, owned through `fence`.
+    async fn reopen_run(&self, fence: &Fence) -> Result<(), ContextError>;
 
     /// The failed and dead chunks and the skipped items of a run that `retry` has not
     /// dispatched again yet.
@@ -121,21 +130,26 @@ pub(crate) trait ContextStore: Send + Sync {
     /// Records chunks (as `pending`), the checkpoint after them and the bad records met on the
     /// way, in one transaction; for a retry, also marks what they take over from as retried.
     /// Called before the chunks are published.
-    async fn record(&self, run: RunId, batch: RecordBatch<'_>) -> Result<(), ContextError>;
+    async fn record(&self, fence: &Fence, batch: RecordBatch<'_>) -> Result<(), ContextError>;
 
     /// The broker confirmed these chunks: `pending` becomes `in_flight`. A chunk that already
     /// has a reply is left as it is. One transaction.
-    async fn mark_in_flight(&self, run: RunId, seqs: &[u64]) -> Result<(), ContextError>;
+    async fn mark_in_flight(&self, fence: &Fence, seqs: &[u64]) -> Result<(), ContextError>;
 
     /// Applies consumers' replies, each at most once per chunk and attempt, in one transaction;
-    /// one [`Applied`] per reply, in order.
-    async fn apply_replies(&self, replies: &[Reply]) -> Result<Vec<Applied>, ContextError>;
+    /// one [`Applied`] per reply, in order. The fence is the dispatcher's own run: replies of
+    /// other runs (late ones) are applied to their runs' records all the same.
+    async fn apply_replies(
+        &self,
+        fence: &Fence,
+        replies: &[Reply],
+    ) -> Result<Vec<Applied>, ContextError>;
 
     /// The owner is alive: a fresh heartbeat, so no other dispatcher takes the run over.
-    async fn heartbeat(&self, run: RunId) -> Result<(), ContextError>;
+    async fn heartbeat(&self, fence: &Fence) -> Result<(), ContextError>;
 
     /// Ends a run in `state`.
-    async fn finish_run(&self, run: RunId, state: RunState) -> Result<(), ContextError>;
+    async fn finish_run(&self, fence: &Fence, state: RunState) -> Result<(), ContextError>;
 
     /// Counts, failures, chunks in progress and stuck chunks of a run, `stuck` telling which.
     async fn status(&self, run: RunId, stuck: StuckAfter) -> Result<RunStatus, ContextError>;

@@ -97,6 +97,9 @@ pub struct RunRecord {
     pub heartbeat_at: u64,
     /// The dispatcher process that owns the run (`host/pid`).
     pub owner: Option<String>,
+    /// The owner's write token ([`Fence`]), which also tells when its process started.
+    #[serde(skip)]
+    pub(crate) owner_token: Option<String>,
     /// Where reading the source stands: where `--resume` reads on from.
     pub checkpoint: Checkpoint,
 }
@@ -246,6 +249,43 @@ pub(crate) struct Moved {
     pub offset: u64,
     /// Byte offset past its end, now.
     pub end_offset: u64,
+}
+
+/// The right to write a run: its id and the token of the dispatcher that created, resumed or
+/// retried it last. Every write of a run's state checks the token in the same transaction
+/// (compare and set), so a dispatcher that lost the run to another stops at its next write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Fence {
+    /// The run.
+    pub run: RunId,
+    /// Unique per dispatcher: `host/pid#process-start#nanos`.
+    pub token: String,
+}
+
+impl Fence {
+    /// A new token, unique to this dispatcher: its process (with when that process started,
+    /// so that a reused pid is not taken for it) and when it made the token.
+    pub(crate) fn token() -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let started = hopper_common::process::started_at(std::process::id()).unwrap_or(0);
+        format!("{}#{started}#{nanos}", hopper_common::process::identity())
+    }
+
+    /// The token's process (`host/pid`), as `status` and errors show it.
+    pub(crate) fn holder(token: &str) -> &str {
+        token.split_once('#').map_or(token, |(who, _)| who)
+    }
+
+    /// The token's process: host, pid, and when it started.
+    pub(crate) fn process(token: &str) -> Option<(&str, u32, u64)> {
+        let mut parts = token.split('#');
+        let (host, pid) = parts.next()?.rsplit_once('/')?;
+        let started = parts.next()?.parse().ok()?;
+        Some((host, pid.parse().ok()?, started))
+    }
 }
 
 /// What [`ContextStore::record`] writes, in one transaction.

@@ -24,7 +24,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -36,7 +36,8 @@ use tracing::{error, info, warn};
 
 use crate::chunker::{Chunker, Chunks, RawChunk};
 use crate::context::{
-    Checkpoint, ContextStore, ExecutionContext, RunId, RunRecord, RunState, RunStatus, StuckAfter,
+    Checkpoint, ContextError, ContextStore, ExecutionContext, Fence, RunId, RunRecord, RunState,
+    RunStatus, StuckAfter,
 };
 use crate::error::DispatchError;
 use crate::options::RunOptions;
@@ -80,6 +81,8 @@ impl RunSummary {
 struct Dispatch<'a> {
     job: &'a Job,
     run: RunId,
+    /// The right to write the run; every write shows it.
+    fence: Fence,
     store: Arc<dyn ContextStore>,
     transport: Arc<dyn Transport>,
     outstanding: HashMap<u64, Outstanding>,
@@ -98,6 +101,43 @@ enum End {
     Exhausted,
     SkipLimit,
     Interrupted,
+}
+
+/// Writes the run's heartbeat every [`HEARTBEAT_EVERY`] until `stop` is cancelled. Cancels
+/// `stop` itself when a write fails (the run was taken over, or the store is gone), returning
+/// why.
+async fn beat(
+    store: Arc<dyn ContextStore>,
+    fence: Fence,
+    stop: CancellationToken,
+) -> Result<(), ContextError> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(HEARTBEAT_EVERY) => {}
+        }
+        if let Err(e) = store.heartbeat(&fence).await {
+            stop.cancel();
+            return Err(e);
+        }
+    }
+}
+
+/// Why the heartbeat stopped on its own.
+async fn stopped_beating(
+    heartbeat: &mut tokio::task::JoinHandle<Result<(), ContextError>>,
+) -> DispatchError {
+    match heartbeat.await {
+        Ok(Err(e)) => e.into(),
+        Ok(Ok(())) => DispatchError::Task {
+            what: "heartbeat",
+            message: "stopped without a reason".into(),
+        },
+        Err(e) => DispatchError::Task {
+            what: "heartbeat",
+            message: e.to_string(),
+        },
+    }
 }
 
 /// Where a run starts.
@@ -137,11 +177,19 @@ pub(crate) async fn run_on(
     let store = Arc::clone(context.store());
     let prefetch = u16::try_from((job.throttle.window * 2).clamp(64, 10_000)).unwrap_or(10_000);
     let mut replies = transport.receive(Route::Replies, prefetch).await?;
-    let me = hopper_common::process::identity();
+    // This dispatcher's right to write the run: every write checks it, so one that lost the run
+    // to another stops at its next write.
+    let token = Fence::token();
+    let fence = |run| Fence {
+        run,
+        token: token.clone(),
+    };
     let is_retry = matches!(start, Start::Retry { .. });
     let (record, chunks, total_bytes) = match start {
         Start::New(source) => {
-            let record = store.create_run(&job.name, &source.describe(), &me).await?;
+            let record = store
+                .create_run(&job.name, &source.describe(), &token)
+                .await?;
             info!(job = %job.name, run = record.id, source = %record.source,
                   window = job.throttle.window,
                   broker = %hopper_common::job::redact_url(&job.broker_url), "run started");
@@ -150,7 +198,7 @@ pub(crate) async fn run_on(
             (record, Some(chunks), size)
         }
         Start::Resume { record, source } => {
-            store.claim_run(record.id, &me).await?;
+            store.claim_run(&fence(record.id)).await?;
             info!(job = %job.name, run = record.id, next_seq = record.checkpoint.next_seq,
                   offset = record.checkpoint.offset, "run resumed");
             let size = source.as_ref().and_then(|s| s.size_bytes());
@@ -158,16 +206,24 @@ pub(crate) async fn run_on(
             (record, chunks, size)
         }
         Start::Retry { record, chunks } => {
-            store.reopen_run(record.id, &me).await?;
+            store.reopen_run(&fence(record.id)).await?;
             info!(job = %job.name, run = record.id, "run taken up again to retry what failed");
             (record, Some(chunks), None)
         }
     };
     let run = record.id;
+    let fence = fence(run);
+    // The heartbeat comes from its own timer, so that a long stall of the loop (a publish held
+    // by a broker alarm) does not make a live owner look dead.
+    let beating = CancellationToken::new();
+    let mut heartbeat = tokio::spawn(beat(Arc::clone(&store), fence.clone(), beating.clone()));
+    // However the run ends, its heartbeat stops with it.
+    let _stop_beating = beating.clone().drop_guard();
 
     let mut d = Dispatch {
         job,
         run,
+        fence,
         store: Arc::clone(&store),
         transport: Arc::clone(&transport),
         outstanding: HashMap::new(),
@@ -223,7 +279,6 @@ pub(crate) async fn run_on(
     let mut held: Option<RawChunk> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heartbeat = Instant::now();
     let mut recoveries = Recoveries::default();
 
     let end = loop {
@@ -308,13 +363,8 @@ pub(crate) async fn run_on(
                     }
                 }
             },
-            _ = tick.tick() => {
-                progress.update(&d.snapshot());
-                if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
-                    last_heartbeat = Instant::now();
-                    d.store.heartbeat(run).await?;
-                }
-            }
+            _ = beating.cancelled() => return Err(stopped_beating(&mut heartbeat).await),
+            _ = tick.tick() => progress.update(&d.snapshot()),
         }
         Ok(None)
         }
@@ -367,7 +417,12 @@ pub(crate) async fn run_on(
             }
         }
     };
-    store.finish_run(run, state).await?;
+    beating.cancel();
+    // The heartbeat's own failure (the run taken over) stops the run before it is ended here.
+    if let Ok(Err(e)) = heartbeat.await {
+        return Err(e.into());
+    }
+    store.finish_run(&d.fence, state).await?;
     let status = store.status(run, StuckAfter::for_job(job)).await?;
     info!(job = %job.name, run, state = %state, processed = status.items.processed,
           skipped = status.items.skipped, failed = status.items.failed,

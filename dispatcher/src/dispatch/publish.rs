@@ -104,7 +104,7 @@ impl Dispatch<'_> {
     ) -> Result<(), DispatchError> {
         self.store
             .record(
-                self.run,
+                &self.fence,
                 RecordBatch {
                     chunks,
                     checkpoint: &self.checkpoint,
@@ -293,7 +293,7 @@ impl Dispatch<'_> {
             }
         }
         if !confirmed.is_empty() {
-            self.store.mark_in_flight(self.run, &confirmed).await?;
+            self.store.mark_in_flight(&self.fence, &confirmed).await?;
         }
         Ok(())
     }

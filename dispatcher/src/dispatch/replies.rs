@@ -47,7 +47,7 @@ impl Dispatch<'_> {
                 }
             }
         }
-        let applied = self.store.apply_replies(&replies).await?;
+        let applied = self.store.apply_replies(&self.fence, &replies).await?;
         for (reply, applied) in replies.iter().zip(applied) {
             if reply.run != self.run {
                 debug!(job = %self.job.name, run = reply.run, seq = reply.seq, ?applied,

@@ -485,3 +485,59 @@ async fn recovery_is_bounded() {
     );
     assert_eq!(faulty.reconnects.load(Ordering::SeqCst), 5);
 }
+
+/// Regression (the protocol issue, finding 4): state writes did not check the owner, so two
+/// dispatchers could drive one run. Another dispatcher claims the run while chunk 5 is still out:
+/// this one stops at its next write (its heartbeat, within seconds), naming the new owner.
+#[tokio::test]
+async fn a_dispatcher_that_lost_its_run_stops_at_its_next_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = job(dir.path(), 100, 10, 4);
+    let broker = LocalBroker::new(&job);
+    let stop = CancellationToken::new();
+    // Chunk 5 is taken and never answered: the run cannot end by itself.
+    let consumer = scripted(&broker, stop.clone(), |c| match c.seq {
+        5 => vec![],
+        _ => vec![reply_to(c, 1, done(c))],
+    });
+    let context = ExecutionContext::open(&job).expect("context");
+    let source = source::open(&job.source).expect("source");
+    let transport: Arc<dyn Transport> = Arc::new(broker.transport());
+    let run = run_on(
+        &job,
+        Start::New(source),
+        transport,
+        &context,
+        RunOptions::default(),
+        CancellationToken::new(),
+    );
+    let takeover = async {
+        let other = ExecutionContext::open(&job).expect("a second dispatcher's context");
+        // Wait until the run exists, then take it over.
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Ok(Some(r)) = other.store().run("unit", None).await {
+                let fence = crate::context::Fence {
+                    run: r.id,
+                    token: "elsewhere/42#0#0".into(),
+                };
+                other.store().claim_run(&fence).await.expect("claim");
+                return;
+            }
+        }
+    };
+    let (result, ()) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(run, takeover)
+    })
+    .await
+    .expect("the dispatcher stops within 20 s");
+    stop.cancel();
+    consumer.await.expect("consumer");
+    match result {
+        Err(crate::error::DispatchError::Context(crate::context::ContextError::Fenced {
+            holder,
+            ..
+        })) => assert_eq!(holder, "elsewhere/42"),
+        other => panic!("expected the run to be fenced off, got {other:?}"),
+    }
+}

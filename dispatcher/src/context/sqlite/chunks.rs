@@ -6,7 +6,7 @@ use rusqlite::{params, Connection, TransactionBehavior};
 
 use super::Fail;
 use crate::context::{
-    now_ms, BadData, Checkpoint, ChunkRecord, ChunkStatus, NewChunk, Retried, RunId,
+    now_ms, BadData, Checkpoint, ChunkRecord, ChunkStatus, Fence, NewChunk, Retried, RunId,
 };
 use hopper_common::Position;
 
@@ -19,7 +19,8 @@ pub(super) struct Batch {
     pub(super) retry: bool,
 }
 
-pub(super) fn record(conn: &mut Connection, run: RunId, batch: Batch) -> Result<(), Fail> {
+pub(super) fn record(conn: &mut Connection, fence: &Fence, batch: Batch) -> Result<(), Fail> {
+    let run = fence.run;
     let Batch {
         chunks,
         ckpt,
@@ -28,6 +29,7 @@ pub(super) fn record(conn: &mut Connection, run: RunId, batch: Batch) -> Result<
         retry,
     } = batch;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    super::runs::check(&tx, fence)?;
     let now = now_ms() as i64;
     {
         let mut insert = tx.prepare_cached(
@@ -103,8 +105,14 @@ pub(super) fn record(conn: &mut Connection, run: RunId, batch: Batch) -> Result<
     Ok(())
 }
 
-pub(super) fn mark_in_flight(conn: &mut Connection, run: RunId, seqs: &[u64]) -> Result<(), Fail> {
+pub(super) fn mark_in_flight(
+    conn: &mut Connection,
+    fence: &Fence,
+    seqs: &[u64],
+) -> Result<(), Fail> {
+    let run = fence.run;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    super::runs::check(&tx, fence)?;
     {
         let mut update = tx.prepare_cached(
             "UPDATE chunks SET status = 'in_flight', dispatched_at = ?3

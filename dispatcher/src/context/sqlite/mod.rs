@@ -29,7 +29,7 @@ use hopper_common::Reply;
 use rusqlite::Connection;
 
 use super::{
-    Applied, ChunkRecord, ContextError, ContextStore, Moved, RecordBatch, Retryable, RunId,
+    Applied, ChunkRecord, ContextError, ContextStore, Fence, Moved, RecordBatch, Retryable, RunId,
     RunRecord, RunState, RunStatus, StuckAfter,
 };
 
@@ -44,6 +44,7 @@ pub(crate) struct SqliteStore {
 enum Fail {
     Sql(rusqlite::Error),
     Corrupt(String),
+    Fenced { run: RunId, holder: String },
 }
 
 impl From<rusqlite::Error> for Fail {
@@ -61,6 +62,7 @@ impl Fail {
                 source: Box::new(source),
             },
             Fail::Corrupt(message) => ContextError::Corrupt { store, message },
+            Fail::Fenced { run, holder } => ContextError::Fenced { run, holder },
         }
     }
 }
@@ -118,21 +120,21 @@ impl ContextStore for SqliteStore {
         &self,
         job: &str,
         source: &str,
-        owner: &str,
+        token: &str,
     ) -> Result<RunRecord, ContextError> {
-        let (job, source, owner) = (job.to_string(), source.to_string(), owner.to_string());
-        self.with(move |conn| runs::create(conn, &job, &source, &owner))
+        let (job, source, token) = (job.to_string(), source.to_string(), token.to_string());
+        self.with(move |conn| runs::create(conn, &job, &source, &token))
             .await
     }
 
-    async fn claim_run(&self, run: RunId, owner: &str) -> Result<(), ContextError> {
-        let owner = owner.to_string();
-        self.with(move |conn| runs::claim(conn, run, &owner)).await
+    async fn claim_run(&self, fence: &Fence) -> Result<(), ContextError> {
+        let fence = fence.clone();
+        self.with(move |conn| runs::claim(conn, &fence)).await
     }
 
-    async fn reopen_run(&self, run: RunId, owner: &str) -> Result<(), ContextError> {
-        let owner = owner.to_string();
-        self.with(move |conn| runs::reopen(conn, run, &owner)).await
+    async fn reopen_run(&self, fence: &Fence) -> Result<(), ContextError> {
+        let fence = fence.clone();
+        self.with(move |conn| runs::reopen(conn, &fence)).await
     }
 
     async fn retryable(&self, run: RunId) -> Result<Retryable, ContextError> {
@@ -154,7 +156,8 @@ impl ContextStore for SqliteStore {
         self.with(move |conn| runs::run_by(conn, &job, id)).await
     }
 
-    async fn record(&self, run: RunId, batch: RecordBatch<'_>) -> Result<(), ContextError> {
+    async fn record(&self, fence: &Fence, batch: RecordBatch<'_>) -> Result<(), ContextError> {
+        let fence = fence.clone();
         let batch = chunks::Batch {
             chunks: batch.chunks.to_vec(),
             ckpt: *batch.checkpoint,
@@ -162,27 +165,35 @@ impl ContextStore for SqliteStore {
             retried: batch.retried.to_vec(),
             retry: batch.retry,
         };
-        self.with(move |conn| chunks::record(conn, run, batch))
+        self.with(move |conn| chunks::record(conn, &fence, batch))
             .await
     }
 
-    async fn mark_in_flight(&self, run: RunId, seqs: &[u64]) -> Result<(), ContextError> {
-        let seqs = seqs.to_vec();
-        self.with(move |conn| chunks::mark_in_flight(conn, run, &seqs))
+    async fn mark_in_flight(&self, fence: &Fence, seqs: &[u64]) -> Result<(), ContextError> {
+        let (fence, seqs) = (fence.clone(), seqs.to_vec());
+        self.with(move |conn| chunks::mark_in_flight(conn, &fence, &seqs))
             .await
     }
 
-    async fn apply_replies(&self, replies: &[Reply]) -> Result<Vec<Applied>, ContextError> {
-        let replies = replies.to_vec();
-        self.with(move |conn| outcomes::apply(conn, &replies)).await
+    async fn apply_replies(
+        &self,
+        fence: &Fence,
+        replies: &[Reply],
+    ) -> Result<Vec<Applied>, ContextError> {
+        let (fence, replies) = (fence.clone(), replies.to_vec());
+        self.with(move |conn| outcomes::apply(conn, &fence, &replies))
+            .await
     }
 
-    async fn heartbeat(&self, run: RunId) -> Result<(), ContextError> {
-        self.with(move |conn| runs::heartbeat(conn, run)).await
+    async fn heartbeat(&self, fence: &Fence) -> Result<(), ContextError> {
+        let fence = fence.clone();
+        self.with(move |conn| runs::heartbeat(conn, &fence)).await
     }
 
-    async fn finish_run(&self, run: RunId, state: RunState) -> Result<(), ContextError> {
-        self.with(move |conn| runs::finish(conn, run, state)).await
+    async fn finish_run(&self, fence: &Fence, state: RunState) -> Result<(), ContextError> {
+        let fence = fence.clone();
+        self.with(move |conn| runs::finish(conn, &fence, state))
+            .await
     }
 
     async fn status(&self, run: RunId, stuck: StuckAfter) -> Result<RunStatus, ContextError> {

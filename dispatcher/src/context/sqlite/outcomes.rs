@@ -4,7 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::Fail;
-use crate::context::{now_ms, Applied, FailureClass, FailureRecord, RunId};
+use crate::context::{now_ms, Applied, FailureClass, FailureRecord, Fence, RunId};
 use hopper_common::{Outcome, Reply};
 
 fn insert_failures(
@@ -182,8 +182,13 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, F
     Ok(Applied::Recorded)
 }
 
-pub(super) fn apply(conn: &mut Connection, replies: &[Reply]) -> Result<Vec<Applied>, Fail> {
+pub(super) fn apply(
+    conn: &mut Connection,
+    fence: &Fence,
+    replies: &[Reply],
+) -> Result<Vec<Applied>, Fail> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    super::runs::check(&tx, fence)?;
     let applied = replies
         .iter()
         .map(|r| apply_one(&tx, r))

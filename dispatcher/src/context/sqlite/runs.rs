@@ -1,10 +1,10 @@
 //! The `runs` table: a run's life (created, claimed by a dispatcher, heartbeats, ended, taken
 //! up again by `retry`) and how it is read.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::Fail;
-use crate::context::{now_ms, Checkpoint, RunId, RunRecord, RunState};
+use crate::context::{now_ms, Checkpoint, Fence, RunId, RunRecord, RunState};
 
 fn read_run(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
     let state: String = row.get("state")?;
@@ -18,6 +18,7 @@ fn read_run(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
             finished_at: row.get::<_, Option<i64>>("finished_at")?.map(|v| v as u64),
             heartbeat_at: row.get::<_, i64>("heartbeat_at")? as u64,
             owner: row.get("owner")?,
+            owner_token: row.get("owner_token")?,
             checkpoint: Checkpoint {
                 offset: row.get::<_, i64>("ckpt_offset")? as u64,
                 line: row.get::<_, i64>("ckpt_line")? as u64,
@@ -58,54 +59,93 @@ pub(super) fn run_by(
         .transpose()
 }
 
+/// Checks, inside the write's own transaction, that `fence` still holds its run: the compare
+/// of compare-and-set. Another dispatcher's token there means it took the run over.
+pub(super) fn check(conn: &Connection, fence: &Fence) -> Result<(), Fail> {
+    let token: Option<Option<String>> = conn
+        .query_row(
+            "SELECT owner_token FROM runs WHERE id = ?1",
+            params![fence.run as i64],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match token {
+        Some(Some(t)) if t == fence.token => Ok(()),
+        Some(Some(t)) => Err(Fail::Fenced {
+            run: fence.run,
+            holder: Fence::holder(&t).to_string(),
+        }),
+        Some(None) | None => Err(Fail::Fenced {
+            run: fence.run,
+            holder: "nobody (the run was removed or reset)".to_string(),
+        }),
+    }
+}
+
 pub(super) fn create(
     conn: &mut Connection,
     job: &str,
     source: &str,
-    owner: &str,
+    token: &str,
 ) -> Result<RunRecord, Fail> {
     let now = now_ms() as i64;
     conn.execute(
-        "INSERT INTO runs (job, state, source, started_at, heartbeat_at, owner)
-         VALUES (?1, 'running', ?2, ?3, ?3, ?4)",
-        params![job, source, now, owner],
+        "INSERT INTO runs (job, state, source, started_at, heartbeat_at, owner, owner_token)
+         VALUES (?1, 'running', ?2, ?3, ?3, ?4, ?5)",
+        params![job, source, now, Fence::holder(token), token],
     )?;
     let id = conn.last_insert_rowid() as u64;
     run_by(conn, job, Some(id))?
         .ok_or_else(|| Fail::Corrupt(format!("run {id} vanished after insert")))
 }
 
-pub(super) fn claim(conn: &mut Connection, run: RunId, owner: &str) -> Result<(), Fail> {
+pub(super) fn claim(conn: &mut Connection, fence: &Fence) -> Result<(), Fail> {
     conn.execute(
-        "UPDATE runs SET owner = ?2, heartbeat_at = ?3 WHERE id = ?1",
-        params![run as i64, owner, now_ms() as i64],
+        "UPDATE runs SET owner = ?2, owner_token = ?3, heartbeat_at = ?4 WHERE id = ?1",
+        params![
+            fence.run as i64,
+            Fence::holder(&fence.token),
+            fence.token,
+            now_ms() as i64
+        ],
     )?;
     Ok(())
 }
 
-pub(super) fn reopen(conn: &mut Connection, run: RunId, owner: &str) -> Result<(), Fail> {
+pub(super) fn reopen(conn: &mut Connection, fence: &Fence) -> Result<(), Fail> {
     conn.execute(
-        "UPDATE runs SET state = 'running', finished_at = NULL, owner = ?2,
-         heartbeat_at = ?3 WHERE id = ?1",
-        params![run as i64, owner, now_ms() as i64],
+        "UPDATE runs SET state = 'running', finished_at = NULL, owner = ?2, owner_token = ?3,
+         heartbeat_at = ?4 WHERE id = ?1",
+        params![
+            fence.run as i64,
+            Fence::holder(&fence.token),
+            fence.token,
+            now_ms() as i64
+        ],
     )?;
     Ok(())
 }
 
-pub(super) fn heartbeat(conn: &mut Connection, run: RunId) -> Result<(), Fail> {
-    conn.execute(
+pub(super) fn heartbeat(conn: &mut Connection, fence: &Fence) -> Result<(), Fail> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    check(&tx, fence)?;
+    tx.execute(
         "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1",
-        params![run as i64, now_ms() as i64],
+        params![fence.run as i64, now_ms() as i64],
     )?;
+    tx.commit()?;
     Ok(())
 }
 
-pub(super) fn finish(conn: &mut Connection, run: RunId, state: RunState) -> Result<(), Fail> {
+pub(super) fn finish(conn: &mut Connection, fence: &Fence, state: RunState) -> Result<(), Fail> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    check(&tx, fence)?;
     let now = now_ms() as i64;
     let finished = state.is_final().then_some(now);
-    conn.execute(
+    tx.execute(
         "UPDATE runs SET state = ?2, finished_at = ?3, heartbeat_at = ?4 WHERE id = ?1",
-        params![run as i64, state.as_str(), finished, now],
+        params![fence.run as i64, state.as_str(), finished, now],
     )?;
+    tx.commit()?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! The SQLite schema, created whole when a store is new. A store of another schema version
 //! (written by an earlier development build, or a newer release) is refused, not guessed at.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, TransactionBehavior};
 
 use super::Fail;
 
@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at   INTEGER,
     heartbeat_at  INTEGER NOT NULL,
     owner         TEXT,
+    owner_token   TEXT,
     ckpt_offset   INTEGER NOT NULL DEFAULT 0,
     ckpt_line     INTEGER NOT NULL DEFAULT 0,
     next_seq      INTEGER NOT NULL DEFAULT 1,
@@ -66,15 +67,28 @@ CREATE INDEX IF NOT EXISTS failures_by_run ON failures (run, position);
 /// make the dispatcher's next transaction start from a stale snapshot.
 pub(super) fn prepare(conn: &mut Connection) -> Result<(), Fail> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    match version {
-        SCHEMA_VERSION => Ok(()),
-        0 => {
-            let tx = conn.transaction()?;
+    if version == 0 {
+        // Another process (a `status` beside a starting dispatcher) may create it at the same
+        // time: take the write lock first (waiting for it), then look again.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let again: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let now = if again == 0 {
             tx.execute_batch(SCHEMA)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-            tx.commit()?;
-            Ok(())
-        }
+            SCHEMA_VERSION
+        } else {
+            again
+        };
+        tx.commit()?;
+        return check(now);
+    }
+    check(version)
+}
+
+/// Refuses a store of another schema version, saying what to do.
+fn check(version: i64) -> Result<(), Fail> {
+    match version {
+        SCHEMA_VERSION => Ok(()),
         v if v > SCHEMA_VERSION => Err(Fail::Corrupt(format!(
             "schema version {v} is newer than this build's {SCHEMA_VERSION}; use a newer hopper-dispatcher"
         ))),

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::context::{
-    now_ms, BadData, Checkpoint, ChunkStatus, FailureClass, NewChunk, Retried, StuckAfter,
+    now_ms, BadData, Checkpoint, ChunkStatus, FailureClass, Fence, NewChunk, Retried, StuckAfter,
 };
 use hopper_common::{BadItem, Outcome, Position};
 
@@ -18,9 +18,19 @@ fn reply(seq: u64, attempt: u32, outcome: Outcome) -> Reply {
     }
 }
 
+/// The write token of the test's dispatcher.
+const TOKEN: &str = "h/1#0#0";
+
+fn fence(run: RunId) -> Fence {
+    Fence {
+        run,
+        token: TOKEN.into(),
+    }
+}
+
 async fn apply(store: &SqliteStore, reply: &Reply) -> Applied {
     let applied = store
-        .apply_replies(std::slice::from_ref(reply))
+        .apply_replies(&fence(1), std::slice::from_ref(reply))
         .await
         .expect("apply");
     applied[0]
@@ -38,11 +48,14 @@ async fn a_batch_applies_each_reply_once_in_order() {
         },
     );
     let applied = store
-        .apply_replies(&[
-            done.clone(),
-            done,
-            reply(7, 1, Outcome::Dead { error: "x".into() }),
-        ])
+        .apply_replies(
+            &fence(1),
+            &[
+                done.clone(),
+                done,
+                reply(7, 1, Outcome::Dead { error: "x".into() }),
+            ],
+        )
         .await
         .expect("apply");
     assert_eq!(
@@ -55,7 +68,7 @@ async fn store_with_two_chunks() -> (tempfile::TempDir, SqliteStore, RunId) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SqliteStore::open(&dir.path().join("s.db")).expect("open");
     let run = store
-        .create_run("j", "file x", "h/1")
+        .create_run("j", "file x", TOKEN)
         .await
         .expect("run")
         .id;
@@ -88,7 +101,7 @@ async fn store_with_two_chunks() -> (tempfile::TempDir, SqliteStore, RunId) {
         let bad: &[BadData] = if seq == 1 { &bad } else { &[] };
         store
             .record(
-                run,
+                &fence(run),
                 RecordBatch {
                     chunks: &[chunk],
                     checkpoint: &ckpt,
@@ -106,7 +119,10 @@ async fn store_with_two_chunks() -> (tempfile::TempDir, SqliteStore, RunId) {
 #[tokio::test]
 async fn replies_apply_once() {
     let (_dir, store, run) = store_with_two_chunks().await;
-    store.mark_in_flight(run, &[1]).await.expect("in flight");
+    store
+        .mark_in_flight(&fence(run), &[1])
+        .await
+        .expect("in flight");
     let done = reply(
         1,
         1,
@@ -143,7 +159,10 @@ async fn replies_apply_once() {
 #[tokio::test]
 async fn an_older_attempt_never_overrides_a_newer_one_and_done_is_final() {
     let (_dir, store, run) = store_with_two_chunks().await;
-    store.mark_in_flight(run, &[1, 2]).await.expect("in flight");
+    store
+        .mark_in_flight(&fence(run), &[1, 2])
+        .await
+        .expect("in flight");
     let retrying = |seq| {
         reply(
             seq,
@@ -267,7 +286,7 @@ async fn a_retry_takes_failures_over_in_the_transaction_that_records_it() {
     };
     store
         .record(
-            run,
+            &fence(run),
             RecordBatch {
                 chunks: &[retry_chunk],
                 checkpoint: &Checkpoint {
@@ -306,7 +325,10 @@ const LENIENT: StuckAfter = StuckAfter {
 #[tokio::test]
 async fn only_chunks_in_progress_can_be_stuck_and_queue_time_never_counts() {
     let (_dir, store, run) = store_with_two_chunks().await;
-    store.mark_in_flight(run, &[1, 2]).await.expect("in flight");
+    store
+        .mark_in_flight(&fence(run), &[1, 2])
+        .await
+        .expect("in flight");
     let tight = StuckAfter {
         processing: Duration::from_millis(1),
         silent: Duration::from_secs(600),
@@ -368,7 +390,10 @@ async fn only_chunks_in_progress_can_be_stuck_and_queue_time_never_counts() {
 #[tokio::test]
 async fn open_chunks_are_the_unfinished_ones() {
     let (_dir, store, run) = store_with_two_chunks().await;
-    store.mark_in_flight(run, &[2]).await.expect("in flight");
+    store
+        .mark_in_flight(&fence(run), &[2])
+        .await
+        .expect("in flight");
     let open = store.open_chunks(run).await.expect("open");
     let statuses: Vec<(u64, ChunkStatus)> = open.iter().map(|c| (c.seq, c.status)).collect();
     assert_eq!(
@@ -387,7 +412,20 @@ async fn open_chunks_are_the_unfinished_ones() {
     );
     apply(&store, &done).await;
     assert_eq!(store.open_chunks(run).await.expect("open").len(), 1);
-    store.claim_run(run, "h/2").await.expect("claim");
+    let other = Fence {
+        run,
+        token: "h/2#0#0".into(),
+    };
+    store.claim_run(&other).await.expect("claim");
+    // The first dispatcher lost the run: its next write is refused, naming the new owner.
+    match store.mark_in_flight(&fence(run), &[2]).await {
+        Err(ContextError::Fenced { run: r, holder }) => {
+            assert_eq!((r, holder.as_str()), (run, "h/2"))
+        }
+        other => panic!("expected the write to be fenced off, got {other:?}"),
+    }
+    assert!(store.heartbeat(&fence(run)).await.is_err());
+    store.heartbeat(&other).await.expect("the new owner writes");
     let r = store
         .run("j", Some(run))
         .await
@@ -435,13 +473,13 @@ async fn a_store_of_another_schema_version_is_refused_with_what_to_do() {
 #[tokio::test]
 async fn latest_run_and_finish() {
     let (_dir, store, run) = store_with_two_chunks().await;
-    let second = store.create_run("j", "file x", "h/1").await.expect("run");
+    let second = store.create_run("j", "file x", TOKEN).await.expect("run");
     assert_eq!(
         store.run("j", None).await.expect("run").map(|r| r.id),
         Some(second.id)
     );
     store
-        .finish_run(run, RunState::Completed)
+        .finish_run(&fence(run), RunState::Completed)
         .await
         .expect("finish");
     let first = store
