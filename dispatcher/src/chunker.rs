@@ -11,6 +11,9 @@ use hopper_common::{Item, Position};
 use crate::context::{BadData, Retried};
 use crate::source::{Cursor, Read, Record, Source, SourceError};
 
+/// Bad records one chunk carries at the most: past it the chunk is cut.
+const MAX_BAD_PER_CHUNK: usize = 1000;
+
 /// A chunk as cut from the source, before it has a seq.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RawChunk {
@@ -97,7 +100,12 @@ impl Chunker {
             };
             match read.record {
                 Record::Bad { reason, .. } => {
-                    bad.push(bad_data(read.start, self.source.cursor(), reason))
+                    bad.push(bad_data(read.start, self.source.cursor(), reason));
+                    // An input of bad records only is cut too, so that they are recorded and
+                    // counted against the skip limit as they are read, not held by the million.
+                    if bad.len() >= MAX_BAD_PER_CHUNK {
+                        break;
+                    }
                 }
                 Record::Item(item) => {
                     if let Some(reason) = self.limits.too_large(&item) {
@@ -221,6 +229,19 @@ mod tests {
             .map(|b| (b.position.offset, b.end_offset, b.end_line))
             .collect();
         assert_eq!(spans, vec![(2, 12, 2), (12, 15, 3)]);
+    }
+
+    /// An input of bad records only is cut into chunks of at most a thousand of them, so that
+    /// they are counted against the skip limit as they are read.
+    #[test]
+    fn bad_records_alone_are_cut_too() {
+        let text = "{x\n".repeat(2_500);
+        let (_f, mut c) = chunker(&text, 10, 100);
+        let chunks = all(&mut c);
+        let bad: Vec<usize> = chunks.iter().map(|c| c.bad.len()).collect();
+        assert_eq!(bad, vec![1000, 1000, 500]);
+        assert!(chunks.iter().all(|c| c.items.is_empty()));
+        assert_eq!(chunks[1].bad[0].position.line, 1001);
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub async fn run(
 ) -> Result<RunSummary, DispatchError> {
     // The input and the execution context are checked before anything else: a missing file or
     // a live dispatcher of the same job sends nothing.
-    let source = source::open(&job.source)?;
+    let source = source::open(&job.source, job.chunking.max_bytes)?;
     if let Some(prev) = context.store().run(&job.name, None).await? {
         if !prev.state.is_final() {
             refuse_if_alive(job, &prev)?;
@@ -66,7 +66,7 @@ pub async fn resume(
             offset: record.checkpoint.offset,
             lines: record.checkpoint.line,
         };
-        Some(source::open_at(&job.source, at)?)
+        Some(source::open_at(&job.source, at, job.chunking.max_bytes)?)
     };
     drive(
         job,

@@ -205,3 +205,86 @@ command = ["sh", "-c", "if [ $HOPPER_SEQ = 3 ] && [ -e killer ]; then kill -9 $P
         assert!(c.stop(Duration::from_secs(30)).await.success());
     }
 }
+
+/// Regression (the protocol issue, finding 6): hostile input was held in memory. A 200 MB line
+/// (a one-line JSON array) with `max_bytes = 1 MiB` is skipped with its line number while the
+/// reader skips past it, the rest is processed, and the dispatcher's peak memory stays under
+/// 64 MiB. Local mode: the workers run in the dispatcher's own process, so they count too.
+#[tokio::test]
+async fn a_200_mb_line_is_skipped_without_being_held() {
+    use std::io::Write;
+    let t = TestJob::local(
+        "hugeline",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 100
+max_bytes = 1048576
+[processor]
+kind = "noop"
+[failures]
+skip_limit = 1
+"#,
+    );
+    {
+        let mut w =
+            std::io::BufWriter::new(std::fs::File::create(t.path("input.jsonl")).expect("input"));
+        for id in 1..=500u64 {
+            writeln!(w, "{{\"id\":{id}}}").expect("write");
+            if id == 250 {
+                // Line 251: a JSON array of 200 MB.
+                w.write_all(b"[").expect("write");
+                let piece = "1234567,".repeat(8192);
+                for _ in 0..(200 * 1024 * 1024 / piece.len()) {
+                    w.write_all(piece.as_bytes()).expect("write");
+                }
+                w.write_all(b"0]\n").expect("write");
+            }
+        }
+        w.flush().expect("flush");
+    }
+    let mut child = t
+        .dispatcher_command(&["run", "--local", "2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(t.path("dispatcher.log")).expect("log"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the dispatcher");
+    let pid = child.id().expect("pid");
+    let mut peak_kib = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let code = loop {
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(kib) = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak_kib = peak_kib.max(kib);
+            }
+        }
+        if let Some(status) = child.try_wait().expect("poll") {
+            break status.code();
+        }
+        assert!(Instant::now() < deadline, "the run did not end");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let log = std::fs::read_to_string(t.path("dispatcher.log")).unwrap_or_default();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(peak_kib < 64 * 1024, "peak memory {peak_kib} KiB");
+    let status = t.status().await;
+    assert_eq!(status["state"], "completed_with_failures");
+    assert_eq!(status["items"]["processed"], 500);
+    assert_eq!(status["items"]["skipped"], 1);
+    assert_eq!(status["items"]["read"], 501);
+    assert_eq!(status["failures"][0]["position"], 251);
+    eprintln!(
+        "dispatcher peak memory: {:.1} MiB",
+        peak_kib as f64 / 1024.0
+    );
+}

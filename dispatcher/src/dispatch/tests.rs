@@ -82,7 +82,7 @@ fn consume(
 /// Runs the loop over `transport` to the end, within 30 s.
 async fn dispatch(job: &Job, transport: Arc<dyn Transport>) -> RunSummary {
     let context = ExecutionContext::open(job).expect("context");
-    let source = source::open(&job.source).expect("source");
+    let source = source::open(&job.source, job.chunking.max_bytes).expect("source");
     let run = run_on(
         job,
         Start::New(source),
@@ -468,7 +468,7 @@ async fn recovery_is_bounded() {
         ..Faulty::new(&broker, &[(0, Fault::PublishLost)])
     });
     let context = ExecutionContext::open(&job).expect("context");
-    let source = source::open(&job.source).expect("source");
+    let source = source::open(&job.source, job.chunking.max_bytes).expect("source");
     let err = run_on(
         &job,
         Start::New(source),
@@ -501,7 +501,7 @@ async fn a_dispatcher_that_lost_its_run_stops_at_its_next_write() {
         _ => vec![reply_to(c, 1, done(c))],
     });
     let context = ExecutionContext::open(&job).expect("context");
-    let source = source::open(&job.source).expect("source");
+    let source = source::open(&job.source, job.chunking.max_bytes).expect("source");
     let transport: Arc<dyn Transport> = Arc::new(broker.transport());
     let run = run_on(
         &job,

@@ -138,7 +138,7 @@ impl RetryReader {
         let at = self.seek_point(&t)?;
         // The span as recorded, with room for a fix that made it longer.
         let span = t.end_offset.saturating_sub(t.start.offset) + 4096;
-        let mut source = source::open_span(&self.spec, at, span)?;
+        let mut source = source::open_span(&self.spec, at, span, self.limits.max_bytes)?;
         let mut group: Option<RawChunk> = None;
         // Bytes of item data in `group`.
         let mut bytes = 0u64;

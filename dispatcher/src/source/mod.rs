@@ -114,21 +114,29 @@ pub trait Source: Send {
     fn describe(&self) -> String;
 }
 
-/// Opens the source a job names, at its beginning.
+/// Opens the source a job names, at its beginning. A record longer than `max_record` bytes
+/// (the job's `chunking.max_bytes`: no chunk could carry it) is bad data, skipped without being
+/// held in memory.
 ///
 /// # Errors
 /// [`SourceError::Open`] when the input cannot be opened.
-pub fn open(spec: &SourceSpec) -> Result<Box<dyn Source>, SourceError> {
-    open_at(spec, Cursor::default())
+pub fn open(spec: &SourceSpec, max_record: u64) -> Result<Box<dyn Source>, SourceError> {
+    open_at(spec, Cursor::default(), max_record)
 }
 
 /// Opens the source a job names, positioned at `at` (a checkpoint, or where a chunk starts).
 ///
 /// # Errors
 /// [`SourceError::Open`] when the input cannot be opened or positioned.
-pub fn open_at(spec: &SourceSpec, at: Cursor) -> Result<Box<dyn Source>, SourceError> {
+pub fn open_at(
+    spec: &SourceSpec,
+    at: Cursor,
+    max_record: u64,
+) -> Result<Box<dyn Source>, SourceError> {
     match spec {
-        SourceSpec::File { path, format } => Ok(Box::new(FileSource::open_at(path, *format, at)?)),
+        SourceSpec::File { path, format } => Ok(Box::new(
+            FileSource::open_at(path, *format, at)?.with_max_record(max_record),
+        )),
     }
 }
 
@@ -137,10 +145,15 @@ pub fn open_at(spec: &SourceSpec, at: Cursor) -> Result<Box<dyn Source>, SourceE
 ///
 /// # Errors
 /// [`SourceError::Open`] when the input cannot be opened or positioned.
-pub fn open_span(spec: &SourceSpec, at: Cursor, span: u64) -> Result<Box<dyn Source>, SourceError> {
+pub fn open_span(
+    spec: &SourceSpec,
+    at: Cursor,
+    span: u64,
+    max_record: u64,
+) -> Result<Box<dyn Source>, SourceError> {
     match spec {
-        SourceSpec::File { path, format } => {
-            Ok(Box::new(FileSource::open_span(path, *format, at, span)?))
-        }
+        SourceSpec::File { path, format } => Ok(Box::new(
+            FileSource::open_span(path, *format, at, span)?.with_max_record(max_record),
+        )),
     }
 }

@@ -20,7 +20,7 @@ pub(crate) fn reread(
         lines: chunk.position.line.saturating_sub(1),
     };
     let span = chunk.end_offset.saturating_sub(chunk.position.offset);
-    let mut source = open_span(spec, at, span)?;
+    let mut source = open_span(spec, at, span, limits.max_bytes)?;
     let mut items = Vec::with_capacity(chunk.items as usize);
     while let Some(Read { record, start }) = source.next()? {
         if start.offset >= chunk.end_offset {

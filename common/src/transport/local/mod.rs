@@ -30,12 +30,13 @@ struct Message {
     redelivered: bool,
 }
 
-/// The queues that exist in memory: `Delay` routes are timers, not queues.
+/// The queues that exist in memory: `Delay` routes are timers, and the dead queue only counts
+/// (what is parked there is recorded in the execution context; its bytes would only fill
+/// memory, and nothing in the process reads them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Queue {
     Chunks,
     Replies,
-    Dead,
 }
 
 #[derive(Debug)]
@@ -51,6 +52,8 @@ struct Receiver {
 #[derive(Debug, Default)]
 struct State {
     queues: HashMap<Queue, VecDeque<Message>>,
+    /// Messages parked on the dead queue.
+    dead: usize,
     receivers: HashMap<u64, Receiver>,
     next_receiver: u64,
     next_tag: u64,
@@ -122,9 +125,9 @@ impl LocalBroker {
         }
     }
 
-    /// How many messages wait on the dead queue (parked chunks and unreadable messages).
+    /// How many messages were parked on the dead queue (chunks and unreadable messages).
     pub fn dead(&self) -> usize {
-        self.shared.lock().queue(Queue::Dead).len()
+        self.shared.lock().dead
     }
 }
 
@@ -252,7 +255,7 @@ impl Transport for LocalTransport {
         match route {
             Route::Chunks => self.shared.push(Queue::Chunks, message),
             Route::Replies => self.shared.push(Queue::Replies, message),
-            Route::Dead => self.shared.push(Queue::Dead, message),
+            Route::Dead => self.shared.lock().dead += 1,
             Route::Delay { next } => {
                 // The chunk waits out its backoff on a timer, then comes back as attempt `next`.
                 let delay = self.shared.job.retry.delay_before(next);
@@ -270,7 +273,12 @@ impl Transport for LocalTransport {
         let queue = match route {
             Route::Chunks => Queue::Chunks,
             Route::Replies => Queue::Replies,
-            Route::Dead => Queue::Dead,
+            Route::Dead => return Err(TransportError::Refused {
+                queue: "dead (in-process)".into(),
+                why:
+                    "the in-process dead queue keeps no messages: the execution context lists them"
+                        .into(),
+            }),
             Route::Delay { next } => {
                 return Err(TransportError::Refused {
                     queue: format!("delay before attempt {next}"),

@@ -23,6 +23,9 @@ pub struct FileSource {
     path: PathBuf,
     format: FileFormat,
     len: u64,
+    /// A line longer than this is bad data, skipped without being kept (see
+    /// [`FileSource::with_max_record`]).
+    max_line: usize,
     inner: Inner,
 }
 
@@ -42,6 +45,43 @@ enum Inner {
 
 /// How far a source reads ahead of the record it returns, when reading a whole input.
 const READ_AHEAD: usize = 256 * 1024;
+
+/// Room over the largest record for the blanks around it on its line.
+const LINE_SLACK: u64 = 1024;
+
+/// Reads one line into `buf`, keeping at most `max` bytes of it: the rest is consumed and
+/// dropped. Returns the bytes consumed (the line's length, its newline included) and whether the
+/// line was longer than `max`.
+fn read_line_capped(
+    reader: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<(usize, bool)> {
+    let (mut consumed, mut over) = (0usize, false);
+    loop {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            return Ok((consumed, over));
+        }
+        let (take, done) = match memchr::memchr(b'\n', available) {
+            Some(i) => (i + 1, true),
+            None => (available.len(), false),
+        };
+        if !over {
+            if buf.len() + take > max {
+                over = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(&available[..take]);
+            }
+        }
+        reader.consume(take);
+        consumed += take;
+        if done {
+            return Ok((consumed, over));
+        }
+    }
+}
 
 impl FileSource {
     /// Opens `path` in `format` positioned at `at`, as a checkpoint or a chunk's position gives
@@ -121,8 +161,17 @@ impl FileSource {
             path: path.to_path_buf(),
             format,
             len: meta.len(),
+            max_line: usize::MAX,
             inner,
         })
+    }
+
+    /// A line (`jsonl`, `lines`) longer than `max` bytes, with a little room for the blanks
+    /// around a record, is bad data: the reader skips to its end without holding it, so a
+    /// hostile input (a 5 GB one-line JSON array) costs no memory.
+    pub fn with_max_record(mut self, max: u64) -> FileSource {
+        self.max_line = usize::try_from(max.saturating_add(LINE_SLACK)).unwrap_or(usize::MAX);
+        self
     }
 
     fn read_err(&self, offset: u64, message: String) -> SourceError {
@@ -175,8 +224,8 @@ impl Source for FileSource {
             } => loop {
                 buf.clear();
                 let start = *cursor;
-                let n = match reader.read_until(b'\n', buf) {
-                    Ok(n) => n,
+                let (n, over) = match read_line_capped(reader, buf, self.max_line) {
+                    Ok(read) => read,
                     Err(e) => {
                         let offset = cursor.offset;
                         return Err(self.read_err(offset, e.to_string()));
@@ -188,6 +237,21 @@ impl Source for FileSource {
                 cursor.offset += n as u64;
                 cursor.lines += 1;
                 let line = cursor.lines;
+                if over {
+                    return Ok(Some(Read {
+                        record: Record::Bad {
+                            line,
+                            reason: format!(
+                                "a line of {n} bytes, longer than chunking.max_bytes allows: \
+                                 skipped unread"
+                            ),
+                        },
+                        start: Position {
+                            line,
+                            offset: start.offset,
+                        },
+                    }));
+                }
                 let bytes = buf.trim_ascii();
                 if bytes.is_empty() {
                     continue;

@@ -140,3 +140,32 @@ fn a_missing_file_cannot_be_opened() {
     .expect_err("missing");
     assert!(err.to_string().contains("/nonexistent/x.jsonl"));
 }
+
+/// Regression (the protocol issue, finding 6): a line of any length was read whole. A line
+/// longer than the job's largest record is bad data, skipped to its end without being kept, and
+/// the lines after it keep their numbers and offsets.
+#[test]
+fn a_line_longer_than_a_record_may_be_is_skipped_unread() {
+    let long = format!("[{}]", "1,".repeat(50_000) + "1");
+    let text = format!("{{\"id\":1}}\n{long}\n{{\"id\":3}}\n");
+    let mut f = tempfile::NamedTempFile::new().expect("temp file");
+    std::io::Write::write_all(&mut f, text.as_bytes()).expect("write");
+    let mut s = FileSource::open_at(f.path(), FileFormat::Jsonl, Cursor::default())
+        .expect("open")
+        .with_max_record(1_000);
+    let reads = all(&mut s);
+    assert_eq!(reads.len(), 3);
+    match &reads[1].record {
+        Record::Bad { line, reason } => {
+            assert_eq!(*line, 2);
+            assert!(
+                reason.contains("longer than chunking.max_bytes"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected bad data, got {other:?}"),
+    }
+    assert_eq!(reads[2].start.line, 3);
+    assert_eq!(reads[2].start.offset, 9 + long.len() as u64 + 1);
+    assert_eq!(s.cursor().offset, text.len() as u64);
+}
