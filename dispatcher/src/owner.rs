@@ -1,13 +1,16 @@
 //! Who owns a run: the dispatcher that created, resumed or retried it last, holding its write
 //! token ([`crate::context::Fence`]). A second dispatcher refuses a run whose owner is alive:
 //! on this host, its process exists (the same process: same pid and start time); elsewhere, its
-//! heartbeat is fresh. `status` says when a `running` run's owner has gone.
+//! heartbeat is fresh. `status` says when a `running` run's owner has gone. The owner's
+//! heartbeat comes from a timer task of its own ([`beat`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hopper_common::Job;
+use tokio_util::sync::CancellationToken;
 
-use crate::context::{now_ms, ContextStore, Fence, RunId, RunRecord};
+use crate::context::{now_ms, ContextError, ContextStore, Fence, RunId, RunRecord};
 use crate::error::DispatchError;
 
 /// How often the owner writes its heartbeat.
@@ -61,4 +64,41 @@ pub(crate) async fn find_run(
             job: job.name.clone(),
             run,
         })
+}
+
+/// Writes the run's heartbeat every [`HEARTBEAT_EVERY`] until `stop` is cancelled. Cancels
+/// `stop` itself when a write fails (the run was taken over, or the store is gone), returning
+/// why.
+pub(crate) async fn beat(
+    store: Arc<dyn ContextStore>,
+    fence: Fence,
+    stop: CancellationToken,
+) -> Result<(), ContextError> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(HEARTBEAT_EVERY) => {}
+        }
+        if let Err(e) = store.heartbeat(&fence).await {
+            stop.cancel();
+            return Err(e);
+        }
+    }
+}
+
+/// Why the heartbeat stopped on its own.
+pub(crate) async fn stopped_beating(
+    heartbeat: &mut tokio::task::JoinHandle<Result<(), ContextError>>,
+) -> DispatchError {
+    match heartbeat.await {
+        Ok(Err(e)) => e.into(),
+        Ok(Ok(())) => DispatchError::Task {
+            what: "heartbeat",
+            message: "stopped without a reason".into(),
+        },
+        Err(e) => DispatchError::Task {
+            what: "heartbeat",
+            message: e.to_string(),
+        },
+    }
 }

@@ -12,12 +12,18 @@
 //! - **Shutdown finishes what is in hand.** On cancellation the consumer stops taking chunks,
 //!   finishes, replies and acks the ones it holds, then closes; chunks prefetched but not
 //!   started go back to the queue when the channel closes.
+//! - **Only processing counts.** Each attempt is bounded by `chunk_timeout` from when its
+//!   processing starts (`attempt`), never from when it was published.
+//! - **A chunk delivered again is processed alone**, so that chunks which merely shared a dying
+//!   consumer's prefetch do not reach the broker's delivery limit with the one that kills it.
+//! - **Reconnecting is bounded** ([`Recoveries`]), and a refusal that will recur stops it.
 
-use std::panic::AssertUnwindSafe;
+mod attempt;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use hopper_common::transport::{Inbox, Recoveries};
 use hopper_common::{
     codec, AmqpTransport, Chunk, CodecError, Incoming, Job, Label, NoteTiming, Outcome, Reply,
@@ -27,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::processor::{ProcessError, Processed, Processor};
+use crate::processor::{ProcessError, Processor};
 
 /// How a consumer runs. Built from [`ConsumerOptions::default`] with the `with_*` methods, so
 /// that new options can be added without breaking callers.
@@ -251,7 +257,7 @@ async fn handle(ctx: Arc<Context>, message: Incoming) {
         (Some(ctx.turns.read().await), None)
     };
     let started = std::time::Instant::now();
-    let result = process(&ctx, &chunk).await;
+    let result = attempt::process(&ctx, &chunk).await;
     let processed_in = started.elapsed();
     let label = Label::chunk(&chunk);
     let outcome = match result {
@@ -328,69 +334,6 @@ enum HandOff {
     /// Its next attempt could not be encoded (a bug, not bad input).
     #[error(transparent)]
     Codec(#[from] CodecError),
-}
-
-/// Runs the processor on `chunk`, bounded by the job's `chunk_timeout`, sending a note to the
-/// dispatcher while it runs long ([`NoteTiming`]). Time spent waiting in a queue never counts:
-/// the clock starts here. A panic, and a processor cancelled at the limit (its future dropped;
-/// an `exec` child's process group killed), are transient failures of this attempt.
-async fn process(ctx: &Context, chunk: &Chunk) -> Result<Processed, ProcessError> {
-    let limit = ctx.job.retry.chunk_timeout;
-    let work = tokio::time::timeout(
-        limit,
-        AssertUnwindSafe(ctx.processor.process(chunk)).catch_unwind(),
-    );
-    tokio::pin!(work);
-    let started = tokio::time::Instant::now();
-    let mut next_note = started + ctx.notes.first;
-    loop {
-        tokio::select! {
-            done = &mut work => return match done {
-                Ok(Ok(result)) => result,
-                Ok(Err(panic)) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic".to_string());
-                    Err(ProcessError::Transient(format!("the processor panicked: {what}")))
-                }
-                Err(_) => Err(ProcessError::Transient(format!(
-                    "processing passed retry.chunk_timeout ({}); the processor was cancelled",
-                    humantime::format_duration(limit)
-                ))),
-            },
-            _ = tokio::time::sleep_until(next_note) => {
-                note(ctx, chunk, started.elapsed()).await;
-                next_note += ctx.notes.every;
-            }
-        }
-    }
-}
-
-/// Tells the dispatcher that `chunk` has been processed for `elapsed` so far. Best effort: a
-/// note that does not get through only makes `status` less precise.
-async fn note(ctx: &Context, chunk: &Chunk, elapsed: std::time::Duration) {
-    let reply = Reply {
-        job: chunk.job.clone(),
-        run: chunk.run,
-        seq: chunk.seq,
-        attempt: chunk.attempt,
-        consumer: ctx.me.clone(),
-        outcome: Outcome::Processing {
-            elapsed_ms: elapsed.as_millis() as u64,
-        },
-    };
-    let sent = match codec::encode_reply(&reply) {
-        Ok(payload) => publish(ctx, Route::Replies, &payload, &Label::reply(&reply))
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    if let Err(e) = sent {
-        debug!(job = %ctx.job.name, run = chunk.run, seq = chunk.seq, error = %e,
-               "cannot send a progress note");
-    }
 }
 
 /// Something failed after processing: hand the chunk back to be delivered again.

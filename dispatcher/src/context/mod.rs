@@ -10,10 +10,12 @@
 //!   for a chunk the store does not know is [`Applied::Unknown`]. Neither changes anything.
 //! - Counters are derived from the chunk and failure rows, never kept twice.
 //!
-//! [`model`] holds what is stored; [`sqlite`] the embedded store. A library user holds an
+//! [`model`] holds what is stored, [`report`] what `status` reads; [`sqlite`] is the embedded
+//! store. A library user holds an
 //! [`ExecutionContext`] and never sees the store behind it.
 
 mod model;
+mod report;
 mod sqlite;
 
 use std::sync::Arc;
@@ -24,12 +26,11 @@ use hopper_common::{Job, Reply, StateSpec};
 
 pub(crate) use model::{
     Applied, BadData, ChunkRecord, ChunkStatus, FailedChunk, Fence, Moved, NewChunk, OpenFailure,
-    RecordBatch, Retried, Retryable, StuckAfter,
+    RecordBatch, Retried, Retryable,
 };
-pub use model::{
-    Checkpoint, ChunkCounts, FailureClass, FailureRecord, InProgress, ItemCounts, RunId, RunRecord,
-    RunState, RunStatus, StuckChunk,
-};
+pub use model::{Checkpoint, FailureClass, FailureRecord, RunId, RunRecord, RunState};
+pub(crate) use report::StuckAfter;
+pub use report::{ChunkCounts, InProgress, ItemCounts, RunStatus, StuckChunk};
 use sqlite::SqliteStore;
 
 /// The execution context cannot be read or written. The dispatcher cannot go on without it: it

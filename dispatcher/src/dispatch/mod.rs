@@ -36,12 +36,12 @@ use tracing::{error, info, warn};
 
 use crate::chunker::{Chunker, Chunks, RawChunk};
 use crate::context::{
-    Checkpoint, ContextError, ContextStore, ExecutionContext, Fence, RunId, RunRecord, RunState,
-    RunStatus, StuckAfter,
+    Checkpoint, ContextStore, ExecutionContext, Fence, RunId, RunRecord, RunState, RunStatus,
+    StuckAfter,
 };
 use crate::error::DispatchError;
 use crate::options::RunOptions;
-use crate::owner::HEARTBEAT_EVERY;
+use crate::owner::{beat, stopped_beating};
 use crate::progress::Progress;
 use crate::source::{Source, SourceError};
 use crate::throttle::Throttle;
@@ -101,43 +101,6 @@ enum End {
     Exhausted,
     SkipLimit,
     Interrupted,
-}
-
-/// Writes the run's heartbeat every [`HEARTBEAT_EVERY`] until `stop` is cancelled. Cancels
-/// `stop` itself when a write fails (the run was taken over, or the store is gone), returning
-/// why.
-async fn beat(
-    store: Arc<dyn ContextStore>,
-    fence: Fence,
-    stop: CancellationToken,
-) -> Result<(), ContextError> {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(HEARTBEAT_EVERY) => {}
-        }
-        if let Err(e) = store.heartbeat(&fence).await {
-            stop.cancel();
-            return Err(e);
-        }
-    }
-}
-
-/// Why the heartbeat stopped on its own.
-async fn stopped_beating(
-    heartbeat: &mut tokio::task::JoinHandle<Result<(), ContextError>>,
-) -> DispatchError {
-    match heartbeat.await {
-        Ok(Err(e)) => e.into(),
-        Ok(Ok(())) => DispatchError::Task {
-            what: "heartbeat",
-            message: "stopped without a reason".into(),
-        },
-        Err(e) => DispatchError::Task {
-            what: "heartbeat",
-            message: e.to_string(),
-        },
-    }
 }
 
 /// Where a run starts.

@@ -21,7 +21,7 @@
 
 use hopper_common::Job;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::carrier::drive;
 use crate::context::{ExecutionContext, RunId, RunState, StuckAfter};
@@ -68,9 +68,6 @@ pub async fn retry(
     }
     let failed = store.retryable(run).await?;
     let plan = Plan::new(&failed);
-    for what in &plan.unretryable {
-        warn!(job = %job.name, run, "cannot retry {what}");
-    }
     let open = store.open_chunks(run).await?;
     if plan.is_empty() && open.is_empty() {
         info!(job = %job.name, run, state = %record.state, "nothing to retry");

@@ -31,13 +31,10 @@ impl Target {
     }
 }
 
-/// What `retry` will read again, and what it cannot.
+/// What `retry` will read again.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Plan {
     pub(super) targets: Vec<Target>,
-    /// Failures that cannot be retried (recorded by an older version, without their span), for
-    /// people.
-    pub(crate) unretryable: Vec<String>,
 }
 
 impl Plan {
@@ -45,17 +42,10 @@ impl Plan {
     pub(crate) fn new(failed: &Retryable) -> Plan {
         let mut plan = Plan::default();
         for c in &failed.chunks {
-            let Some(end_line) = c.end_line else {
-                plan.unretryable.push(format!(
-                    "chunk {} at line {} (recorded without its end line by an older version)",
-                    c.seq, c.position.line
-                ));
-                continue;
-            };
             plan.targets.push(Target {
                 start: c.position,
                 end_offset: c.end_offset,
-                end_line,
+                end_line: c.end_line,
                 only: None,
                 retried: vec![Retried::Chunk(c.seq)],
                 skipped: 0,
@@ -71,16 +61,10 @@ impl Plan {
                     m.entry(f.line).or_default().push(f.id);
                     m
                 });
-            let Some(end_line) = host.end_line else {
-                plan.unretryable.extend(items.keys().map(|line| {
-                    format!("bad item at line {line} (its chunk {} was recorded without its end line by an older version)", host.seq)
-                }));
-                continue;
-            };
             plan.targets.push(Target {
                 start: host.position,
                 end_offset: host.end_offset,
-                end_line,
+                end_line: host.end_line,
                 only: Some(items),
                 retried: Vec::new(),
                 skipped: 0,
@@ -102,11 +86,8 @@ impl Plan {
                 }
                 continue;
             }
+            // The store never hands out a bad record without its span (it refuses such a row).
             let Some((start, end_offset, end_line)) = f.span else {
-                plan.unretryable.push(format!(
-                    "bad data at line {} (recorded without its byte offset by an older version)",
-                    f.line
-                ));
                 continue;
             };
             plan.targets.push(Target {

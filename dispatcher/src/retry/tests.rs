@@ -68,7 +68,7 @@ fn reads_only_what_failed_and_follows_the_fixes() {
             seq: 2,
             position: at(4),
             end_offset: offsets[6],
-            end_line: Some(6),
+            end_line: 6,
         }],
         failures: vec![
             OpenFailure {
@@ -90,7 +90,7 @@ fn reads_only_what_failed_and_follows_the_fixes() {
             seq: 3,
             position: at(7),
             end_offset: size_before,
-            end_line: Some(9),
+            end_line: 9,
         }],
     };
     let plan = Plan::new(&failed);
@@ -184,7 +184,7 @@ fn a_stretch_larger_than_a_chunk_goes_out_in_pieces_taking_over_with_the_last() 
             seq: 1,
             position: Position { line: 1, offset: 0 },
             end_offset: text.len() as u64,
-            end_line: Some(5),
+            end_line: 5,
         }],
         ..Retryable::default()
     };

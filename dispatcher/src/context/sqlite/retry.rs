@@ -4,7 +4,7 @@
 use rusqlite::{params, Connection, TransactionBehavior};
 
 use super::Fail;
-use crate::context::{FailedChunk, Moved, OpenFailure, Retried, Retryable, RunId};
+use crate::context::{FailedChunk, FailureClass, Moved, OpenFailure, Retried, Retryable, RunId};
 use hopper_common::Position;
 
 pub(super) fn retryable(conn: &mut Connection, run: RunId) -> Result<Retryable, Fail> {
@@ -16,7 +16,7 @@ pub(super) fn retryable(conn: &mut Connection, run: RunId) -> Result<Retryable, 
                 offset: r.get::<_, i64>(2)? as u64,
             },
             end_offset: r.get::<_, i64>(3)? as u64,
-            end_line: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+            end_line: r.get::<_, i64>(4)? as u64,
         })
     };
     let chunks = conn
@@ -68,11 +68,17 @@ pub(super) fn retryable(conn: &mut Connection, run: RunId) -> Result<Retryable, 
     })?;
     for row in rows {
         let (id, seq, line, class, span) = row?;
+        let class: FailureClass = class.parse().map_err(Fail::Corrupt)?;
+        if class == FailureClass::BadData && span.is_none() {
+            return Err(Fail::Corrupt(format!(
+                "the bad record at line {line} was recorded without where it lies"
+            )));
+        }
         failures.push(OpenFailure {
             id,
             seq,
             line,
-            class: class.parse().map_err(Fail::Corrupt)?,
+            class,
             span,
         });
     }

@@ -254,7 +254,7 @@ async fn a_retry_takes_failures_over_in_the_transaction_that_records_it() {
     apply(&store, &dead).await;
     let failed = store.retryable(run).await.expect("retryable");
     assert_eq!(failed.chunks.len(), 1);
-    assert_eq!(failed.chunks[0].end_line, Some(29));
+    assert_eq!(failed.chunks[0].end_line, 29);
     assert_eq!(failed.failures.len(), 1);
     let bad_id = failed.failures[0].id;
     assert_eq!(
