@@ -161,18 +161,23 @@ impl TestJob {
         cmd
     }
 
+    /// Starts `hopper-dispatcher SUBCOMMAND JOB.toml OPTIONS...` in the background, its stderr
+    /// in `log` (a file in the job's directory); killed if dropped.
+    pub fn spawn_dispatcher(&self, args: &[&str], log: &str) -> Child {
+        self.dispatcher_command(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.path(log)).expect("dispatcher log"))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the dispatcher")
+    }
+
     /// Starts the dispatcher, waits until the run has read `beyond` more records than `read`, and
     /// kills it with SIGKILL. Returns how far the run had read.
     pub async fn kill_after_progress(&self, args: &[&str], read: u64, beyond: u64) -> u64 {
         let t = self;
         let log = t.path(&format!("dispatcher-{read}.log"));
-        let mut child = t
-            .dispatcher_command(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("dispatcher log"))
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the dispatcher");
+        let mut child = t.spawn_dispatcher(args, &format!("dispatcher-{read}.log"));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             assert!(

@@ -142,13 +142,7 @@ command = ["sh", "-c", "if [ $HOPPER_SEQ = 3 ] && [ -e killer ]; then kill -9 $P
     );
     write_jsonl(&t.path("input.jsonl"), 100, 40);
     std::fs::write(t.path("killer"), "").expect("arm the killer");
-    let mut dispatcher = t
-        .dispatcher_command(&["run"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(t.path("dispatcher.log")).expect("log"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the dispatcher");
+    let mut dispatcher = t.spawn_dispatcher(&["run"], "dispatcher.log");
     // Two consumers, one chunk at a time each, restarted whenever one dies.
     let mut consumers = vec![t.start_consumer(0, 1), t.start_consumer(1, 1)];
     let mut restarts = 0u32;
@@ -247,13 +241,7 @@ skip_limit = 1
         }
         w.flush().expect("flush");
     }
-    let mut child = t
-        .dispatcher_command(&["run", "--local", "2"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(t.path("dispatcher.log")).expect("log"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the dispatcher");
+    let mut child = t.spawn_dispatcher(&["run", "--local", "2"], "dispatcher.log");
     let pid = child.id().expect("pid");
     let mut peak_kib = 0u64;
     let deadline = Instant::now() + Duration::from_secs(120);
