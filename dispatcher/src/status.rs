@@ -151,7 +151,7 @@ impl<'a> StatusReport<'a> {
         let _ = writeln!(out, "job      {}", self.job);
         let _ = writeln!(out, "run      {}", self.run);
         let _ = writeln!(out, "state    {state}");
-        let _ = writeln!(out, "source   {}", self.source);
+        let _ = writeln!(out, "source   {}", printable(self.source));
         let _ = writeln!(out, "started  {}", self.started_at);
         if let Some(f) = &self.finished_at {
             let _ = writeln!(out, "finished {f}");
@@ -182,7 +182,7 @@ impl<'a> StatusReport<'a> {
                     c.seq,
                     c.attempt,
                     c.since,
-                    c.consumer.unwrap_or("-")
+                    printable(c.consumer.unwrap_or("-"))
                 );
             }
         }
@@ -200,8 +200,8 @@ impl<'a> StatusReport<'a> {
                     s.seq,
                     s.attempt,
                     s.since,
-                    s.consumer.unwrap_or("-"),
-                    s.reason
+                    printable(s.consumer.unwrap_or("-")),
+                    printable(s.reason)
                 );
             }
         }
@@ -218,12 +218,33 @@ impl<'a> StatusReport<'a> {
                 let _ = writeln!(
                     out,
                     "  {:>10}  {:>8}  {:<8}  {}",
-                    f.position, seq, class, f.reason
+                    f.position,
+                    seq,
+                    class,
+                    printable(f.reason)
                 );
             }
         }
         out
     }
+}
+
+/// `text` with its control characters escaped (`\u{1b}`, `\r`, `\0`...): reasons come from
+/// processors and inputs, and must not drive the operator's terminal.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 fn failure(f: &FailureRecord) -> FailureOut<'_> {

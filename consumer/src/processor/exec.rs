@@ -7,9 +7,14 @@
 //!   the chunk: use them to make the command's effect idempotent.
 //! - **working directory**: the job file's directory.
 //! - **stdout**: to refuse one item as bad data, print one line
-//!   `{"index": N, "reason": "..."}` where `N` is the 0-based index of the item on stdin. The
-//!   item is skipped and reported with its source line; other stdout lines are logged at debug.
-//! - **stderr**: logged by the consumer, line by line, tagged with the chunk.
+//!   `{"index": N, "reason": "..."}`: a JSON object with exactly these two keys, `N` the 0-based
+//!   index of the item on stdin (a whole number below the chunk's item count), `reason` a
+//!   string. The item is skipped and reported with its source line. A line that is a JSON object
+//!   with an `index` key but does not fit (another key, no reason, a negative, fractional or
+//!   too large index) fails the chunk (transiently, the line quoted in the reason): a refusal is
+//!   never silently lost. An item refused twice counts once. Every other stdout line is logged at
+//!   debug level.
+//! - **stderr**: logged by the consumer, line by line (cut at 4 KiB), tagged with the chunk.
 //! - **exit status**: 0, the chunk is done (but for the refused items). Anything else, or death
 //!   by a signal: a transient failure, and the chunk comes back after the job's backoff.
 //! - **cancellation**: the command runs in a process group of its own. When the attempt is
@@ -53,7 +58,7 @@ impl ExecProcessor {
             .ok_or_else(|| "the command is empty".to_string())?;
         if !program_exists(program, &dir) {
             return Err(format!(
-                "program {program:?} not found (a path is taken relative to {}; a bare name is looked up on PATH)",
+                "program {program:?} not found or not executable (a path is taken relative to {}; a bare name is looked up on PATH)",
                 dir.display()
             ));
         }
@@ -78,12 +83,39 @@ impl Drop for GroupGuard {
     }
 }
 
+/// True when `program` names an executable file: a path relative to `dir`, or a name on `PATH`.
 fn program_exists(program: &str, dir: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
     if program.contains('/') {
-        return dir.join(program).is_file();
+        return runnable(&dir.join(program));
     }
     std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| runnable(&p.join(program))))
+}
+
+/// What one stdout line of the command says.
+fn stdout_line(line: &str, items: usize) -> Result<Option<BadLine>, String> {
+    let Ok(serde_json::Value::Object(object)) = serde_json::from_str::<serde_json::Value>(line)
+    else {
+        return Ok(None);
+    };
+    if !object.contains_key("index") {
+        return Ok(None);
+    }
+    let malformed = || {
+        format!(
+            "the command printed a malformed refusal line: {}; a refusal is {{\"index\": N, \"reason\": \"...\"}} with N from 0 to {}",
+            super::cut(line),
+            items.saturating_sub(1)
+        )
+    };
+    match serde_json::from_value::<BadLine>(serde_json::Value::Object(object)) {
+        Ok(b) if b.index < items => Ok(Some(b)),
+        Ok(_) | Err(_) => Err(malformed()),
+    }
 }
 
 #[async_trait]
@@ -117,6 +149,7 @@ impl Processor for ExecProcessor {
 
         // Feed stdin while reading stdout and stderr, so a chatty command never blocks on a
         // full pipe. A command that stops reading early closes the pipe: its exit status decides.
+        let items = chunk.items.len();
         let data: Vec<u8> = chunk.items.iter().fold(Vec::new(), |mut buf, item| {
             buf.extend_from_slice(item.data.as_bytes());
             buf.push(b'\n');
@@ -129,26 +162,30 @@ impl Processor for ExecProcessor {
         };
         let (job, run, seq) = (&chunk.job, chunk.run, chunk.seq);
         let read_stdout = async {
-            let mut bad = Vec::new();
+            let (mut bad, mut malformed) = (Vec::new(), None);
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                match serde_json::from_str::<BadLine>(&line) {
-                    Ok(b) => bad.push(b),
-                    Err(_) => debug!(job = %job, run, seq, stdout = %line, "command output"),
+                match stdout_line(&line, items) {
+                    Ok(Some(b)) => bad.push(b),
+                    Ok(None) => {
+                        debug!(job = %job, run, seq, stdout = %super::cut(&line), "command output")
+                    }
+                    Err(why) => malformed = malformed.or(Some(why)),
                 }
             }
-            bad
+            (bad, malformed)
         };
         let read_stderr = async {
             let mut last = String::new();
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
+                let line = super::cut(&line);
                 warn!(job = %job, run, seq, stderr = %line, "command stderr");
                 last = line;
             }
             last
         };
-        let ((), bad, last_stderr) = tokio::join!(feed, read_stdout, read_stderr);
+        let ((), (bad, malformed), last_stderr) = tokio::join!(feed, read_stdout, read_stderr);
         let status = child
             .wait()
             .await
@@ -162,12 +199,13 @@ impl Processor for ExecProcessor {
             }
             return Err(ProcessError::Transient(msg));
         }
+        if let Some(why) = malformed {
+            return Err(ProcessError::Transient(why));
+        }
         let mut processed = Processed::all_done();
         for b in bad {
-            match chunk.items.get(b.index) {
-                Some(item) => processed.bad_item(item, b.reason),
-                None => warn!(job = %job, run, seq, index = b.index,
-                              "command reported a bad item at an index past the chunk's end; ignored"),
+            if let Some(item) = chunk.items.get(b.index) {
+                processed.bad_item(item, b.reason);
             }
         }
         Ok(processed)

@@ -38,13 +38,46 @@ impl Processed {
         Processed::default()
     }
 
-    /// Marks `item` as bad: skipped, and reported with its line and `reason`.
+    /// Marks `item` as bad: skipped, and reported with its line and `reason` (cut at 4 KiB). An
+    /// item marked twice counts once, with its first reason.
     pub fn bad_item(&mut self, item: &Item, reason: impl Into<String>) {
         self.bad_items.push(BadItem {
             line: item.line,
-            reason: reason.into(),
+            reason: cut(&reason.into()),
         });
     }
+
+    /// The bad items that belong to `chunk`, each once (a processor may fill `bad_items` by
+    /// hand): every item of the chunk is then either processed or bad, never both, never twice.
+    pub(crate) fn settle(mut self, chunk: &hopper_common::Chunk) -> Vec<BadItem> {
+        if self.bad_items.is_empty() {
+            return self.bad_items;
+        }
+        let mut open: std::collections::HashSet<u64> = chunk.items.iter().map(|i| i.line).collect();
+        self.bad_items.retain(|b| open.remove(&b.line));
+        for b in &mut self.bad_items {
+            b.reason = cut(&b.reason);
+        }
+        self.bad_items
+    }
+}
+
+/// The longest reason or log line kept whole: longer ones are cut, and say so, so that one
+/// careless processor cannot fill the execution context or the logs.
+const MAX_TEXT: usize = 4096;
+
+/// `text`, cut to at most [`MAX_TEXT`] bytes (on a character boundary) with a mark saying how
+/// long it was. Cutting again changes nothing.
+pub(crate) fn cut(text: &str) -> String {
+    if text.len() <= MAX_TEXT {
+        return text.to_string();
+    }
+    let mark = format!("… (cut: {} bytes in all)", text.len());
+    let mut end = MAX_TEXT - mark.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{mark}", &text[..end])
 }
 
 /// A chunk that could not be finished. The variant is the decision.

@@ -261,10 +261,13 @@ async fn handle(ctx: Arc<Context>, message: Incoming) {
     let processed_in = started.elapsed();
     let label = Label::chunk(&chunk);
     let outcome = match result {
-        Ok(p) => Outcome::Done {
-            processed: (chunk.items.len() - p.bad_items.len().min(chunk.items.len())) as u64,
-            bad_items: p.bad_items,
-        },
+        Ok(p) => {
+            let bad_items = p.settle(&chunk);
+            Outcome::Done {
+                processed: (chunk.items.len() - bad_items.len()) as u64,
+                bad_items,
+            }
+        }
         Err(ProcessError::Transient(error)) if attempt < ctx.job.retry.max_attempts => {
             let next = attempt + 1;
             match send_to_delay(&ctx, &chunk, next).await {

@@ -3,9 +3,11 @@
 //! - `jsonl`: each non-blank line is one JSON value, validated but kept as text.
 //! - `csv`: the header row names the fields; each record becomes a JSON object of strings.
 //!   Quoted fields may hold commas, quotes and newlines; a record's line is the line it starts on.
-//! - `lines`: each non-blank line is one item, a JSON string.
+//! - `lines`: each non-empty line is one item, a JSON string of the line byte for byte, but for
+//!   its line ending (`\n` or `\r\n`).
 //!
-//! Blank lines are not records. A line that is not valid UTF-8 or not valid JSON, and a CSV
+//! Blank lines (empty ones; for `jsonl`, whitespace only) are not records. A UTF-8 byte order
+//! mark at the start of the file is skipped. A line that is not valid UTF-8 or not valid JSON, and a CSV
 //! record with the wrong number of fields, is bad data: reported with its line, not fatal.
 
 use std::fs::File;
@@ -45,6 +47,15 @@ enum Inner {
 
 /// How far a source reads ahead of the record it returns, when reading a whole input.
 const READ_AHEAD: usize = 256 * 1024;
+
+/// The UTF-8 byte order mark some editors put at the start of a file.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// `line` without its `\n` or `\r\n`.
+fn without_line_ending(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
 
 /// Room over the largest record for the blanks around it on its line.
 const LINE_SLACK: u64 = 1024;
@@ -252,7 +263,17 @@ impl Source for FileSource {
                         },
                     }));
                 }
-                let bytes = buf.trim_ascii();
+                let mut bytes: &[u8] = buf;
+                if start.offset == 0 {
+                    // A UTF-8 byte order mark is no part of the first record.
+                    bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
+                }
+                let bytes = match format {
+                    // JSON ignores the blanks around a value.
+                    FileFormat::Jsonl => bytes.trim_ascii(),
+                    // A line is kept byte for byte, but for its line ending.
+                    FileFormat::Lines | FileFormat::Csv => without_line_ending(bytes),
+                };
                 if bytes.is_empty() {
                     continue;
                 }

@@ -169,3 +169,30 @@ fn a_line_longer_than_a_record_may_be_is_skipped_unread() {
     assert_eq!(reads[2].start.offset, 9 + long.len() as u64 + 1);
     assert_eq!(s.cursor().offset, text.len() as u64);
 }
+
+/// Regression (the edge-cases issue, 7): `lines` trimmed its lines and kept a byte order mark in
+/// the first item; `jsonl` refused a first line behind a byte order mark.
+#[test]
+fn a_byte_order_mark_is_skipped_and_lines_are_kept_byte_for_byte() {
+    let (_f, mut s) = source(FileFormat::Lines, b"\xEF\xBB\xBF\tindented \r\n\nlast\n");
+    let data: Vec<String> = all(&mut s)
+        .into_iter()
+        .map(|r| match r.record {
+            Record::Item(i) => i.data,
+            Record::Bad { reason, .. } => panic!("bad: {reason}"),
+        })
+        .collect();
+    assert_eq!(
+        data,
+        vec![r#""\tindented ""#.to_string(), r#""last""#.into()]
+    );
+    let (_f, mut s) = source(FileFormat::Jsonl, b"\xEF\xBB\xBF{\"id\":1}\n");
+    let reads = all(&mut s);
+    assert_eq!(
+        reads[0].record,
+        Record::Item(Item {
+            line: 1,
+            data: "{\"id\":1}".into()
+        })
+    );
+}

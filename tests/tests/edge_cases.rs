@@ -1,0 +1,190 @@
+//! Edge cases Hopper promises to handle, one test each, in local mode (no broker), each checking
+//! the exact counts and positions in `status --json` and the exit code. The numbers are those of
+//! the edge-cases issue ("every record accounted for").
+
+use std::time::Duration;
+
+use hopper_tests::{write_jsonl, TestJob};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A job over `input.jsonl` in chunks of 10, run by `command` (an exec processor).
+fn exec_job(prefix: &str, command: &str, extra: &str) -> TestJob {
+    TestJob::local(
+        prefix,
+        &format!(
+            r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[processor]
+kind = "exec"
+command = ["sh", "-c", '{command}']
+[retry]
+max_attempts = 1
+[failures]
+skip_limit = 100
+{extra}"#
+        ),
+    )
+}
+
+/// 3. The same item refused twice by a processor counts once.
+#[tokio::test]
+async fn an_item_refused_twice_counts_once() {
+    let t = exec_job(
+        "twice",
+        r#"cat >/dev/null; echo "{\"index\": 0, \"reason\": \"no price\"}"; echo "{\"index\": 0, \"reason\": \"again\"}""#,
+        "",
+    );
+    write_jsonl(&t.path("input.jsonl"), 30, 30);
+    let out = t.dispatcher(&["run", "--local", "2"], LIMIT).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(s["items"]["read"], 30);
+    assert_eq!(s["items"]["processed"], 27);
+    assert_eq!(s["items"]["skipped"], 3);
+    let lines: Vec<u64> = s["failures"]
+        .as_array()
+        .expect("failures")
+        .iter()
+        .map(|f| f["position"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(lines, vec![1, 11, 21]);
+    assert_eq!(s["failures"][0]["reason"], "no price");
+}
+
+/// 6. A refusal line the exec processor does not understand fails the chunk, quoting the line,
+///    instead of being ignored with the item counted as processed.
+#[tokio::test]
+async fn a_malformed_refusal_fails_its_chunk_quoting_the_line() {
+    let t = exec_job(
+        "malformed",
+        r#"cat >/dev/null; if [ $HOPPER_SEQ = 2 ]; then echo "{\"index\": -1, \"reason\": \"x\"}"; fi"#,
+        "",
+    );
+    write_jsonl(&t.path("input.jsonl"), 30, 30);
+    let out = t.dispatcher(&["run", "--local", "2"], LIMIT).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(s["items"]["processed"], 20);
+    assert_eq!(s["items"]["failed"], 10);
+    assert_eq!(s["chunks"]["dead"], 1);
+    let reason = s["failures"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("malformed refusal line"), "{reason}");
+    assert!(
+        reason.contains(r#"{"index": -1, "reason": "x"}"#),
+        "{reason}"
+    );
+}
+
+/// 7. `lines` keeps each line byte for byte (but its line ending), and a byte order mark is
+///    skipped.
+#[tokio::test]
+async fn lines_are_kept_byte_for_byte_and_a_byte_order_mark_is_skipped() {
+    let t = TestJob::local(
+        "bom",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.txt"
+format = "lines"
+[processor]
+kind = "file"
+dir = "out"
+"#,
+    );
+    std::fs::write(t.path("input.txt"), b"\xEF\xBB\xBF\tindented \r\nplain\n").expect("input");
+    let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let written = std::fs::read_to_string(t.path("out/1/1.jsonl")).expect("output");
+    assert_eq!(written, "\"\\tindented \"\n\"plain\"\n");
+    assert_eq!(t.status().await["items"]["processed"], 2);
+}
+
+/// 12. Plain `status` escapes the control characters of a reason; 13. a 2 MB reason is stored
+///     cut at 4 KiB, saying so.
+#[tokio::test]
+async fn reasons_are_escaped_in_the_table_and_cut_at_4_kib() {
+    let t = exec_job(
+        "reasons",
+        r#"cat >/dev/null; if [ $HOPPER_SEQ = 1 ]; then printf "%s\n" "{\"index\": 0, \"reason\": \"\\u001b[2Jboom\\r\"}"; else printf "{\"index\": 0, \"reason\": \"%s\"}\n" "$(head -c 2000000 /dev/zero | tr "\\0" x)"; fi"#,
+        "",
+    );
+    write_jsonl(&t.path("input.jsonl"), 20, 30);
+    let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    let table = t.dispatcher(&["status"], LIMIT).await;
+    assert!(table.status.success(), "{}", table.stderr);
+    assert!(!table.stdout.contains('\u{1b}') && !table.stdout.contains('\r'));
+    assert!(
+        table.stdout.contains(r"\u{1b}[2Jboom\r"),
+        "{}",
+        table.stdout
+    );
+    let s = t.status().await;
+    let long = s["failures"][1]["reason"].as_str().unwrap_or_default();
+    assert!(long.len() <= 4_096, "{} bytes", long.len());
+    assert!(
+        long.ends_with("(cut: 2000000 bytes in all)"),
+        "{}",
+        &long[4_000..]
+    );
+}
+
+/// 14. An exec program that exists but is not executable is refused at start (exit 2).
+#[tokio::test]
+async fn a_program_that_is_not_executable_is_refused_at_start() {
+    let t = TestJob::local(
+        "noexec",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[processor]
+kind = "exec"
+command = ["./process.sh"]
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 10, 30);
+    std::fs::write(t.path("process.sh"), "#!/bin/sh\ncat >/dev/null\n").expect("script");
+    let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(out.stderr.contains("not executable"), "{}", out.stderr);
+    assert!(out.stderr.contains("processor.command"), "{}", out.stderr);
+}
+
+/// 11. A dispatcher gone on this host is taken for dead at once, not 30 s later.
+#[tokio::test]
+async fn a_dispatcher_killed_on_this_host_is_not_alive_for_status() {
+    let t = TestJob::local(
+        "gone",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[throttle]
+rate = 200
+[processor]
+kind = "noop"
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 2_000, 30);
+    t.kill_after_progress(&["run", "--local", "1"], 0, 100)
+        .await;
+    let s = t.status().await;
+    assert_eq!(s["state"], "running");
+    assert_eq!(s["dispatcher_alive"], false);
+}
