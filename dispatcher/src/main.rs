@@ -150,9 +150,32 @@ async fn run_job(path: PathBuf, start: Start, local: Option<u16>) -> ExitCode {
 }
 
 async fn status(path: PathBuf, run: Option<u64>, json: bool) -> ExitCode {
-    let (job, context) = match open(&path) {
-        Ok(opened) => opened,
-        Err(code) => return code,
+    let job = match Job::load(&path) {
+        Ok(job) => job,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // `status` only reads: a job never run has no execution context, and gets none.
+    let context = match ExecutionContext::open_existing(&job) {
+        Ok(Some(context)) => context,
+        Ok(None) => {
+            return match run {
+                Some(id) => {
+                    eprintln!("error: job {} has no run {id}", job.name);
+                    ExitCode::from(2)
+                }
+                None => {
+                    eprintln!("error: job {} has no runs yet", job.name);
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
     };
     let status = match hopper_dispatcher::status(&job, &context, run).await {
         Ok(s) => s,

@@ -188,3 +188,52 @@ kind = "noop"
     assert_eq!(s["state"], "running");
     assert_eq!(s["dispatcher_alive"], false);
 }
+
+/// 9. A FIFO (any input that is not a regular file) is refused before it is opened (opening one
+///    with no writer would block), with exit 2 and why.
+#[tokio::test]
+async fn an_input_that_is_not_a_regular_file_is_refused_without_blocking() {
+    let t = TestJob::local(
+        "fifo",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[processor]
+kind = "noop"
+"#,
+    );
+    let made = std::process::Command::new("mkfifo")
+        .arg(t.path("input.jsonl"))
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let out = t
+        .dispatcher(&["run", "--local", "1"], Duration::from_secs(20))
+        .await;
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(out.stderr.contains("not a regular file"), "{}", out.stderr);
+}
+
+/// 16. `status` of a job never run says so and creates nothing.
+#[tokio::test]
+async fn status_of_a_job_never_run_creates_nothing() {
+    let t = TestJob::local(
+        "neverrun",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[processor]
+kind = "noop"
+"#,
+    );
+    let out = t.dispatcher(&["status"], LIMIT).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("has no runs yet"), "{}", out.stderr);
+    assert!(!t.path("state.db").exists());
+}

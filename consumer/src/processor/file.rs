@@ -37,7 +37,11 @@ impl Processor for FileProcessor {
         });
         let write = move || -> std::io::Result<()> {
             std::fs::create_dir_all(&dir)?;
-            let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
+            // Created 0666 less the umask, as any other file the user writes (a temporary file
+            // is 0600 by default, and would stay so once renamed).
+            let mut tmp = tempfile::Builder::new()
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+                .tempfile_in(&dir)?;
             tmp.write_all(&data)?;
             tmp.as_file().sync_all()?;
             tmp.persist(&target).map_err(|e| e.error)?;
@@ -86,6 +90,21 @@ mod tests {
         p.process(&chunk).await.expect("second");
         let text = std::fs::read_to_string(dir.path().join("4/9.jsonl")).expect("output");
         assert_eq!(text, "{\"id\":1}\n{\"id\":2}\n");
+        // Regression (the edge-cases issue, 16): outputs were 0600 whatever the umask.
+        use std::os::unix::fs::PermissionsExt;
+        let umask = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o022);
+        let mode = std::fs::metadata(dir.path().join("4/9.jsonl"))
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o666 & !umask);
         assert_eq!(
             std::fs::read_dir(dir.path().join("4"))
                 .expect("dir")

@@ -88,6 +88,18 @@ impl ExecutionContext {
         Ok(ExecutionContext { store })
     }
 
+    /// The execution context the job file names, if it exists: `None` for a job never run,
+    /// without creating anything (`status` only reads).
+    ///
+    /// # Errors
+    /// [`ContextError`] when the store exists but cannot be opened or holds another schema.
+    pub fn open_existing(job: &Job) -> Result<Option<ExecutionContext>, ContextError> {
+        match &job.state {
+            StateSpec::Sqlite { path } if !path.exists() => Ok(None),
+            StateSpec::Sqlite { .. } => ExecutionContext::open(job).map(Some),
+        }
+    }
+
     /// The store, for the dispatcher's own modules.
     pub(crate) fn store(&self) -> &Arc<dyn ContextStore> {
         &self.store

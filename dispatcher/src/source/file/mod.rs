@@ -121,11 +121,19 @@ impl FileSource {
             path: path.display().to_string(),
             source,
         };
-        let mut file = File::open(path).map_err(open_err)?;
-        let meta = file.metadata().map_err(open_err)?;
+        // Looked at before it is opened: opening a FIFO with no writer blocks, and a stream
+        // cannot be read again at a recorded offset, which resume and retry need.
+        let meta = std::fs::metadata(path).map_err(open_err)?;
         if meta.is_dir() {
             return Err(open_err(std::io::Error::other("it is a directory")));
         }
+        if !meta.is_file() {
+            return Err(open_err(std::io::Error::other(
+                "it is not a regular file (a FIFO, a device or a socket): `run --resume` and \
+                 `retry` read records again at their byte offsets, so the input must be a file",
+            )));
+        }
+        let mut file = File::open(path).map_err(open_err)?;
         if at.offset > meta.len() {
             return Err(open_err(std::io::Error::other(format!(
                 "it has {} bytes, the run's position is byte {}: was it replaced?",
