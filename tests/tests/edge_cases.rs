@@ -237,3 +237,35 @@ kind = "noop"
     assert!(out.stderr.contains("has no runs yet"), "{}", out.stderr);
     assert!(!t.path("state.db").exists());
 }
+
+/// 4. A CSV header with a name used twice, or an empty one, is refused before anything is sent
+///    (exit 2, naming the columns), instead of merging or dropping fields.
+#[tokio::test]
+async fn a_csv_header_that_would_lose_fields_is_refused() {
+    for (header, says) in [
+        ("id,id,name", "columns 1 and 2 are both named \"id\""),
+        ("id,,name", "column 2 has no name"),
+    ] {
+        let t = TestJob::local(
+            "csvheader",
+            r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.csv"
+[processor]
+kind = "noop"
+"#,
+        );
+        std::fs::write(t.path("input.csv"), format!("{header}\n1,2,3\n")).expect("input");
+        let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
+        assert_eq!(out.code(), 2, "{header}: {}", out.stderr);
+        assert!(out.stderr.contains(says), "{header}: {}", out.stderr);
+        assert!(
+            !out.stderr.contains("run 1"),
+            "nothing was started: {}",
+            out.stderr
+        );
+    }
+}

@@ -156,12 +156,19 @@ impl FileSource {
                     .flexible(false)
                     .buffer_capacity(buffer)
                     .from_reader(file);
-                let headers = reader
+                let headers: Vec<String> = reader
                     .headers()
                     .map_err(|e| open_err(std::io::Error::other(format!("CSV header row: {e}"))))?
                     .iter()
                     .map(str::to_string)
                     .collect();
+                // Each field becomes a key of the item: a name used twice, or none, would merge
+                // or drop fields.
+                if let Some(why) = header_problem(&headers) {
+                    return Err(open_err(std::io::Error::other(format!(
+                        "CSV header row: {why}"
+                    ))));
+                }
                 if at.offset > 0 {
                     let mut pos = csv::Position::new();
                     pos.set_byte(at.offset).set_line(at.lines + 1);
@@ -200,6 +207,27 @@ impl FileSource {
             message,
         }
     }
+}
+
+/// What is wrong with a CSV header row, if anything: an empty name, or a name used twice
+/// (columns counted from 1).
+fn header_problem(headers: &[String]) -> Option<String> {
+    if let Some(i) = headers.iter().position(|h| h.trim().is_empty()) {
+        return Some(format!(
+            "column {} has no name; every column needs one (it names the field)",
+            i + 1
+        ));
+    }
+    for (i, h) in headers.iter().enumerate() {
+        if let Some(j) = headers[..i].iter().position(|earlier| earlier == h) {
+            return Some(format!(
+                "columns {} and {} are both named {h:?}; one would hide the other",
+                j + 1,
+                i + 1
+            ));
+        }
+    }
+    None
 }
 
 /// Turns one line of a line-based format into a record.
