@@ -38,17 +38,19 @@ impl Processed {
         Processed::default()
     }
 
-    /// Marks `item` as bad: skipped, and reported with its line and `reason` (cut at 4 KiB). An
-    /// item marked twice counts once, with its first reason.
+    /// Marks `item` as bad: skipped, and reported with its line and `reason`. An item marked
+    /// twice counts once, with its first reason; a reason is cut at 4 KiB when the outcome is
+    /// reported.
     pub fn bad_item(&mut self, item: &Item, reason: impl Into<String>) {
         self.bad_items.push(BadItem {
             line: item.line,
-            reason: cut(&reason.into()),
+            reason: reason.into(),
         });
     }
 
-    /// The bad items that belong to `chunk`, each once (a processor may fill `bad_items` by
-    /// hand): every item of the chunk is then either processed or bad, never both, never twice.
+    /// The bad items that belong to `chunk`, each once, their reasons cut (the one place both
+    /// are done, since a processor may fill `bad_items` by hand): every item of the chunk is
+    /// then either processed or bad, never both, never twice.
     pub(crate) fn settle(mut self, chunk: &hopper_common::Chunk) -> Vec<BadItem> {
         if self.bad_items.is_empty() {
             return self.bad_items;
