@@ -42,7 +42,13 @@ pub fn run_main<F: Future<Output = ExitCode>>(body: F) -> ExitCode {
         )
         .init();
     match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime.block_on(body),
+        Ok(runtime) => {
+            let code = runtime.block_on(body);
+            // Tasks still running (after a forced stop) are dropped, which kills their child
+            // processes; a blocking task gets a moment to notice, not for ever.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+            code
+        }
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             ExitCode::from(1)

@@ -103,18 +103,28 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     };
     runtime.block_on(async {
+        // The first SIGTERM finishes the chunks in hand; a second one stops at once.
         let shutdown = CancellationToken::new();
-        tokio::spawn(hopper_consumer::cancel_on_signal(shutdown.clone()));
         let processor = Arc::new(PriceAudit { options });
-        match run(&job, processor, ConsumerOptions::default(), shutdown).await {
-            Ok(summary) => {
-                eprintln!("stopped after {} chunks", summary.chunks);
-                ExitCode::SUCCESS
+        let consume = async {
+            match run(
+                &job,
+                processor,
+                ConsumerOptions::default(),
+                shutdown.clone(),
+            )
+            .await
+            {
+                Ok(summary) => {
+                    eprintln!("stopped after {} chunks", summary.chunks);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(1)
-            }
-        }
+        };
+        hopper_consumer::stop_on_signals(consume, shutdown.clone(), ExitCode::from(1)).await
     })
 }

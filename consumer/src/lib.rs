@@ -44,7 +44,7 @@ mod processor;
 mod worker;
 
 pub use async_trait::async_trait;
-pub use hopper_common::shutdown::cancel_on_signal;
+pub use hopper_common::shutdown::{cancel_on_signal, stop_on_signals};
 pub use hopper_common::{BadItem, Chunk, Item, Job};
 pub use processor::{
     build, BuildError, ExecProcessor, FileProcessor, NoopProcessor, ProcessError, Processed,

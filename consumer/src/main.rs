@@ -1,7 +1,10 @@
 //! `hopper-consumer`: processes a job's chunks until stopped.
 //!
-//! SIGTERM or SIGINT: stop taking chunks, finish and ack the ones in hand, exit 0.
-//! Exit codes: 0 stopped cleanly; 1 the broker failed; 2 bad usage or bad job file.
+//! SIGTERM or SIGINT: stop taking chunks, finish and ack the ones in hand, exit 0. A second
+//! signal: stop at once (processors cancelled, `exec` commands killed with their process group,
+//! unacked chunks back to the queue), exit 1.
+//! Exit codes: 0 stopped cleanly; 1 the broker failed, or stopped at once; 2 bad usage or bad
+//! job file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,14 +42,16 @@ fn main() -> ExitCode {
             }
         };
         let shutdown = CancellationToken::new();
-        tokio::spawn(hopper_common::shutdown::cancel_on_signal(shutdown.clone()));
         let opts = ConsumerOptions::default().with_concurrency(cli.concurrency);
-        match hopper_consumer::run(&job, processor, opts, shutdown).await {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(1)
+        let consume = async {
+            match hopper_consumer::run(&job, processor, opts, shutdown.clone()).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
             }
-        }
+        };
+        hopper_common::shutdown::stop_on_signals(consume, shutdown.clone(), ExitCode::from(1)).await
     })
 }

@@ -64,8 +64,8 @@ pub enum DispatchError {
         /// How it stopped (a panic's message).
         message: String,
     },
-    /// Another dispatcher is running this job.
-    #[error("run {run} of job {job} is being dispatched by {owner} (heartbeat {age_secs}s ago); stop it first")]
+    /// Another dispatcher of this job is alive: nothing was changed (exit 3).
+    #[error("already running: run {run} of job {job} is being dispatched by {owner}, started {}, heartbeat {age_secs}s ago; nothing was changed", crate::status::rfc3339(*started_at))]
     AlreadyRunning {
         /// The job.
         job: String,
@@ -73,6 +73,8 @@ pub enum DispatchError {
         run: RunId,
         /// The dispatcher process (`host/pid`).
         owner: String,
+        /// When the run started (ms since the Unix epoch).
+        started_at: u64,
         /// Seconds since that run's heartbeat.
         age_secs: u64,
     },
@@ -139,8 +141,9 @@ impl DispatchError {
 
     /// The exit code of the contract: 2 when the input or the request was refused before
     /// anything was sent (bad input, a run that cannot be resumed or retried, a processor that
-    /// cannot be set up); 1 when the run could not go on (broker, execution context, a refused
-    /// chunk, an interruption) or another dispatcher owns the job.
+    /// cannot be set up); 3 when another dispatcher of the job is alive (nothing changed: a
+    /// scheduler's overlapping start); 1 when the run could not go on (broker, execution
+    /// context, a refused chunk, an interruption).
     pub fn exit_code(&self) -> u8 {
         match self {
             DispatchError::Source(
@@ -156,11 +159,11 @@ impl DispatchError {
             | DispatchError::Refused { .. }
             | DispatchError::Unrecoverable { .. }
             | DispatchError::ReplySchema { .. }
-            | DispatchError::Context(_)
             | DispatchError::Codec(_)
             | DispatchError::Task { .. }
-            | DispatchError::AlreadyRunning { .. }
             | DispatchError::Interrupted { .. } => 1,
+            DispatchError::Context(e) => e.exit_code(),
+            DispatchError::AlreadyRunning { .. } => 3,
         }
     }
 }

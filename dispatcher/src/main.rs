@@ -1,7 +1,8 @@
 //! `hopper-dispatcher`: runs a job's dispatcher, or shows where a run stands.
 //!
 //! Exit codes: 0 completed; 1 completed with failures, failed or interrupted (or the run could
-//! not go on: broker or execution context unreachable); 2 bad usage, bad job file or input.
+//! not go on: broker or execution context unreachable); 2 bad usage, bad job file or input;
+//! 3 another dispatcher of the job is alive (nothing changed).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -96,7 +97,7 @@ fn open(path: &Path) -> Result<(Job, ExecutionContext), ExitCode> {
     })?;
     let context = ExecutionContext::open(&job).map_err(|e| {
         eprintln!("error: {e}");
-        ExitCode::from(1)
+        ExitCode::from(e.exit_code())
     })?;
     Ok((job, context))
 }
@@ -113,20 +114,29 @@ async fn run_job(path: PathBuf, start: Start, local: Option<u16>) -> ExitCode {
         Err(code) => return code,
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(hopper_common::shutdown::cancel_on_signal(shutdown.clone()));
     let mut opts = RunOptions::default().with_progress_bar(std::io::stderr().is_terminal());
     if let Some(workers) = local {
         opts = opts.with_local(Local::new(workers));
     }
-    let result: Result<RunSummary, DispatchError> = match start {
-        Start::Run(Some(run_id)) => {
-            hopper_dispatcher::resume(&job, &context, run_id, opts, shutdown).await
-        }
-        Start::Run(None) => hopper_dispatcher::run(&job, &context, opts, shutdown).await,
-        Start::Retry(run_id) => {
-            hopper_dispatcher::retry(&job, &context, run_id, opts, shutdown).await
-        }
+    let stop = shutdown.clone();
+    let dispatch = async {
+        let result = match start {
+            Start::Run(Some(run_id)) => {
+                hopper_dispatcher::resume(&job, &context, run_id, opts, stop).await
+            }
+            Start::Run(None) => hopper_dispatcher::run(&job, &context, opts, stop).await,
+            Start::Retry(run_id) => {
+                hopper_dispatcher::retry(&job, &context, run_id, opts, stop).await
+            }
+        };
+        report(&job, result)
     };
+    // A second signal leaves the run as SIGKILL would: `running`, for `run --resume`.
+    hopper_common::shutdown::stop_on_signals(dispatch, shutdown, ExitCode::from(1)).await
+}
+
+/// Prints how the run ended, and gives its exit code.
+fn report(job: &Job, result: Result<RunSummary, DispatchError>) -> ExitCode {
     match result {
         Ok(summary) => {
             let s = &summary.status;
@@ -174,7 +184,7 @@ async fn status(path: PathBuf, run: Option<u64>, json: bool) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(e.exit_code());
         }
     };
     let status = match hopper_dispatcher::status(&job, &context, run).await {

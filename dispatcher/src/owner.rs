@@ -10,7 +10,7 @@ use std::time::Duration;
 use hopper_common::Job;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{now_ms, ContextError, ContextStore, Fence, RunId, RunRecord};
+use crate::context::{now_ms, Claimed, ContextError, ContextStore, Fence, RunId, RunRecord};
 use crate::error::DispatchError;
 
 /// How often the owner writes its heartbeat.
@@ -38,17 +38,33 @@ pub(crate) fn owner_alive(run: &RunRecord) -> bool {
     }
 }
 
-/// Refuses to go on while the dispatcher that owns `run` is alive ([`owner_alive`]).
+/// Refuses to go on while the dispatcher that owns `run` is alive ([`owner_alive`]): a check
+/// before anything is opened. The store checks again when the run is taken ([`won`]), in the
+/// transaction that takes it.
 pub(crate) fn refuse_if_alive(job: &Job, run: &RunRecord) -> Result<(), DispatchError> {
     if !owner_alive(run) {
         return Ok(());
     }
-    Err(DispatchError::AlreadyRunning {
+    Err(already_running(job, run))
+}
+
+/// What taking a run came to, as the dispatcher goes on with it: [`Claimed::Held`] is
+/// [`DispatchError::AlreadyRunning`].
+pub(crate) fn won<T>(job: &Job, claimed: Claimed<T>) -> Result<T, DispatchError> {
+    match claimed {
+        Claimed::Won(t) => Ok(t),
+        Claimed::Held(run) => Err(already_running(job, &run)),
+    }
+}
+
+fn already_running(job: &Job, run: &RunRecord) -> DispatchError {
+    DispatchError::AlreadyRunning {
         job: job.name.clone(),
         run: run.id,
         owner: run.owner.clone().unwrap_or_else(|| "unknown".into()),
+        started_at: run.started_at,
         age_secs: now_ms().saturating_sub(run.heartbeat_at) / 1000,
-    })
+    }
 }
 
 /// The run `run` of `job` (its latest run when `None`), or [`DispatchError::NoSuchRun`].

@@ -321,6 +321,18 @@ impl Consumer {
         !matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Waits (at most `limit`) for the consumer to exit, however it was asked to.
+    pub async fn wait(mut self, limit: Duration) -> ExitStatus {
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => panic!("waiting for the consumer: {e}"),
+            Err(_) => panic!(
+                "the consumer did not exit within {limit:?}; its log: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            ),
+        }
+    }
+
     /// Sends SIGTERM and waits (at most `limit`) for it to finish the chunks in hand and exit.
     pub async fn stop(mut self, limit: Duration) -> ExitStatus {
         if let Some(pid) = self.child.id() {
@@ -336,6 +348,41 @@ impl Consumer {
                 std::fs::read_to_string(&self.log).unwrap_or_default()
             ),
         }
+    }
+}
+
+/// True when process `pid` has ended (gone, or a zombie waiting for its parent to reap it).
+pub fn process_ended(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // The state is the field after the command name, which is in parentheses.
+    let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+    matches!(state.and_then(|s| s.chars().next()), Some('Z' | 'X'))
+}
+
+/// Waits (at most `limit`) until process `pid` has ended; panics naming `what` otherwise.
+pub async fn await_process_end(pid: u32, what: &str, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !process_ended(pid) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} (pid {pid}) still runs after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (at most `limit`) until `path` exists; panics naming `what` otherwise.
+pub async fn await_file(path: &Path, what: &str, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !path.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: no {} after {limit:?}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

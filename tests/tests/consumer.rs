@@ -83,6 +83,82 @@ cat > "out/$HOPPER_SEQ.tmp" && mv "out/$HOPPER_SEQ.tmp" "out/$HOPPER_SEQ.jsonl"
     );
 }
 
+/// A first SIGTERM waits for the chunk in hand; when its command hangs, a second one stops the
+/// consumer at once, killing the command's whole process group (a grandchild included). The
+/// chunk, never acked, goes to the next consumer.
+#[tokio::test]
+async fn a_second_sigterm_stops_at_once_and_kills_the_command_group() {
+    let _conn = require_broker().await;
+    let t = TestJob::new(
+        "secondterm",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[throttle]
+window = 1
+[processor]
+kind = "exec"
+command = ["sh", "hang.sh"]
+"#,
+    );
+    // The first chunk, the first time, starts a grandchild and hangs on it.
+    std::fs::write(
+        t.path("hang.sh"),
+        r#"mkdir -p out
+if [ "$HOPPER_SEQ" = 1 ] && [ ! -e grandchild.pid ]; then
+  sleep 300 & echo $! > grandchild.tmp; mv grandchild.tmp grandchild.pid; wait
+fi
+cat > "out/$HOPPER_SEQ.tmp" && mv "out/$HOPPER_SEQ.tmp" "out/$HOPPER_SEQ.jsonl"
+"#,
+    )
+    .expect("script");
+    write_jsonl(&t.path("input.jsonl"), 30, 40);
+    let mut first = t.start_consumer(1, 1);
+    let dispatcher = {
+        let file = t.file();
+        tokio::spawn(async move {
+            let mut cmd = tokio::process::Command::new(hopper_tests::bin("hopper-dispatcher"));
+            cmd.arg("run").arg(file);
+            hopper_tests::run(cmd, LIMIT).await
+        })
+    };
+    let pid_file = t.path("grandchild.pid");
+    hopper_tests::await_file(&pid_file, "chunk 1 never started", Duration::from_secs(60)).await;
+    let grandchild: u32 = std::fs::read_to_string(&pid_file)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    first.signal("TERM");
+    // The clean stop waits for the chunk in hand, which hangs: the consumer stays.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !first.exited(),
+        "the first SIGTERM must wait for the chunk in hand"
+    );
+    first.signal("TERM");
+    let status = first.wait(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(1), "a forced stop is not a clean one");
+    hopper_tests::await_process_end(
+        grandchild,
+        "the command's grandchild",
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // The chunk was never acked: the next consumer does it, and the run completes.
+    let second = t.start_consumer(2, 1);
+    let out = dispatcher.await.expect("dispatcher task");
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert_eq!(output_ids(&t.path("out")), (1..=30).collect::<Vec<u64>>());
+    assert!(second.stop(Duration::from_secs(30)).await.success());
+}
+
 #[tokio::test]
 async fn an_undecodable_message_is_parked_with_its_reason_and_the_consumer_goes_on() {
     let conn = require_broker().await;

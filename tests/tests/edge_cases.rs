@@ -238,6 +238,33 @@ kind = "noop"
     assert!(!t.path("state.db").exists());
 }
 
+/// 16. A `state.url` in a directory that does not exist is refused (exit 2, naming it), not
+///     made: a typo in the path would otherwise hide the run's state somewhere new.
+#[tokio::test]
+async fn a_state_file_in_a_missing_directory_is_refused() {
+    let t = TestJob::local(
+        "nostatedir",
+        r#"
+[state]
+url = "sqlite://missing/state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[processor]
+kind = "noop"
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 10, 30);
+    let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("missing") && out.stderr.contains("does not exist"),
+        "{}",
+        out.stderr
+    );
+    assert!(!t.path("missing").exists());
+}
+
 /// 4. A CSV header with a name used twice, or an empty one, is refused before anything is sent
 ///    (exit 2, naming the columns), instead of merging or dropping fields.
 #[tokio::test]
@@ -268,4 +295,99 @@ kind = "noop"
             out.stderr
         );
     }
+}
+
+/// 10. Two `run`s started together: checking that no dispatcher of the job is alive and taking
+///     the run are one transaction, so exactly one runs and the other exits 3 ("already
+///     running", naming the run and its dispatcher) having changed nothing. Five rounds, since
+///     a race shows itself only sometimes.
+#[tokio::test]
+async fn of_two_runs_started_together_exactly_one_runs() {
+    let t = exec_job("together", "cat >/dev/null; sleep 0.3", "");
+    write_jsonl(&t.path("input.jsonl"), 30, 30);
+    for round in 1..=5u64 {
+        let (a, b) = tokio::join!(
+            t.dispatcher(&["run", "--local", "1"], LIMIT),
+            t.dispatcher(&["run", "--local", "1"], LIMIT)
+        );
+        let mut codes = [a.code(), b.code()];
+        codes.sort_unstable();
+        assert_eq!(
+            codes,
+            [0, 3],
+            "round {round}: {}\n---\n{}",
+            a.stderr,
+            b.stderr
+        );
+        let loser = if a.code() == 3 { &a } else { &b };
+        assert!(
+            loser
+                .stderr
+                .contains(&format!("already running: run {round} ")),
+            "round {round}: {}",
+            loser.stderr
+        );
+        // One run per round, every record processed once in it.
+        let s = t.status().await;
+        assert_eq!(s["run"], round);
+        assert_eq!(s["state"], "completed");
+        assert_eq!(s["items"]["processed"], 30);
+    }
+}
+
+/// 15. In local mode the dispatcher runs the commands itself: a first SIGTERM waits for the chunk
+///     in hand, a second stops at once and kills the command's whole process group. The run
+///     stays `running`, for `run --resume`, which then finishes it with every record once.
+#[tokio::test]
+async fn a_second_sigterm_stops_a_local_run_at_once_and_kills_the_command_group() {
+    let t = exec_job(
+        "secondsig",
+        "cat >/dev/null; if [ ! -e grandchild.pid ]; then sleep 300 & echo $! > grandchild.tmp; mv grandchild.tmp grandchild.pid; wait; fi",
+        "",
+    );
+    write_jsonl(&t.path("input.jsonl"), 30, 30);
+    let mut child = t.spawn_dispatcher(&["run", "--local", "1"], "dispatcher.log");
+    let pid_file = t.path("grandchild.pid");
+    hopper_tests::await_file(&pid_file, "no chunk started", LIMIT).await;
+    let grandchild: u32 = std::fs::read_to_string(&pid_file)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let term = |pid: u32| {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+    };
+    let pid = child.id().expect("the dispatcher runs");
+    term(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        child.try_wait().expect("poll").is_none(),
+        "the first SIGTERM waits for the chunk in hand"
+    );
+    term(pid);
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the second SIGTERM stops the dispatcher at once")
+        .expect("wait");
+    assert_eq!(status.code(), Some(1));
+    hopper_tests::await_process_end(
+        grandchild,
+        "the command's grandchild",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(t.status().await["state"], "running");
+
+    let out = t
+        .dispatcher(&["run", "--resume", "--local", "1"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(s["state"], "completed");
+    assert_eq!(s["items"]["processed"], 30);
+    assert_eq!(s["items"]["read"], 30);
 }

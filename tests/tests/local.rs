@@ -156,6 +156,9 @@ async fn the_quickstart_example_runs_in_local_mode_without_a_broker() {
     )
     .expect("copy the job");
     std::fs::create_dir(dir.path().join("sample")).expect("sample dir");
+    // The repository holds the (otherwise ignored) data directory the job's state lives in.
+    assert!(examples.join("data/README.md").exists());
+    std::fs::create_dir(dir.path().join("data")).expect("data dir");
     std::fs::copy(
         examples.join("sample/products.jsonl"),
         dir.path().join("sample/products.jsonl"),

@@ -25,8 +25,8 @@ use async_trait::async_trait;
 use hopper_common::{Job, Reply, StateSpec};
 
 pub(crate) use model::{
-    Applied, BadData, ChunkRecord, ChunkStatus, FailedChunk, Fence, Moved, NewChunk, OpenFailure,
-    RecordBatch, Retried, Retryable,
+    Alive, Applied, BadData, ChunkRecord, ChunkStatus, Claimed, FailedChunk, Fence, Moved,
+    NewChunk, OpenFailure, RecordBatch, Retried, Retryable,
 };
 pub use model::{Checkpoint, FailureClass, FailureRecord, RunId, RunRecord, RunState};
 pub(crate) use report::StuckAfter;
@@ -45,6 +45,15 @@ pub enum ContextError {
         /// The database's error.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The directory the job's `state.url` names does not exist. Hopper does not create it, so
+    /// that a mistyped path is refused rather than made (exit 2).
+    #[error("execution context {store}: its directory {directory} does not exist; create it, or correct state.url")]
+    NoDirectory {
+        /// Which store: the SQLite file.
+        store: String,
+        /// The missing directory.
+        directory: String,
+    },
     /// Another dispatcher took the run over: this one must stop writing it (and does, at once).
     #[error("run {run} was taken over by the dispatcher {holder}; this one stops")]
     Fenced {
@@ -61,6 +70,19 @@ pub enum ContextError {
         /// What cannot be read, and what to do about it.
         message: String,
     },
+}
+
+impl ContextError {
+    /// The exit code of the contract: 2 for a `state.url` that names a missing directory (bad
+    /// job file: nothing was sent), 1 when the store failed.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ContextError::NoDirectory { .. } => 2,
+            ContextError::Store { .. }
+            | ContextError::Fenced { .. }
+            | ContextError::Corrupt { .. } => 1,
+        }
+    }
 }
 
 /// A job's execution context, opened: what `run`, `resume`, `retry` and `status` read and
@@ -112,19 +134,25 @@ impl ExecutionContext {
 pub(crate) trait ContextStore: Send + Sync {
     /// Starts a run of `job` reading `source` (a description for people), in state `running`,
     /// owned by this process and writable with `token` ([`Fence::token`]).
+    ///
+    /// This and the two calls below take a run only when no dispatcher `alive` calls alive
+    /// owns a run of the job that has not ended ([`Claimed::Held`] otherwise): one job, one live
+    /// dispatcher. The check and the claim are one transaction, so of two dispatchers started
+    /// at the same moment exactly one wins.
     async fn create_run(
         &self,
         job: &str,
         source: &str,
         token: &str,
-    ) -> Result<RunRecord, ContextError>;
+        alive: Alive,
+    ) -> Result<Claimed<RunRecord>, ContextError>;
 
     /// A dispatcher takes over an interrupted run: `fence` becomes its token, with a fresh
     /// heartbeat. Whoever held it before is fenced off.
-    async fn claim_run(&self, fence: &Fence) -> Result<(), ContextError>;
+    async fn claim_run(&self, fence: &Fence, alive: Alive) -> Result<Claimed<()>, ContextError>;
 
     /// `retry` takes an ended run up again: it is `running` again, owned through `fence`.
-    async fn reopen_run(&self, fence: &Fence) -> Result<(), ContextError>;
+    async fn reopen_run(&self, fence: &Fence, alive: Alive) -> Result<Claimed<()>, ContextError>;
 
     /// The failed and dead chunks and the skipped items of a run that `retry` has not
     /// dispatched again yet.

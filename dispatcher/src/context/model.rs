@@ -251,6 +251,21 @@ pub(crate) struct Moved {
     pub end_offset: u64,
 }
 
+/// Tells whether the dispatcher that owns a run is alive ([`crate::owner::owner_alive`]); the
+/// store asks it inside the transaction that takes a run, so that the check and the claim are
+/// one step.
+pub(crate) type Alive = fn(&RunRecord) -> bool;
+
+/// What taking a run (creating, resuming or retrying it) came to.
+#[derive(Debug, Clone)]
+pub(crate) enum Claimed<T> {
+    /// This dispatcher owns the run now.
+    Won(T),
+    /// A live dispatcher owns a run of the job (this one, or another that has not ended):
+    /// nothing was changed.
+    Held(RunRecord),
+}
+
 /// The right to write a run: its id and the token of the dispatcher that created, resumed or
 /// retried it last. Every write of a run's state checks the token in the same transaction
 /// (compare and set), so a dispatcher that lost the run to another stops at its next write.

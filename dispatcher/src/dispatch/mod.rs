@@ -41,7 +41,7 @@ use crate::context::{
 };
 use crate::error::DispatchError;
 use crate::options::RunOptions;
-use crate::owner::{beat, stopped_beating};
+use crate::owner::{beat, owner_alive, stopped_beating, won};
 use crate::progress::Progress;
 use crate::source::{Source, SourceError};
 use crate::throttle::Throttle;
@@ -150,9 +150,10 @@ pub(crate) async fn run_on(
     let is_retry = matches!(start, Start::Retry { .. });
     let (record, chunks, total_bytes) = match start {
         Start::New(source) => {
-            let record = store
-                .create_run(&job.name, &source.describe(), &token)
+            let claimed = store
+                .create_run(&job.name, &source.describe(), &token, owner_alive)
                 .await?;
+            let record = won(job, claimed)?;
             info!(job = %job.name, run = record.id, source = %record.source,
                   window = job.throttle.window,
                   broker = %hopper_common::job::redact_url(&job.broker_url), "run started");
@@ -161,7 +162,7 @@ pub(crate) async fn run_on(
             (record, Some(chunks), size)
         }
         Start::Resume { record, source } => {
-            store.claim_run(&fence(record.id)).await?;
+            won(job, store.claim_run(&fence(record.id), owner_alive).await?)?;
             info!(job = %job.name, run = record.id, next_seq = record.checkpoint.next_seq,
                   offset = record.checkpoint.offset, "run resumed");
             let size = source.as_ref().and_then(|s| s.size_bytes());
@@ -169,7 +170,7 @@ pub(crate) async fn run_on(
             (record, chunks, size)
         }
         Start::Retry { record, chunks } => {
-            store.reopen_run(&fence(record.id)).await?;
+            won(job, store.reopen_run(&fence(record.id), owner_alive).await?)?;
             info!(job = %job.name, run = record.id, "run taken up again to retry what failed");
             (record, Some(chunks), None)
         }

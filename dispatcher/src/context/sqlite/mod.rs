@@ -29,8 +29,8 @@ use hopper_common::Reply;
 use rusqlite::Connection;
 
 use super::{
-    Applied, ChunkRecord, ContextError, ContextStore, Fence, Moved, RecordBatch, Retryable, RunId,
-    RunRecord, RunState, RunStatus, StuckAfter,
+    Alive, Applied, ChunkRecord, Claimed, ContextError, ContextStore, Fence, Moved, RecordBatch,
+    Retryable, RunId, RunRecord, RunState, RunStatus, StuckAfter,
 };
 
 /// The SQLite store.
@@ -74,8 +74,12 @@ impl SqliteStore {
     /// [`ContextError`] when the file cannot be opened or holds another schema.
     pub(crate) fn open(path: &Path) -> Result<SqliteStore, ContextError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // A missing directory is reported by open() below, with the path.
-            let _ = std::fs::create_dir_all(dir);
+            if !dir.is_dir() {
+                return Err(ContextError::NoDirectory {
+                    store: path.display().to_string(),
+                    directory: dir.display().to_string(),
+                });
+            }
         }
         let setup = || -> Result<Connection, Fail> {
             let mut conn = Connection::open(path)?;
@@ -121,20 +125,23 @@ impl ContextStore for SqliteStore {
         job: &str,
         source: &str,
         token: &str,
-    ) -> Result<RunRecord, ContextError> {
+        alive: Alive,
+    ) -> Result<Claimed<RunRecord>, ContextError> {
         let (job, source, token) = (job.to_string(), source.to_string(), token.to_string());
-        self.with(move |conn| runs::create(conn, &job, &source, &token))
+        self.with(move |conn| runs::create(conn, &job, &source, &token, alive))
             .await
     }
 
-    async fn claim_run(&self, fence: &Fence) -> Result<(), ContextError> {
+    async fn claim_run(&self, fence: &Fence, alive: Alive) -> Result<Claimed<()>, ContextError> {
         let fence = fence.clone();
-        self.with(move |conn| runs::claim(conn, &fence)).await
+        self.with(move |conn| runs::take(conn, &fence, runs::Take::Resume, alive))
+            .await
     }
 
-    async fn reopen_run(&self, fence: &Fence) -> Result<(), ContextError> {
+    async fn reopen_run(&self, fence: &Fence, alive: Alive) -> Result<Claimed<()>, ContextError> {
         let fence = fence.clone();
-        self.with(move |conn| runs::reopen(conn, &fence)).await
+        self.with(move |conn| runs::take(conn, &fence, runs::Take::Retry, alive))
+            .await
     }
 
     async fn retryable(&self, run: RunId) -> Result<Retryable, ContextError> {

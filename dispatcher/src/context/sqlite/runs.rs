@@ -4,7 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::Fail;
-use crate::context::{now_ms, Checkpoint, Fence, RunId, RunRecord, RunState};
+use crate::context::{now_ms, Alive, Checkpoint, Claimed, Fence, RunId, RunRecord, RunState};
 
 fn read_run(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
     let state: String = row.get("state")?;
@@ -82,26 +82,95 @@ pub(super) fn check(conn: &Connection, fence: &Fence) -> Result<(), Fail> {
     }
 }
 
+/// The first run of `job` that has not ended and whose owner `alive` calls alive, but for a
+/// run `token` itself owns.
+fn live_run(
+    conn: &Connection,
+    job: &str,
+    token: &str,
+    alive: Alive,
+) -> Result<Option<RunRecord>, Fail> {
+    let mut stmt = conn.prepare(
+        "SELECT * FROM runs WHERE job = ?1 AND finished_at IS NULL
+         AND owner_token IS NOT NULL AND owner_token <> ?2 ORDER BY id",
+    )?;
+    let rows = stmt.query_map(params![job, token], read_run)?;
+    for row in rows {
+        let (mut run, state) = row?;
+        run.state = state.parse().map_err(Fail::Corrupt)?;
+        if !run.state.is_final() && alive(&run) {
+            return Ok(Some(run));
+        }
+    }
+    Ok(None)
+}
+
+/// Creates a run, unless a live dispatcher owns one of the job: check and claim in one
+/// transaction.
 pub(super) fn create(
     conn: &mut Connection,
     job: &str,
     source: &str,
     token: &str,
-) -> Result<RunRecord, Fail> {
+    alive: Alive,
+) -> Result<Claimed<RunRecord>, Fail> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if let Some(held) = live_run(&tx, job, token, alive)? {
+        return Ok(Claimed::Held(held));
+    }
     let now = now_ms() as i64;
-    conn.execute(
+    tx.execute(
         "INSERT INTO runs (job, state, source, started_at, heartbeat_at, owner, owner_token)
          VALUES (?1, 'running', ?2, ?3, ?3, ?4, ?5)",
         params![job, source, now, Fence::holder(token), token],
     )?;
-    let id = conn.last_insert_rowid() as u64;
-    run_by(conn, job, Some(id))?
-        .ok_or_else(|| Fail::Corrupt(format!("run {id} vanished after insert")))
+    let id = tx.last_insert_rowid() as u64;
+    let run = run_by(&tx, job, Some(id))?
+        .ok_or_else(|| Fail::Corrupt(format!("run {id} vanished after insert")))?;
+    tx.commit()?;
+    Ok(Claimed::Won(run))
 }
 
-pub(super) fn claim(conn: &mut Connection, fence: &Fence) -> Result<(), Fail> {
-    conn.execute(
-        "UPDATE runs SET owner = ?2, owner_token = ?3, heartbeat_at = ?4 WHERE id = ?1",
+/// How a dispatcher takes an existing run.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Take {
+    /// `run --resume`: the run is unfinished; it only changes hands.
+    Resume,
+    /// `retry`: the run may have ended; it is `running` again.
+    Retry,
+}
+
+/// Takes run `fence.run` for `fence.token`, unless a live dispatcher owns a run of its job (this
+/// one included): check and claim in one transaction.
+pub(super) fn take(
+    conn: &mut Connection,
+    fence: &Fence,
+    how: Take,
+    alive: Alive,
+) -> Result<Claimed<()>, Fail> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let job: Option<String> = tx
+        .query_row(
+            "SELECT job FROM runs WHERE id = ?1",
+            params![fence.run as i64],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let job = job.ok_or_else(|| Fail::Corrupt(format!("run {} vanished", fence.run)))?;
+    if let Some(held) = live_run(&tx, &job, &fence.token, alive)? {
+        return Ok(Claimed::Held(held));
+    }
+    let sql = match how {
+        Take::Resume => {
+            "UPDATE runs SET owner = ?2, owner_token = ?3, heartbeat_at = ?4 WHERE id = ?1"
+        }
+        Take::Retry => {
+            "UPDATE runs SET state = 'running', finished_at = NULL, owner = ?2, owner_token = ?3,
+             heartbeat_at = ?4 WHERE id = ?1"
+        }
+    };
+    tx.execute(
+        sql,
         params![
             fence.run as i64,
             Fence::holder(&fence.token),
@@ -109,21 +178,8 @@ pub(super) fn claim(conn: &mut Connection, fence: &Fence) -> Result<(), Fail> {
             now_ms() as i64
         ],
     )?;
-    Ok(())
-}
-
-pub(super) fn reopen(conn: &mut Connection, fence: &Fence) -> Result<(), Fail> {
-    conn.execute(
-        "UPDATE runs SET state = 'running', finished_at = NULL, owner = ?2, owner_token = ?3,
-         heartbeat_at = ?4 WHERE id = ?1",
-        params![
-            fence.run as i64,
-            Fence::holder(&fence.token),
-            fence.token,
-            now_ms() as i64
-        ],
-    )?;
-    Ok(())
+    tx.commit()?;
+    Ok(Claimed::Won(()))
 }
 
 pub(super) fn heartbeat(conn: &mut Connection, fence: &Fence) -> Result<(), Fail> {

@@ -68,10 +68,10 @@ async fn store_with_two_chunks() -> (tempfile::TempDir, SqliteStore, RunId) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SqliteStore::open(&dir.path().join("s.db")).expect("open");
     let run = store
-        .create_run("j", "file x", TOKEN)
+        .create_run("j", "file x", TOKEN, nobody_alive)
         .await
-        .expect("run")
-        .id;
+        .expect("run");
+    let run = won(run).id;
     for seq in 1..=2u64 {
         let chunk = NewChunk {
             seq,
@@ -416,7 +416,7 @@ async fn open_chunks_are_the_unfinished_ones() {
         run,
         token: "h/2#0#0".into(),
     };
-    store.claim_run(&other).await.expect("claim");
+    won(store.claim_run(&other, nobody_alive).await.expect("claim"));
     // The first dispatcher lost the run: its next write is refused, naming the new owner.
     match store.mark_in_flight(&fence(run), &[2]).await {
         Err(ContextError::Fenced { run: r, holder }) => {
@@ -473,7 +473,10 @@ async fn a_store_of_another_schema_version_is_refused_with_what_to_do() {
 #[tokio::test]
 async fn latest_run_and_finish() {
     let (_dir, store, run) = store_with_two_chunks().await;
-    let second = store.create_run("j", "file x", TOKEN).await.expect("run");
+    let second = won(store
+        .create_run("j", "file x", TOKEN, nobody_alive)
+        .await
+        .expect("run"));
     assert_eq!(
         store.run("j", None).await.expect("run").map(|r| r.id),
         Some(second.id)
@@ -490,4 +493,65 @@ async fn latest_run_and_finish() {
     assert_eq!(first.state, RunState::Completed);
     assert!(first.finished_at.is_some());
     assert!(store.run("other", None).await.expect("run").is_none());
+}
+
+fn nobody_alive(_: &RunRecord) -> bool {
+    false
+}
+
+fn everybody_alive(_: &RunRecord) -> bool {
+    true
+}
+
+fn won<T>(claimed: Claimed<T>) -> T {
+    match claimed {
+        Claimed::Won(t) => t,
+        Claimed::Held(run) => panic!("run {} is held by {:?}", run.id, run.owner),
+    }
+}
+
+#[tokio::test]
+async fn a_live_owner_holds_the_job_for_every_way_of_taking_a_run() {
+    let (_dir, store, run) = store_with_two_chunks().await;
+    let other = "h/2#0#0";
+    // Run 1 is unfinished and its owner alive: no new run, no resume, no retry by another.
+    match store
+        .create_run("j", "file x", other, everybody_alive)
+        .await
+        .expect("create")
+    {
+        Claimed::Held(held) => assert_eq!(held.id, run),
+        Claimed::Won(r) => panic!("run {} created beside a live one", r.id),
+    }
+    let theirs = Fence {
+        run,
+        token: other.into(),
+    };
+    for claimed in [
+        store
+            .claim_run(&theirs, everybody_alive)
+            .await
+            .expect("claim"),
+        store
+            .reopen_run(&theirs, everybody_alive)
+            .await
+            .expect("reopen"),
+    ] {
+        assert!(
+            matches!(claimed, Claimed::Held(ref r) if r.id == run),
+            "{claimed:?}"
+        );
+    }
+    // Nothing changed: the run is still the first dispatcher's, and it is the only one.
+    let now = store.run("j", None).await.expect("run").expect("exists");
+    assert_eq!((now.id, now.owner_token.as_deref()), (run, Some(TOKEN)));
+    // Its own owner is never held off by itself; another job is not held off at all.
+    won(store
+        .claim_run(&fence(run), everybody_alive)
+        .await
+        .expect("claim"));
+    won(store
+        .create_run("k", "file x", other, everybody_alive)
+        .await
+        .expect("create"));
 }
