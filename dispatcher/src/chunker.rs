@@ -54,6 +54,33 @@ impl Chunks for Chunker {
     }
 }
 
+/// One [`Chunks`] after another: `retry` reading again what failed, then reading on.
+pub(crate) struct Then {
+    first: Option<Box<dyn Chunks>>,
+    then: Box<dyn Chunks>,
+}
+
+impl Then {
+    pub(crate) fn new(first: Box<dyn Chunks>, then: Box<dyn Chunks>) -> Then {
+        Then {
+            first: Some(first),
+            then,
+        }
+    }
+}
+
+impl Chunks for Then {
+    fn next_chunk(&mut self) -> Result<Option<RawChunk>, SourceError> {
+        if let Some(first) = &mut self.first {
+            match first.next_chunk()? {
+                Some(chunk) => return Ok(Some(chunk)),
+                None => self.first = None,
+            }
+        }
+        self.then.next_chunk()
+    }
+}
+
 /// A bad record met at `start`, the source's cursor being just past it.
 pub(crate) fn bad_data(start: Position, after: Cursor, reason: String) -> BadData {
     BadData {

@@ -94,9 +94,14 @@ pub enum DispatchError {
         /// How it ended.
         state: RunState,
     },
-    /// `retry` of a run that has not read all its input.
-    #[error("run {run} is {state} and has not read all its input; `retry` only dispatches again what failed, it does not read on{}",
-            if state.is_final() { "" } else { " (finish the run with `run --resume` first)" })]
+    /// `retry` of a run that has not read all its input: one still going, or one stopped at the
+    /// skip limit by an earlier build that kept no fingerprint of its input.
+    #[error("run {run} is {state} and has not read all its input; {}",
+            if state.is_final() {
+                "it was started by an earlier build, which kept no fingerprint of its input, so `retry` cannot check the fixes before reading on: start a new run"
+            } else {
+                "finish it with `run --resume` first"
+            })]
     NotRetryable {
         /// The run asked for.
         run: RunId,
@@ -147,7 +152,10 @@ impl DispatchError {
     pub fn exit_code(&self) -> u8 {
         match self {
             DispatchError::Source(
-                SourceError::Open { .. } | SourceError::Moved { .. } | SourceError::Changed { .. },
+                SourceError::Open { .. }
+                | SourceError::Moved { .. }
+                | SourceError::Changed { .. }
+                | SourceError::Edited { .. },
             )
             | DispatchError::NoSuchRun { .. }
             | DispatchError::NotRetryable { .. }

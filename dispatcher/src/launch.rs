@@ -1,6 +1,6 @@
 //! Starting a run: a new one (`run`) or an interrupted one (`resume`). Each checks what it can
 //! before anything is sent (the input opens, no live dispatcher owns the job, the run can be
-//! resumed), then drives the dispatch loop over the job's carrier.
+//! resumed, its input has not changed), then drives the dispatch loop over the job's carrier.
 
 use hopper_common::Job;
 use tokio_util::sync::CancellationToken;
@@ -12,7 +12,7 @@ use crate::dispatch::{RunSummary, Start};
 use crate::error::DispatchError;
 use crate::options::RunOptions;
 use crate::owner::{find_run, refuse_if_alive};
-use crate::source::{self, Cursor};
+use crate::source::{self, Cursor, Fingerprint, SourceError};
 
 /// Dispatches a new run of `job` to the end, over RabbitMQ or (with [`RunOptions::with_local`])
 /// to workers in this process.
@@ -27,7 +27,7 @@ pub async fn run(
 ) -> Result<RunSummary, DispatchError> {
     // The input and the execution context are checked before anything else: a missing file or
     // a live dispatcher of the same job sends nothing.
-    let source = source::open(&job.source, job.chunking.max_bytes)?;
+    let start = Start::new(&job.source, job.chunking.max_bytes)?;
     if let Some(prev) = context.store().run(&job.name, None).await? {
         if !prev.state.is_final() {
             refuse_if_alive(job, &prev)?;
@@ -35,7 +35,7 @@ pub async fn run(
                   "run {} was interrupted and stays unfinished; `run --resume {}` finishes it", prev.id, prev.id);
         }
     }
-    drive(job, Start::New(source), context, opts, shutdown).await
+    drive(job, start, context, opts, shutdown).await
 }
 
 /// Finishes an interrupted run of `job` (the latest one unless `run` names it), like [`run()`]:
@@ -59,6 +59,18 @@ pub async fn resume(
         });
     }
     refuse_if_alive(job, &record)?;
+    // It reads on at offsets recorded from the input as it was: an edited input is refused
+    // before anything is sent.
+    if let Some(then) = record.input.as_deref().and_then(Fingerprint::parse) {
+        if let Some(detail) = then.changes(&Fingerprint::of(&job.source)?) {
+            return Err(SourceError::Edited {
+                path: source::input_name(&job.source),
+                run: record.id,
+                detail,
+            }
+            .into());
+        }
+    }
     let source = if record.checkpoint.exhausted {
         None
     } else {

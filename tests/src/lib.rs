@@ -434,9 +434,9 @@ pub fn write_jsonl(path: &Path, n: u64, width: usize) {
     w.flush().expect("flush input");
 }
 
-/// The `id` of every JSON line in every `*.jsonl` file under `dir`, sorted.
-pub fn output_ids(dir: &Path) -> Vec<u64> {
-    let mut ids = Vec::new();
+/// Every JSON line in every `*.jsonl` file under `dir` (what the `file` processor wrote).
+pub fn output_items(dir: &Path) -> Vec<serde_json::Value> {
+    let mut items = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
@@ -449,12 +449,20 @@ pub fn output_ids(dir: &Path) -> Vec<u64> {
             } else if p.extension().is_some_and(|x| x == "jsonl") {
                 let text = std::fs::read_to_string(&p).expect("read output");
                 for line in text.lines() {
-                    let v: serde_json::Value = serde_json::from_str(line).expect("output is JSON");
-                    ids.push(v["id"].as_u64().expect("an id"));
+                    items.push(serde_json::from_str(line).expect("output is JSON"));
                 }
             }
         }
     }
+    items
+}
+
+/// The `id` of every JSON line in every `*.jsonl` file under `dir`, sorted.
+pub fn output_ids(dir: &Path) -> Vec<u64> {
+    let mut ids: Vec<u64> = output_items(dir)
+        .iter()
+        .map(|v| v["id"].as_u64().expect("an id"))
+        .collect();
     ids.sort_unstable();
     ids
 }

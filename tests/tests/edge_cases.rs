@@ -391,3 +391,280 @@ async fn a_second_sigterm_stops_a_local_run_at_once_and_kills_the_command_group(
     assert_eq!(s["items"]["processed"], 30);
     assert_eq!(s["items"]["read"], 30);
 }
+
+/// A CSV job over `input.csv`, each chunk's items written to `out/SEQ.jsonl` (the `file`
+/// processor), so that what was processed can be read back.
+fn csv_job(prefix: &str) -> TestJob {
+    TestJob::local(
+        prefix,
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.csv"
+format = "csv"
+[chunking]
+items = 2
+[processor]
+kind = "file"
+dir = "out"
+[failures]
+skip_limit = 10
+"#,
+    )
+}
+
+/// The `id` of every item the `file` processor wrote, in order.
+fn csv_ids(t: &TestJob) -> Vec<String> {
+    let mut ids: Vec<String> = hopper_tests::output_items(&t.path("out"))
+        .iter()
+        .map(|v| v["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    ids.sort_by_key(|id| id.parse::<u64>().unwrap_or(u64::MAX));
+    ids
+}
+
+/// 5. A quote left open swallows the rest of the file: that is bad data at the line where its
+///    record starts, not rows silently merged. Fixed in place, `retry` reads every row it had
+///    swallowed; in the header, the run is refused.
+#[tokio::test]
+async fn a_csv_quote_left_open_is_bad_data_at_its_line_and_retry_reads_what_it_swallowed() {
+    let t = csv_job("openquote");
+    let input = "id,name\n1,a\n2,b\n3,\"c\n4,d\n5,e\n6,f\n";
+    std::fs::write(t.path("input.csv"), input).expect("input");
+    let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(s["items"]["read"], 3);
+    assert_eq!(s["items"]["processed"], 2);
+    assert_eq!(s["items"]["skipped"], 1);
+    let failures = hopper_tests::failures(&s, "reason");
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].0, 4);
+    assert!(
+        failures[0].1.contains("never closed: lines 4 to 7"),
+        "{}",
+        failures[0].1
+    );
+
+    std::fs::write(t.path("input.csv"), input.replace("\"c", "\"c\"")).expect("fix");
+    let out = t
+        .dispatcher(&["retry", "--run", "1", "--local", "1"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(s["state"], "completed");
+    assert_eq!(s["failures"], serde_json::json!([]));
+    // The record it had taken for one was four: they count as four, read and processed.
+    assert_eq!(s["items"]["read"], 6);
+    assert_eq!(s["items"]["processed"], 6);
+    assert_eq!(csv_ids(&t), ["1", "2", "3", "4", "5", "6"]);
+
+    let h = csv_job("openheader");
+    std::fs::write(h.path("input.csv"), "id,\"name\n1,a\n").expect("input");
+    let out = h.dispatcher(&["run", "--local", "1"], LIMIT).await;
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(out.stderr.contains("never closed"), "{}", out.stderr);
+}
+
+/// 8. CSV with old Mac line endings (`\r` only): lines are counted as the reader splits
+///    records, so a bad row is reported on its own line, and fixed in place it is retried.
+#[tokio::test]
+async fn csv_with_cr_line_endings_reports_the_right_line_and_retries_the_fix() {
+    let t = csv_job("crcsv");
+    let input = "id,name\r1,a\r2\r3,c\r4,d\r";
+    std::fs::write(t.path("input.csv"), input).expect("input");
+    let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(s["items"]["read"], 4);
+    assert_eq!(s["items"]["processed"], 3);
+    let failures = hopper_tests::failures(&s, "class");
+    assert_eq!(failures, [(3, "bad_data".to_string())]);
+
+    std::fs::write(t.path("input.csv"), input.replace("\r2\r", "\r2,b\r")).expect("fix");
+    let out = t
+        .dispatcher(&["retry", "--run", "1", "--local", "1"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(s["state"], "completed");
+    assert_eq!(csv_ids(&t), ["1", "2", "3", "4"]);
+}
+
+/// `status --json` accounts for every record read: processed, skipped or failed, and no chunk
+/// left without an outcome.
+fn assert_accounted(s: &serde_json::Value) {
+    let items = &s["items"];
+    let n = |k: &str| items[k].as_u64().unwrap_or(u64::MAX);
+    assert_eq!(
+        n("read"),
+        n("processed") + n("skipped") + n("failed"),
+        "every record read is accounted for: {items}"
+    );
+    assert_eq!(s["chunks"]["pending"], 0, "{}", s["chunks"]);
+    assert_eq!(s["chunks"]["in_flight"], 0, "{}", s["chunks"]);
+}
+
+/// 1. The skip limit reached through processor refusals: the run stops sending, but waits for
+///    the outcome of every chunk it sent, so that each record read is processed or listed; once
+///    the processor is fixed, `retry` finishes the run.
+#[tokio::test]
+async fn the_skip_limit_reached_by_refusals_accounts_for_every_chunk_and_retry_finishes() {
+    let t = exec_job(
+        "skiprefuse",
+        r#"cat >/dev/null; if [ ! -e fixed ] && [ $HOPPER_SEQ = 1 ]; then echo "{\"index\": 0, \"reason\": \"no price\"}"; fi"#,
+        "",
+    );
+    std::fs::write(
+        t.file(),
+        std::fs::read_to_string(t.file())
+            .expect("job")
+            .replace("skip_limit = 100", "skip_limit = 0"),
+    )
+    .expect("job");
+    write_jsonl(&t.path("input.jsonl"), 30, 30);
+    let out = t.dispatcher(&["run", "--local", "2"], LIMIT).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(s["state"], "failed");
+    assert_accounted(&s);
+    assert_eq!(s["items"]["skipped"], 1);
+    assert_eq!(
+        hopper_tests::failures(&s, "reason"),
+        [(1, "no price".to_string())]
+    );
+
+    std::fs::write(t.path("fixed"), "").expect("fix the processor");
+    let out = t
+        .dispatcher(&["retry", "--run", "1", "--local", "2"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(s["state"], "completed");
+    assert_accounted(&s);
+    assert_eq!(s["items"]["read"], 30);
+    assert_eq!(s["items"]["processed"], 30);
+}
+
+/// 1. A run that stopped at the skip limit before reading all its input (a bad line, one chunk
+///    in flight at a time): `retry`, once the line is fixed in place (longer), reads it again,
+///    then reads on from where the run stopped, every record once.
+#[tokio::test]
+async fn retry_of_a_run_stopped_at_the_skip_limit_reads_on_after_the_fix() {
+    let t = TestJob::local(
+        "skipreadon",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[throttle]
+window = 1
+[processor]
+kind = "file"
+dir = "out"
+[failures]
+skip_limit = 0
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 500, 40);
+    let good = std::fs::read_to_string(t.path("input.jsonl")).expect("input");
+    let line5 = good.lines().nth(4).expect("line 5").to_string();
+    std::fs::write(t.path("input.jsonl"), good.replacen(&line5, "{oops", 1)).expect("break");
+    let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(s["state"], "failed");
+    assert_accounted(&s);
+    let read = s["items"]["read"].as_u64().unwrap_or(0);
+    assert!(read < 500, "it stopped short of the end: read {read}");
+    assert_eq!(
+        hopper_tests::failures(&s, "class"),
+        [(5, "bad_data".to_string())]
+    );
+
+    std::fs::write(t.path("input.jsonl"), &good).expect("fix line 5 in place");
+    let out = t
+        .dispatcher(&["retry", "--run", "1", "--local", "1"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(s["state"], "completed");
+    assert_accounted(&s);
+    assert_eq!(s["items"]["read"], 500);
+    assert_eq!(s["items"]["processed"], 500);
+    hopper_tests::assert_every_id_once(&t.path("out"), 500);
+}
+
+/// 2. `run --resume` after the input was edited before the checkpoint: a fix that changes the
+///    size, or a line inserted and another of the same length deleted, is refused with exit 2,
+///    saying what changed. With the input put back, the run resumes and ends with every record
+///    once, and `retry` is not left refused.
+#[tokio::test]
+async fn resume_refuses_an_input_edited_before_its_checkpoint() {
+    let t = TestJob::local(
+        "editedinput",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[throttle]
+rate = 2000
+[processor]
+kind = "file"
+dir = "out"
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 5_000, 40);
+    let original = std::fs::read_to_string(t.path("input.jsonl")).expect("input");
+    t.kill_after_progress(&["run", "--local", "1"], 0, 500)
+        .await;
+
+    let line5 = original.lines().nth(4).expect("line 5").to_string();
+    let longer = original.replacen(&line5, &format!("{line5}        "), 1);
+    let mut lines: Vec<&str> = original.lines().collect();
+    let same_len = lines[1].replace("\"id\":2,", "\"id\":0,");
+    lines.insert(2, &same_len);
+    // The line of id 9, as long as id 2's.
+    lines.remove(9);
+    let shuffled = lines.join("\n") + "\n";
+    assert_eq!(shuffled.len(), original.len());
+    for (edited, says) in [(longer, "bytes, "), (shuffled, "content differs")] {
+        std::fs::write(t.path("input.jsonl"), &edited).expect("edit");
+        let out = t
+            .dispatcher(&["run", "--resume", "--local", "1"], LIMIT)
+            .await;
+        assert_eq!(out.code(), 2, "{}", out.stderr);
+        assert!(
+            out.stderr
+                .contains("changed since run 1 started reading it")
+                && out.stderr.contains(says),
+            "{}",
+            out.stderr
+        );
+    }
+
+    std::fs::write(t.path("input.jsonl"), &original).expect("put it back");
+    let out = t
+        .dispatcher(&["run", "--resume", "--local", "1"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(s["state"], "completed");
+    assert_accounted(&s);
+    assert_eq!(s["items"]["read"], 5_000);
+    hopper_tests::assert_every_id_once(&t.path("out"), 5_000);
+    let out = t
+        .dispatcher(&["retry", "--run", "1", "--local", "1"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+}

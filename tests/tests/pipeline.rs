@@ -244,10 +244,18 @@ kind = "noop"
 "#,
     );
     std::fs::write(t.path("input.jsonl"), "{\"id\":1}\nnot json\n{\"id\":3}\n").expect("input");
+    // Past the limit nothing more is sent, but the chunk already sent is waited for.
+    let consumer = t.start_consumer(1, 1);
     let out = t.dispatcher(&["run"], LIMIT).await;
     assert_eq!(out.code(), 1, "{}", out.stderr);
     assert!(out.stderr.contains("skip limit"), "{}", out.stderr);
-    assert_eq!(t.status().await["state"], "failed");
+    let s = t.status().await;
+    assert_eq!(s["state"], "failed");
+    assert_eq!(s["items"]["read"], 3);
+    assert_eq!(s["items"]["processed"], 2);
+    assert_eq!(s["items"]["skipped"], 1);
+    assert_eq!(s["chunks"]["in_flight"], 0);
+    assert!(consumer.stop(LIMIT).await.success());
 }
 
 #[tokio::test]

@@ -132,8 +132,9 @@ impl ExecutionContext {
 /// share it between dispatcher hosts, behind this same trait.
 #[async_trait]
 pub(crate) trait ContextStore: Send + Sync {
-    /// Starts a run of `job` reading `source` (a description for people), in state `running`,
-    /// owned by this process and writable with `token` ([`Fence::token`]).
+    /// Starts a run of `job` reading `source` (a description for people) whose input has the
+    /// fingerprint `input`, in state `running`, owned by this process and writable with `token`
+    /// ([`Fence::token`]).
     ///
     /// This and the two calls below take a run only when no dispatcher `alive` calls alive
     /// owns a run of the job that has not ended ([`Claimed::Held`] otherwise): one job, one live
@@ -143,6 +144,7 @@ pub(crate) trait ContextStore: Send + Sync {
         &self,
         job: &str,
         source: &str,
+        input: &str,
         token: &str,
         alive: Alive,
     ) -> Result<Claimed<RunRecord>, ContextError>;
@@ -158,9 +160,16 @@ pub(crate) trait ContextStore: Send + Sync {
     /// dispatched again yet.
     async fn retryable(&self, run: RunId) -> Result<Retryable, ContextError>;
 
-    /// Before a `retry` reads the fixed input: moves the recorded spans of what it will read to
-    /// where they lie now, and records the input's size now, in one transaction.
-    async fn rebase(&self, run: RunId, moves: &[Moved], size: u64) -> Result<(), ContextError>;
+    /// Before a `retry` reads the fixed input: moves the recorded spans of what it will read,
+    /// and the checkpoint, to where they lie now, and records the input's fingerprint now, in
+    /// one transaction.
+    async fn rebase(
+        &self,
+        run: RunId,
+        moves: &[Moved],
+        checkpoint: u64,
+        input: &str,
+    ) -> Result<(), ContextError>;
 
     /// The run's chunks without a final outcome (`pending` and `in_flight`), in seq order.
     async fn open_chunks(&self, run: RunId) -> Result<Vec<ChunkRecord>, ContextError>;

@@ -102,6 +102,10 @@ pub struct RunRecord {
     pub(crate) owner_token: Option<String>,
     /// Where reading the source stands: where `--resume` reads on from.
     pub checkpoint: Checkpoint,
+    /// The input's fingerprint when the run started reading it (or when `retry` last took
+    /// its fixes), as [`crate::source::Fingerprint`] writes it; `None` for a run of an older
+    /// store.
+    pub(crate) input: Option<String>,
 }
 
 /// Where a chunk stands.

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use hopper_common::job::SourceSpec;
 use hopper_common::transport::Recoveries;
 use hopper_common::{Job, Route, Transport};
 use tokio::sync::mpsc;
@@ -43,7 +44,7 @@ use crate::error::DispatchError;
 use crate::options::RunOptions;
 use crate::owner::{beat, owner_alive, stopped_beating, won};
 use crate::progress::Progress;
-use crate::source::{Source, SourceError};
+use crate::source::{Fingerprint, Source, SourceError};
 use crate::throttle::Throttle;
 use outstanding::{ConfirmFuture, Outstanding};
 
@@ -92,9 +93,10 @@ struct Dispatch<'a> {
     read: u64,
     processed: u64,
     skipped: u64,
-    /// Reading again what failed (`retry`): the checkpoint and the read count stay as the first
-    /// reading left them.
-    is_retry: bool,
+    /// Reading again what failed (`retry`), before reading on (if the run had stopped short of
+    /// the end of its input): the skip limit is judged once what failed was read again, on what
+    /// still fails.
+    rereading: bool,
 }
 
 enum End {
@@ -106,7 +108,12 @@ enum End {
 /// Where a run starts.
 pub(crate) enum Start {
     /// A new run, reading `source` from its beginning.
-    New(Box<dyn Source>),
+    New {
+        /// The source, at its beginning.
+        source: Box<dyn Source>,
+        /// The input's fingerprint, kept with the run for `--resume` to compare.
+        input: Fingerprint,
+    },
     /// An interrupted run; `source` is positioned at its checkpoint (`None` once it was read to
     /// the end).
     Resume {
@@ -119,9 +126,26 @@ pub(crate) enum Start {
     Retry {
         /// The run whose failures are dispatched again.
         record: RunRecord,
-        /// The failed records, read again.
+        /// The failed records, read again (then, for a run stopped at the skip limit, the rest
+        /// of its input).
         chunks: Box<dyn Chunks>,
+        /// The input's size, when the retry reads on to its end.
+        size: Option<u64>,
     },
+}
+
+impl Start {
+    /// A new run of the input `spec` names: the source at its beginning, and the input's
+    /// fingerprint.
+    ///
+    /// # Errors
+    /// [`SourceError::Open`] when the input cannot be opened.
+    pub(crate) fn new(spec: &SourceSpec, max_record: u64) -> Result<Start, SourceError> {
+        // Opened first: it refuses what is not a regular file before anything reads it.
+        let source = crate::source::open(spec, max_record)?;
+        let input = Fingerprint::of(spec)?;
+        Ok(Start::New { source, input })
+    }
 }
 
 /// Dispatches a run of `job` over `transport`, to the end. The transport is the only way out of
@@ -149,9 +173,15 @@ pub(crate) async fn run_on(
     };
     let is_retry = matches!(start, Start::Retry { .. });
     let (record, chunks, total_bytes) = match start {
-        Start::New(source) => {
+        Start::New { source, input } => {
             let claimed = store
-                .create_run(&job.name, &source.describe(), &token, owner_alive)
+                .create_run(
+                    &job.name,
+                    &source.describe(),
+                    &input.to_string(),
+                    &token,
+                    owner_alive,
+                )
                 .await?;
             let record = won(job, claimed)?;
             info!(job = %job.name, run = record.id, source = %record.source,
@@ -169,10 +199,14 @@ pub(crate) async fn run_on(
             let chunks = source.map(|s| Box::new(Chunker::new(s, job.chunking)) as Box<dyn Chunks>);
             (record, chunks, size)
         }
-        Start::Retry { record, chunks } => {
+        Start::Retry {
+            record,
+            chunks,
+            size,
+        } => {
             won(job, store.reopen_run(&fence(record.id), owner_alive).await?)?;
             info!(job = %job.name, run = record.id, "run taken up again to retry what failed");
-            (record, Some(chunks), None)
+            (record, Some(chunks), size)
         }
     };
     let run = record.id;
@@ -200,7 +234,7 @@ pub(crate) async fn run_on(
         read: 0,
         processed: 0,
         skipped: 0,
-        is_retry,
+        rereading: is_retry,
     };
     if record.checkpoint.next_seq > 1 {
         // A resumed run goes on counting from where it was: skips before the interruption count
@@ -245,17 +279,27 @@ pub(crate) async fn run_on(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut recoveries = Recoveries::default();
 
+    // Past the skip limit nothing more is read or sent, but the chunks already sent are waited
+    // for: every record read is accounted for (processed, or listed), and `retry` finishes the
+    // run once the input is fixed.
+    let mut over_limit = false;
     let end = loop {
-        if d.skipped > job.failures.skip_limit {
-            break End::SkipLimit;
+        if !over_limit && !d.rereading && d.skipped > job.failures.skip_limit {
+            over_limit = true;
+            held = None;
+            error!(job = %job.name, run, skipped = d.skipped, skip_limit = job.failures.skip_limit,
+                   outstanding = d.outstanding.len(),
+                   "skip limit passed: nothing more is sent; waiting for the chunks in flight");
         }
+        let reading = !exhausted && !over_limit;
         let room = d.throttle.has_room(d.outstanding.len());
         let step: Result<Option<End>, DispatchError> = async {
-        if exhausted && held.is_none() && d.outstanding.is_empty() {
+        if !reading && held.is_none() && d.outstanding.is_empty() {
             // The context's rows have the last word: a chunk recorded but never sent (or sent
             // and never answered) holds the run open until it has an outcome.
             d.take_over_open_chunks().await?;
-            return Ok(d.outstanding.is_empty().then_some(End::Exhausted));
+            let end = if over_limit { End::SkipLimit } else { End::Exhausted };
+            return Ok(d.outstanding.is_empty().then_some(end));
         }
         tokio::select! {
             biased;
@@ -290,21 +334,30 @@ pub(crate) async fn run_on(
                     d.dispatch(vec![chunk]).await?;
                 }
             }
-            next = rx.recv(), if held.is_none() && !exhausted && room => match next {
+            next = rx.recv(), if held.is_none() && reading && room => match next {
                 None => {
                     exhausted = true;
+                    d.rereading = false;
                     d.checkpoint.exhausted = true;
                     if let Some(size) = total_bytes {
                         // Past trailing blank lines too: `retry` compares the input's size with
                         // this offset.
                         d.checkpoint.offset = d.checkpoint.offset.max(size);
                     }
-                    d.record(&[], &[], &[]).await?;
+                    d.record(&[], &[], &[], false).await?;
                     info!(job = %job.name, run, items = d.read, chunks = d.checkpoint.next_seq - 1,
                           "source exhausted; waiting for the last replies");
                 }
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(chunk)) => {
+                    if chunk.retry.is_none() && d.rereading {
+                        // What failed has been read again: from here on `retry` reads on, and
+                        // the skip limit counts what still fails.
+                        d.rereading = false;
+                        if d.skipped > job.failures.skip_limit {
+                            return Ok(None);
+                        }
+                    }
                     let at = started + d.throttle.next_allowed_at();
                     if at <= tokio::time::Instant::now() {
                         // Without a rate, take every chunk already read that fits the window, to
@@ -369,7 +422,7 @@ pub(crate) async fn run_on(
         }
         End::SkipLimit => {
             error!(job = %job.name, run, skipped = d.skipped, skip_limit = job.failures.skip_limit,
-                   "skip limit passed: the run fails");
+                   "skip limit passed: the run fails; fix the input and `retry` it to finish");
             RunState::Failed
         }
         End::Exhausted => {

@@ -96,11 +96,14 @@ impl Dispatch<'_> {
         }
     }
 
+    /// Records chunks, the checkpoint and bad records in one transaction; `retry`: they were
+    /// read again by `retry` (their items were counted as read the first time).
     pub(super) async fn record(
         &self,
         chunks: &[NewChunk],
         bad: &[BadData],
         retried: &[Retried],
+        retry: bool,
     ) -> Result<(), DispatchError> {
         self.store
             .record(
@@ -109,7 +112,7 @@ impl Dispatch<'_> {
                     chunks,
                     checkpoint: &self.checkpoint,
                     bad_data: bad,
-                    retry: self.is_retry,
+                    retry,
                     retried,
                 },
             )
@@ -117,8 +120,27 @@ impl Dispatch<'_> {
         Ok(())
     }
 
-    /// Records chunks (one transaction), then publishes them.
-    pub(super) async fn dispatch(&mut self, raws: Vec<RawChunk>) -> Result<(), DispatchError> {
+    /// Records chunks (one transaction per kind: read again by `retry`, or read on), then
+    /// publishes them.
+    pub(super) async fn dispatch(&mut self, mut raws: Vec<RawChunk>) -> Result<(), DispatchError> {
+        while !raws.is_empty() {
+            let retry = raws[0].retry.is_some();
+            let same = raws
+                .iter()
+                .position(|r| r.retry.is_some() != retry)
+                .unwrap_or(raws.len());
+            let rest = raws.split_off(same);
+            self.dispatch_kind(raws, retry).await?;
+            raws = rest;
+        }
+        Ok(())
+    }
+
+    async fn dispatch_kind(
+        &mut self,
+        raws: Vec<RawChunk>,
+        retry: bool,
+    ) -> Result<(), DispatchError> {
         let (job, run) = (&self.job.name, self.run);
         let mut bad = Vec::new();
         let mut retried = Vec::new();
@@ -167,7 +189,7 @@ impl Dispatch<'_> {
             messages.push((Arc::new(codec::encode_chunk(chunk)?), Label::chunk(chunk)));
         }
         self.skipped += bad.len() as u64;
-        self.record(&new, &bad, &retried).await?;
+        self.record(&new, &bad, &retried, retry).await?;
         for (record, message) in new.iter().zip(messages) {
             let recorded = ChunkRecord {
                 seq: record.seq,
@@ -180,7 +202,7 @@ impl Dispatch<'_> {
             self.outstanding
                 .insert(record.seq, Outstanding::publishing(recorded, Some(message)));
             self.throttle.sent(record.items);
-            if !self.is_retry {
+            if !retry {
                 self.read += record.items;
             }
         }

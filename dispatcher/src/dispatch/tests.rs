@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 use super::{run_on, RunSummary, Start};
 use crate::context::{ExecutionContext, RunState};
 use crate::options::RunOptions;
-use crate::source;
 
 /// A job over `records` JSON lines, `items` per chunk, its state in `dir`.
 fn job(dir: &Path, records: u64, items: usize, window: usize) -> Job {
@@ -82,10 +81,10 @@ fn consume(
 /// Runs the loop over `transport` to the end, within 30 s.
 async fn dispatch(job: &Job, transport: Arc<dyn Transport>) -> RunSummary {
     let context = ExecutionContext::open(job).expect("context");
-    let source = source::open(&job.source, job.chunking.max_bytes).expect("source");
+    let start = Start::new(&job.source, job.chunking.max_bytes).expect("source");
     let run = run_on(
         job,
-        Start::New(source),
+        start,
         transport,
         &context,
         RunOptions::default(),
@@ -468,10 +467,10 @@ async fn recovery_is_bounded() {
         ..Faulty::new(&broker, &[(0, Fault::PublishLost)])
     });
     let context = ExecutionContext::open(&job).expect("context");
-    let source = source::open(&job.source, job.chunking.max_bytes).expect("source");
+    let start = Start::new(&job.source, job.chunking.max_bytes).expect("source");
     let err = run_on(
         &job,
-        Start::New(source),
+        start,
         faulty.clone(),
         &context,
         RunOptions::default(),
@@ -501,11 +500,11 @@ async fn a_dispatcher_that_lost_its_run_stops_at_its_next_write() {
         _ => vec![reply_to(c, 1, done(c))],
     });
     let context = ExecutionContext::open(&job).expect("context");
-    let source = source::open(&job.source, job.chunking.max_bytes).expect("source");
+    let start = Start::new(&job.source, job.chunking.max_bytes).expect("source");
     let transport: Arc<dyn Transport> = Arc::new(broker.transport());
     let run = run_on(
         &job,
-        Start::New(source),
+        start,
         transport,
         &context,
         RunOptions::default(),

@@ -24,11 +24,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::carrier::drive;
+use crate::chunker::{Chunker, Chunks, Then};
 use crate::context::{ExecutionContext, RunId, RunState, StuckAfter};
 use crate::dispatch::{RunSummary, Start};
 use crate::error::DispatchError;
 use crate::options::RunOptions;
 use crate::owner::{find_run, refuse_if_alive};
+use crate::source::{self, Cursor, Fingerprint};
 use plan::Plan;
 use reader::RetryReader;
 
@@ -42,8 +44,9 @@ mod tests;
 /// `completed` when everything now succeeds.
 ///
 /// A run that is still going (its dispatcher alive) is refused; one whose dispatcher died is
-/// taken over first, as `--resume` would. A run that stopped before reading all its input
-/// (`failed` at the skip limit) is refused: `retry` does not read on.
+/// taken over first, as `--resume` would. A run that stopped at the skip limit before reading
+/// all its input is finished: once what failed is read again, `retry` reads on from where it
+/// stopped.
 ///
 /// # Errors
 /// A [`DispatchError`]; [`DispatchError::exit_code`] tells the ones where nothing was sent.
@@ -60,16 +63,30 @@ pub async fn retry(
         RunState::Running => refuse_if_alive(job, &record)?,
         RunState::Completed | RunState::CompletedWithFailures | RunState::Failed => {}
     }
-    if !record.checkpoint.exhausted {
-        return Err(DispatchError::NotRetryable {
-            run,
-            state: record.state,
-        });
-    }
+    // A run stopped at the skip limit has not read all its input: once what failed is read
+    // again, `retry` reads on from its checkpoint. That needs the input's size when the run
+    // read it (its fingerprint) to check the fixes; a run still going is finished by
+    // `--resume`, not here.
+    let first_size = record
+        .input
+        .as_deref()
+        .and_then(Fingerprint::parse)
+        .map(|f| f.size());
+    let reads_on = !record.checkpoint.exhausted;
+    let size_before = match (reads_on, record.state, first_size) {
+        (false, _, _) => record.checkpoint.offset,
+        (true, RunState::Failed, Some(size)) => size,
+        (true, _, _) => {
+            return Err(DispatchError::NotRetryable {
+                run,
+                state: record.state,
+            })
+        }
+    };
     let failed = store.retryable(run).await?;
     let plan = Plan::new(&failed);
     let open = store.open_chunks(run).await?;
-    if plan.is_empty() && open.is_empty() {
+    if plan.is_empty() && open.is_empty() && !reads_on {
         info!(job = %job.name, run, state = %record.state, "nothing to retry");
         let status = store.status(run, StuckAfter::for_job(job)).await?;
         return Ok(RunSummary {
@@ -79,7 +96,7 @@ pub async fn retry(
         });
     }
     let (spec, limits) = (job.source.clone(), job.chunking);
-    let (size_before, checked) = (record.checkpoint.offset, plan.clone());
+    let checked = plan.clone();
     let found = tokio::task::spawn_blocking(move || {
         RetryReader::new(&spec, limits, &checked).check(size_before)
     })
@@ -93,12 +110,37 @@ pub async fn retry(
     // From here on the run's positions are those of the input as it is now, so that failures
     // found by this retry and those it has yet to reach share one frame, even if it is
     // interrupted.
-    store.rebase(run, &found.moves, found.size).await?;
+    // Every failed record lies before the checkpoint, so the checkpoint moved by the whole
+    // change in size.
+    let checkpoint = if reads_on {
+        let moved = record.checkpoint.offset as i64 + (found.size as i64 - size_before as i64);
+        u64::try_from(moved).unwrap_or(0)
+    } else {
+        found.size
+    };
+    let input = Fingerprint::of(&job.source)?;
+    store
+        .rebase(run, &found.moves, checkpoint, &input.to_string())
+        .await?;
     let plan = Plan::new(&store.retryable(run).await?);
     let record = find_run(job, store.as_ref(), Some(run)).await?;
+    let again: Box<dyn Chunks> = Box::new(RetryReader::new(&job.source, job.chunking, &plan));
+    let chunks = if reads_on {
+        let at = Cursor {
+            offset: record.checkpoint.offset,
+            lines: record.checkpoint.line,
+        };
+        info!(job = %job.name, run, offset = at.offset, line = at.lines + 1,
+              "then reading on from where the run stopped");
+        let rest = source::open_at(&job.source, at, job.chunking.max_bytes)?;
+        Box::new(Then::new(again, Box::new(Chunker::new(rest, job.chunking))))
+    } else {
+        again
+    };
     let start = Start::Retry {
         record,
-        chunks: Box::new(RetryReader::new(&job.source, job.chunking, &plan)),
+        chunks,
+        size: reads_on.then_some(input.size()),
     };
     drive(job, start, context, opts, shutdown).await
 }

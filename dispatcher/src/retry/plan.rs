@@ -82,7 +82,16 @@ impl Plan {
                         t.retried.push(Retried::Failure(f.id));
                         t.skipped += 1;
                     }
-                    Some(lines) => lines.entry(f.line).or_default().push(f.id),
+                    Some(lines) => {
+                        lines.entry(f.line).or_default().push(f.id);
+                        // A record that ran over several lines (a quote left open) may be
+                        // several records once fixed: every line of it is read again.
+                        if let Some((_, _, end_line)) = f.span {
+                            for line in f.line + 1..=end_line.min(t.end_line) {
+                                lines.entry(line).or_default();
+                            }
+                        }
+                    }
                 }
                 continue;
             }

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{Read as _, Seek, SeekFrom};
 use std::path::PathBuf;
 
-use hopper_common::job::{Chunking, SourceSpec};
+use hopper_common::job::{Chunking, FileFormat, SourceSpec};
 use hopper_common::Position;
 
 use super::plan::{Plan, Target};
@@ -118,7 +118,15 @@ impl RetryReader {
                         target.start.line
                     ))
                 })?;
-            if byte[0] != b'\n' {
+            // CSV records also end at a lone `\r` (old Mac line endings).
+            let csv = matches!(
+                self.spec,
+                SourceSpec::File {
+                    format: FileFormat::Csv,
+                    ..
+                }
+            );
+            if byte[0] != b'\n' && !(csv && byte[0] == b'\r') {
                 return Err(self.moved(format!(
                     "line {} no longer starts at byte {offset}",
                     target.start.line

@@ -6,12 +6,14 @@
 //! runs a source on its own thread.
 
 mod file;
+mod fingerprint;
 mod reread;
 
 use hopper_common::job::SourceSpec;
 use hopper_common::{Item, Position};
 
 pub use file::FileSource;
+pub(crate) use fingerprint::Fingerprint;
 pub(crate) use reread::reread;
 
 /// A source that cannot go on. At the start of a run this is bad input (exit 2); mid-run the
@@ -51,6 +53,17 @@ pub enum SourceError {
         expected: u64,
         /// Items read there now.
         found: u64,
+    },
+    /// `run --resume` found the input changed since the run started reading it: it reads on at
+    /// byte offsets recorded from the input as it was. Nothing was sent.
+    #[error("input {path} changed since run {run} started reading it: {detail}; `run --resume` reads on at the byte offsets it recorded, so it needs the input as it was: put it back, or start a new run (to fix failed records, let the run finish, then `retry` it)")]
+    Edited {
+        /// The input file.
+        path: String,
+        /// The run.
+        run: u64,
+        /// What changed.
+        detail: String,
     },
     /// Reading failed part-way.
     #[error("cannot read input {path} at byte {offset}: {message}")]
@@ -112,6 +125,13 @@ pub trait Source: Send {
 
     /// What this source reads, for people: `file data/x.jsonl (jsonl)`.
     fn describe(&self) -> String;
+}
+
+/// The input a job names, for messages: the file's path.
+pub(crate) fn input_name(spec: &SourceSpec) -> String {
+    match spec {
+        SourceSpec::File { path, .. } => path.display().to_string(),
+    }
 }
 
 /// Opens the source a job names, at its beginning. A record longer than `max_record` bytes

@@ -124,11 +124,13 @@ impl ContextStore for SqliteStore {
         &self,
         job: &str,
         source: &str,
+        input: &str,
         token: &str,
         alive: Alive,
     ) -> Result<Claimed<RunRecord>, ContextError> {
         let (job, source, token) = (job.to_string(), source.to_string(), token.to_string());
-        self.with(move |conn| runs::create(conn, &job, &source, &token, alive))
+        let input = input.to_string();
+        self.with(move |conn| runs::create(conn, &job, &source, &input, &token, alive))
             .await
     }
 
@@ -148,9 +150,15 @@ impl ContextStore for SqliteStore {
         self.with(move |conn| retry::retryable(conn, run)).await
     }
 
-    async fn rebase(&self, run: RunId, moves: &[Moved], size: u64) -> Result<(), ContextError> {
-        let moves = moves.to_vec();
-        self.with(move |conn| retry::rebase(conn, run, &moves, size))
+    async fn rebase(
+        &self,
+        run: RunId,
+        moves: &[Moved],
+        checkpoint: u64,
+        input: &str,
+    ) -> Result<(), ContextError> {
+        let (moves, input) = (moves.to_vec(), input.to_string());
+        self.with(move |conn| retry::rebase(conn, run, &moves, checkpoint, &input))
             .await
     }
 

@@ -93,7 +93,8 @@ pub(super) fn rebase(
     conn: &mut Connection,
     run: RunId,
     moves: &[Moved],
-    size: u64,
+    checkpoint: u64,
+    input: &str,
 ) -> Result<(), Fail> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
@@ -114,8 +115,8 @@ pub(super) fn rebase(
         }
     }
     tx.execute(
-        "UPDATE runs SET ckpt_offset = ?2 WHERE id = ?1",
-        params![run as i64, size as i64],
+        "UPDATE runs SET ckpt_offset = ?2, input = ?3 WHERE id = ?1",
+        params![run as i64, checkpoint as i64, input],
     )?;
     tx.commit()?;
     Ok(())

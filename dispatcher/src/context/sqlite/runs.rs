@@ -25,6 +25,7 @@ fn read_run(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
                 next_seq: row.get::<_, i64>("next_seq")? as u64,
                 exhausted: row.get::<_, i64>("exhausted")? != 0,
             },
+            input: row.get("input")?,
         },
         state,
     ))
@@ -111,6 +112,7 @@ pub(super) fn create(
     conn: &mut Connection,
     job: &str,
     source: &str,
+    input: &str,
     token: &str,
     alive: Alive,
 ) -> Result<Claimed<RunRecord>, Fail> {
@@ -120,9 +122,9 @@ pub(super) fn create(
     }
     let now = now_ms() as i64;
     tx.execute(
-        "INSERT INTO runs (job, state, source, started_at, heartbeat_at, owner, owner_token)
-         VALUES (?1, 'running', ?2, ?3, ?3, ?4, ?5)",
-        params![job, source, now, Fence::holder(token), token],
+        "INSERT INTO runs (job, state, source, started_at, heartbeat_at, owner, owner_token, input)
+         VALUES (?1, 'running', ?2, ?3, ?3, ?4, ?5, ?6)",
+        params![job, source, now, Fence::holder(token), token, input],
     )?;
     let id = tx.last_insert_rowid() as u64;
     let run = run_by(&tx, job, Some(id))?

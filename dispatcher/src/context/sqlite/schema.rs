@@ -1,12 +1,19 @@
-//! The SQLite schema, created whole when a store is new. A store of another schema version
-//! (written by an earlier development build, or a newer release) is refused, not guessed at.
+//! The SQLite schema, created whole when a store is new. A store of the previous version is
+//! brought up to date ([`MIGRATIONS`]); one of another version (written by an earlier
+//! development build, or a newer release) is refused, not guessed at.
 
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::Fail;
 
 /// Bumped with every change to [`SCHEMA`].
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
+
+/// How a store of an earlier version is brought to the next one: (from version, statements).
+const MIGRATIONS: &[(i64, &str)] = &[
+    // 5: the input's fingerprint, so that `run --resume` can tell an edited input.
+    (4, "ALTER TABLE runs ADD COLUMN input TEXT;"),
+];
 
 /// The whole schema of a new store.
 const SCHEMA: &str = "
@@ -23,7 +30,8 @@ CREATE TABLE IF NOT EXISTS runs (
     ckpt_offset   INTEGER NOT NULL DEFAULT 0,
     ckpt_line     INTEGER NOT NULL DEFAULT 0,
     next_seq      INTEGER NOT NULL DEFAULT 1,
-    exhausted     INTEGER NOT NULL DEFAULT 0
+    exhausted     INTEGER NOT NULL DEFAULT 0,
+    input         TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_job ON runs (job, id);
 CREATE TABLE IF NOT EXISTS chunks (
@@ -79,6 +87,17 @@ pub(super) fn prepare(conn: &mut Connection) -> Result<(), Fail> {
         } else {
             again
         };
+        tx.commit()?;
+        return check(now);
+    }
+    if version < SCHEMA_VERSION && MIGRATIONS.iter().any(|(from, _)| *from == version) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut now: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        while let Some((_, step)) = MIGRATIONS.iter().find(|(from, _)| *from == now) {
+            tx.execute_batch(step)?;
+            now += 1;
+        }
+        tx.pragma_update(None, "user_version", now)?;
         tx.commit()?;
         return check(now);
     }

@@ -22,8 +22,9 @@ pub(super) fn status(
     )?;
     let record = run_by(conn, &job, Some(run))?
         .ok_or_else(|| Fail::Corrupt(format!("run {run} vanished")))?;
-    // A chunk dispatched again by `retry` counts as `retried`, not failed or dead; the items
-    // of retry chunks were counted as read the first time.
+    // A chunk dispatched again by `retry` counts as `retried`, not failed or dead. Records read
+    // count as they stand: the items of chunks not dispatched again, and the bad records still
+    // listed (a fixed record that turns out to be several counts as several).
     let (chunks, mut items) = conn.query_row(
         "SELECT COUNT(*),
                 COALESCE(SUM(status = 'pending'), 0),
@@ -31,7 +32,7 @@ pub(super) fn status(
                 COALESCE(SUM(status = 'done'), 0),
                 COALESCE(SUM(status = 'failed' AND retried_at IS NULL), 0),
                 COALESCE(SUM(status = 'dead' AND retried_at IS NULL), 0),
-                COALESCE(SUM(CASE WHEN retry = 0 THEN items END), 0),
+                COALESCE(SUM(CASE WHEN retried_at IS NULL THEN items END), 0),
                 COALESCE(SUM(processed), 0),
                 COALESCE(SUM(CASE WHEN status IN ('failed', 'dead') AND retried_at IS NULL
                                   THEN items END), 0),
@@ -61,7 +62,7 @@ pub(super) fn status(
     )?;
     let mut failures = Vec::new();
     let mut stmt = conn.prepare(
-        "SELECT seq, position, class, reason, retry, retried_at IS NOT NULL
+        "SELECT seq, position, class, reason, retried_at IS NOT NULL
          FROM failures WHERE run = ?1 ORDER BY position, seq",
     )?;
     let rows = stmt.query_map(params![run as i64], |r| {
@@ -71,15 +72,19 @@ pub(super) fn status(
             r.get::<_, String>(2)?,
             r.get::<_, String>(3)?,
             r.get::<_, bool>(4)?,
-            r.get::<_, bool>(5)?,
         ))
     })?;
     for row in rows {
-        let (seq, position, class, reason, found_by_retry, retried) = row?;
+        let (seq, position, class, reason, retried) = row?;
         let class: FailureClass = class.parse().map_err(Fail::Corrupt)?;
-        if class == FailureClass::BadData && !found_by_retry {
+        match (class, retried) {
             // Bad records are read but never put in a chunk.
-            items.read += 1;
+            (FailureClass::BadData, false) => items.read += 1,
+            // Its chunk still counts it, and so does the retry chunk that took it over.
+            (FailureClass::BadItem, true) => items.read = items.read.saturating_sub(1),
+            (FailureClass::BadData, true)
+            | (FailureClass::BadItem, false)
+            | (FailureClass::Chunk, _) => {}
         }
         if retried {
             continue;

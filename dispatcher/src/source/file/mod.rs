@@ -18,6 +18,9 @@ use hopper_common::{FileFormat, Item, Position};
 use serde::de::IgnoredAny;
 
 use super::{Cursor, Read, Record, Source, SourceError};
+use delimited::CsvRecords;
+
+mod delimited;
 
 /// A file read as a stream of records.
 #[derive(Debug)]
@@ -38,11 +41,7 @@ enum Inner {
         buf: Vec<u8>,
         cursor: Cursor,
     },
-    Csv {
-        reader: Box<csv::Reader<File>>,
-        headers: Vec<String>,
-        record: csv::StringRecord,
-    },
+    Csv(CsvRecords),
 }
 
 /// How far a source reads ahead of the record it returns, when reading a whole input.
@@ -150,38 +149,10 @@ impl FileSource {
                     cursor: at,
                 }
             }
-            FileFormat::Csv => {
-                let mut reader = csv::ReaderBuilder::new()
-                    .has_headers(true)
-                    .flexible(false)
-                    .buffer_capacity(buffer)
-                    .from_reader(file);
-                let headers: Vec<String> = reader
-                    .headers()
-                    .map_err(|e| open_err(std::io::Error::other(format!("CSV header row: {e}"))))?
-                    .iter()
-                    .map(str::to_string)
-                    .collect();
-                // Each field becomes a key of the item: a name used twice, or none, would merge
-                // or drop fields.
-                if let Some(why) = header_problem(&headers) {
-                    return Err(open_err(std::io::Error::other(format!(
-                        "CSV header row: {why}"
-                    ))));
-                }
-                if at.offset > 0 {
-                    let mut pos = csv::Position::new();
-                    pos.set_byte(at.offset).set_line(at.lines + 1);
-                    reader
-                        .seek(pos)
-                        .map_err(|e| open_err(std::io::Error::other(e.to_string())))?;
-                }
-                Inner::Csv {
-                    reader: Box::new(reader),
-                    headers,
-                    record: csv::StringRecord::new(),
-                }
-            }
+            FileFormat::Csv => Inner::Csv(
+                CsvRecords::open(file, meta.len(), buffer, at)
+                    .map_err(|why| open_err(std::io::Error::other(why)))?,
+            ),
         };
         Ok(FileSource {
             path: path.to_path_buf(),
@@ -196,7 +167,12 @@ impl FileSource {
     /// around a record, is bad data: the reader skips to its end without holding it, so a
     /// hostile input (a 5 GB one-line JSON array) costs no memory.
     pub fn with_max_record(mut self, max: u64) -> FileSource {
-        self.max_line = usize::try_from(max.saturating_add(LINE_SLACK)).unwrap_or(usize::MAX);
+        let max = max.saturating_add(LINE_SLACK);
+        self.max_line = usize::try_from(max).unwrap_or(usize::MAX);
+        self.inner = match self.inner {
+            Inner::Csv(records) => Inner::Csv(records.with_max_record(max)),
+            lines @ Inner::Lines { .. } => lines,
+        };
         self
     }
 
@@ -207,27 +183,6 @@ impl FileSource {
             message,
         }
     }
-}
-
-/// What is wrong with a CSV header row, if anything: an empty name, or a name used twice
-/// (columns counted from 1).
-fn header_problem(headers: &[String]) -> Option<String> {
-    if let Some(i) = headers.iter().position(|h| h.trim().is_empty()) {
-        return Some(format!(
-            "column {} has no name; every column needs one (it names the field)",
-            i + 1
-        ));
-    }
-    for (i, h) in headers.iter().enumerate() {
-        if let Some(j) = headers[..i].iter().position(|earlier| earlier == h) {
-            return Some(format!(
-                "columns {} and {} are both named {h:?}; one would hide the other",
-                j + 1,
-                i + 1
-            ));
-        }
-    }
-    None
 }
 
 /// Turns one line of a line-based format into a record.
@@ -321,93 +276,21 @@ impl Source for FileSource {
                     },
                 }));
             },
-            Inner::Csv {
-                reader,
-                headers,
-                record,
-            } => loop {
-                let result = reader.read_record(record);
-                let pos = record.position().cloned();
-                match result {
-                    Ok(false) => return Ok(None),
-                    Ok(true) => {
-                        let Some(pos) = pos else { continue };
-                        let start = Position {
-                            line: pos.line(),
-                            offset: pos.byte(),
-                        };
-                        if record.iter().all(str::is_empty) {
-                            continue;
-                        }
-                        let object: serde_json::Map<String, serde_json::Value> = headers
-                            .iter()
-                            .zip(record.iter())
-                            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.to_string())))
-                            .collect();
-                        return Ok(Some(Read {
-                            record: Record::Item(Item {
-                                line: start.line,
-                                data: serde_json::Value::Object(object).to_string(),
-                            }),
-                            start,
-                        }));
-                    }
-                    Err(e) => {
-                        let at = e.position().cloned();
-                        match e.into_kind() {
-                            csv::ErrorKind::UnequalLengths {
-                                pos,
-                                expected_len,
-                                len,
-                            } => {
-                                let pos = pos.or(at).unwrap_or_else(csv::Position::new);
-                                return Ok(Some(Read {
-                                    record: Record::Bad {
-                                        line: pos.line(),
-                                        reason: format!(
-                                            "CSV record has {len} fields, the header has {expected_len}"
-                                        ),
-                                    },
-                                    start: Position {
-                                        line: pos.line(),
-                                        offset: pos.byte(),
-                                    },
-                                }));
-                            }
-                            csv::ErrorKind::Utf8 { pos, err } => {
-                                let pos = pos.or(at).unwrap_or_else(csv::Position::new);
-                                return Ok(Some(Read {
-                                    record: Record::Bad {
-                                        line: pos.line(),
-                                        reason: format!("not valid UTF-8: {err}"),
-                                    },
-                                    start: Position {
-                                        line: pos.line(),
-                                        offset: pos.byte(),
-                                    },
-                                }));
-                            }
-                            other => {
-                                let offset = reader.position().byte();
-                                return Err(self.read_err(offset, format!("{other:?}")));
-                            }
-                        }
-                    }
+            Inner::Csv(records) => records.next().map_err(|message| {
+                let offset = records.offset();
+                SourceError::Read {
+                    path: self.path.display().to_string(),
+                    offset,
+                    message,
                 }
-            },
+            }),
         }
     }
 
     fn cursor(&self) -> Cursor {
         match &self.inner {
             Inner::Lines { cursor, .. } => *cursor,
-            Inner::Csv { reader, .. } => {
-                let p = reader.position();
-                Cursor {
-                    offset: p.byte(),
-                    lines: p.line().saturating_sub(1),
-                }
-            }
+            Inner::Csv(records) => records.cursor(),
         }
     }
 

@@ -196,3 +196,102 @@ fn a_byte_order_mark_is_skipped_and_lines_are_kept_byte_for_byte() {
         })
     );
 }
+
+fn lines_of(reads: &[Read]) -> Vec<u64> {
+    reads.iter().map(|r| r.start.line).collect()
+}
+
+#[test]
+fn csv_lines_are_counted_as_the_reader_splits_records() {
+    // The same rows with `\r`, `\r\n` and `\n` endings, a quoted field spanning two lines, and a
+    // short row (bad data) on line 5.
+    for ending in ["\r", "\r\n", "\n"] {
+        let text = ["id,name", "1,a", "2,\"b", "b\"", "3", "4,d", ""].join(ending);
+        let (f, mut s) = source(FileFormat::Csv, text.as_bytes());
+        let reads = all(&mut s);
+        assert_eq!(lines_of(&reads), vec![2, 3, 5, 6], "{ending:?}");
+        assert!(
+            matches!(&reads[2].record, Record::Bad { line: 5, .. }),
+            "{ending:?}"
+        );
+        // Opened again where a record starts, the count goes on from there.
+        let at = Cursor {
+            offset: reads[2].start.offset,
+            lines: 4,
+        };
+        let mut again = FileSource::open_at(f.path(), FileFormat::Csv, at).expect("open at");
+        assert_eq!(lines_of(&all(&mut again)), vec![5, 6], "{ending:?}");
+        assert_eq!(s.cursor().lines, 6, "{ending:?}");
+    }
+}
+
+#[test]
+fn csv_opened_between_a_cr_and_its_lf_does_not_count_the_line_twice() {
+    let text = b"id,name\r\n1,a\r\n2,b\r\n";
+    let f = {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(text).expect("write");
+        f
+    };
+    // Byte 13 is the `\n` of line 2's `\r\n`.
+    let at = Cursor {
+        offset: 13,
+        lines: 2,
+    };
+    let mut s = FileSource::open_at(f.path(), FileFormat::Csv, at).expect("open at");
+    assert_eq!(lines_of(&all(&mut s)), vec![3]);
+}
+
+#[test]
+fn csv_quote_left_open_is_bad_data_where_its_record_starts() {
+    let text = b"id,name\n1,a\n2,\"b\n3,c\n4,d\n";
+    let (_f, mut s) = source(FileFormat::Csv, text);
+    let reads = all(&mut s);
+    assert_eq!(lines_of(&reads), vec![2, 3]);
+    match &reads[1].record {
+        Record::Bad { line: 3, reason } => {
+            assert!(
+                reason.contains("never closed") && reason.contains("lines 3 to 5"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected bad data at line 3, got {other:?}"),
+    }
+    // A quote closed later in the file is no problem.
+    let (_f, mut s) = source(FileFormat::Csv, b"id,name\n1,\"a\nstill a\"\n2,b");
+    assert!(all(&mut s)
+        .iter()
+        .all(|r| matches!(r.record, Record::Item(_))));
+}
+
+#[test]
+fn csv_record_longer_than_max_bytes_is_bad_data_at_its_first_line() {
+    let mut text = b"id,name\n1,a\n2,\"".to_vec();
+    text.extend(std::iter::repeat_n(b'x', 3000));
+    text.extend(b"\"\n3,c\n");
+    let mut f = tempfile::NamedTempFile::new().expect("temp file");
+    f.write_all(&text).expect("write");
+    let mut s = FileSource::open_at(f.path(), FileFormat::Csv, Cursor::default())
+        .expect("open")
+        .with_max_record(1000);
+    let reads = all(&mut s);
+    assert_eq!(lines_of(&reads), vec![2, 3, 4]);
+    assert!(
+        matches!(&reads[1].record, Record::Bad { line: 3, reason } if reason.contains("quote left open")),
+        "{:?}",
+        reads[1]
+    );
+    assert!(matches!(reads[2].record, Record::Item(_)));
+}
+
+#[test]
+fn csv_header_with_a_quote_left_open_is_refused() {
+    let mut f = tempfile::NamedTempFile::new().expect("temp file");
+    f.write_all(b"id,\"name\n1,a\n2,b\n").expect("write");
+    match FileSource::open_at(f.path(), FileFormat::Csv, Cursor::default()) {
+        Err(SourceError::Open { source, .. }) => {
+            assert!(source.to_string().contains("never closed"), "{source}")
+        }
+        other => panic!("expected the header to be refused, got {other:?}"),
+    }
+}
