@@ -47,7 +47,7 @@ pub use async_trait::async_trait;
 pub use hopper_common::shutdown::{cancel_on_signal, stop_on_signals};
 pub use hopper_common::{BadItem, Chunk, Item, Job};
 pub use processor::{
-    build, BuildError, ExecProcessor, FileProcessor, NoopProcessor, ProcessError, Processed,
-    Processor,
+    build, BuildError, ExecProcessor, FileProcessor, NoopProcessor, PostgresProcessor,
+    ProcessError, Processed, Processor,
 };
 pub use worker::{run, run_on, ConsumerError, ConsumerOptions, ConsumerSummary};

@@ -34,11 +34,11 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let processor = match hopper_consumer::build(&job) {
+        let processor = match hopper_consumer::build(&job).await {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("error: {e}");
-                return ExitCode::from(2);
+                return ExitCode::from(e.exit_code());
             }
         };
         let shutdown = CancellationToken::new();

@@ -81,7 +81,7 @@ impl Carrier {
         };
         let processor = match &local.processor {
             Some(p) => Arc::clone(p),
-            None => hopper_consumer::build(job)?,
+            None => hopper_consumer::build(job).await?,
         };
         let workers = local.workers;
         let broker = LocalBroker::new(job);

@@ -159,8 +159,8 @@ impl DispatchError {
             )
             | DispatchError::NoSuchRun { .. }
             | DispatchError::NotRetryable { .. }
-            | DispatchError::NotResumable { .. }
-            | DispatchError::Processor(_) => 2,
+            | DispatchError::NotResumable { .. } => 2,
+            DispatchError::Processor(e) => e.exit_code(),
             DispatchError::Source(SourceError::Read { .. })
             | DispatchError::Transport(_)
             | DispatchError::RepliesEnded

@@ -2,7 +2,8 @@
 //! binaries, a job of its own per test (own name, queues, state file and directory), and
 //! clean-up of the queues whatever the test's outcome.
 //!
-//! The broker is `HOPPER_TEST_AMQP_URL`, by default the local RabbitMQ with guest/guest.
+//! The broker is `HOPPER_TEST_AMQP_URL`, by default the local RabbitMQ with guest/guest; the
+//! database is `HOPPER_TEST_PG_URL`, by default the local PostgreSQL's `test` database.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -33,6 +34,34 @@ pub async fn require_broker() -> lapin::Connection {
         ),
         Err(_) => panic!(
             "these tests need RabbitMQ at {}: no answer in 10 s",
+            hopper_common::job::redact_url(&url)
+        ),
+    }
+}
+
+/// The PostgreSQL database the tests use.
+pub fn pg_url() -> String {
+    std::env::var("HOPPER_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// Connects to the test database, or panics saying how to start one: a test that needs
+/// PostgreSQL never passes without it.
+pub async fn require_postgres() -> tokio_postgres::Client {
+    let url = pg_url();
+    let connect = tokio_postgres::connect(&url, tokio_postgres::NoTls);
+    match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok((client, connection))) => {
+            tokio::spawn(connection);
+            client
+        }
+        Ok(Err(e)) => panic!(
+            "these tests need PostgreSQL: {e}. Start it (`pg_ctlcluster --skip-systemctl-redirect \
+             $(ls /etc/postgresql) main start`, or `docker compose up -d postgres`) or set \
+             HOPPER_TEST_PG_URL."
+        ),
+        Err(_) => panic!(
+            "these tests need PostgreSQL at {}: no answer in 10 s",
             hopper_common::job::redact_url(&url)
         ),
     }

@@ -190,6 +190,16 @@ pub enum ProcessorSpec {
     },
     /// Count the items and do nothing else.
     Noop,
+    /// Run `statement` once per item in the job's PostgreSQL database, one transaction per
+    /// chunk, with a record of the applied chunk in the same transaction.
+    Postgres {
+        /// The database (`postgres://...`); its password is never logged.
+        url: String,
+        /// The SQL statement, with `$1`, `$2`, ... for the parameters.
+        statement: String,
+        /// The item fields bound to `$1`, `$2`, ..., in order.
+        params: Vec<String>,
+    },
     /// A processor written in Rust against the `hopper-consumer` library; it reads its own
     /// settings with [`Job::processor_options`].
     Custom {
@@ -205,6 +215,7 @@ impl ProcessorSpec {
             ProcessorSpec::Exec { .. } => "exec",
             ProcessorSpec::File { .. } => "file",
             ProcessorSpec::Noop => "noop",
+            ProcessorSpec::Postgres { .. } => "postgres",
             ProcessorSpec::Custom { .. } => "custom",
         }
     }

@@ -65,6 +65,9 @@ pub(super) struct RawProcessor {
     pub(super) command: Option<Vec<String>>,
     pub(super) dir: Option<String>,
     pub(super) options: Option<toml::Table>,
+    pub(super) url: Option<String>,
+    pub(super) statement: Option<String>,
+    pub(super) params: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]

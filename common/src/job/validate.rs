@@ -257,15 +257,54 @@ fn processor(p: RawProcessor, file: &Path, dir: &Path) -> FieldResult<ProcessorS
             }
         }
         "postgres" => {
-            return Err((
-                "processor.kind",
-                "the postgres processor is not available yet".to_string(),
-            ))
+            only("processor.command", p.command.is_some(), "postgres")?;
+            only("processor.dir", p.dir.is_some(), "postgres")?;
+            only("processor.options", p.options.is_some(), "postgres")?;
+            let url = match p.url {
+                Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
+                Some(u) => {
+                    return Err((
+                        "processor.url",
+                        format!("{} is not a postgres:// URL", redact_url(&u)),
+                    ))
+                }
+                None => {
+                    return Err((
+                        "processor.url",
+                        "is required for kind = \"postgres\"".to_string(),
+                    ))
+                }
+            };
+            let statement = match p.statement {
+                Some(s) if !s.trim().is_empty() => s,
+                _ => {
+                    return Err((
+                        "processor.statement",
+                        "is required for kind = \"postgres\": the SQL run for each item, \
+                         with $1, $2, ... for processor.params"
+                            .to_string(),
+                    ))
+                }
+            };
+            let params = p.params.unwrap_or_default();
+            if let Some(empty) = params.iter().position(|f| f.is_empty()) {
+                return Err((
+                    "processor.params",
+                    format!("parameter ${} names no field", empty + 1),
+                ));
+            }
+            ProcessorSpec::Postgres {
+                url,
+                statement,
+                params,
+            }
         }
         other => {
             return Err((
                 "processor.kind",
-                format!("unknown processor kind {other:?}; expected exec, file, noop or custom"),
+                format!(
+                "unknown processor kind {other:?}; expected exec, file, noop, postgres or custom"
+            ),
             ))
         }
     })

@@ -7,12 +7,13 @@
 //! before acking), and the second delivery must not apply its items twice.
 //!
 //! Built-in kinds: [`ExecProcessor`] (`exec`), [`FileProcessor`] (`file`), [`NoopProcessor`]
-//! (`noop`). A custom processor is any type implementing [`Processor`], run with
+//! (`noop`), [`PostgresProcessor`] (`postgres`). A custom processor is any type implementing [`Processor`], run with
 //! [`crate::run`]; see `consumer/examples/custom_processor.rs`.
 
 mod exec;
 mod file;
 mod noop;
+mod postgres;
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ use hopper_common::ProcessorSpec;
 pub use exec::ExecProcessor;
 pub use file::FileProcessor;
 pub use noop::NoopProcessor;
+pub use postgres::PostgresProcessor;
 
 /// What a processor made of a chunk it finished: every item not listed in `bad_items` is done.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -115,6 +117,19 @@ pub enum BuildError {
         /// The job file that asks for it.
         file: String,
     },
+    /// The `postgres` processor cannot do its work: a bad URL, statement or parameter list
+    /// (bad job file), or the database cannot be reached.
+    #[error("job file {file}: field `{field}`: {message}")]
+    Database {
+        /// The job file.
+        file: String,
+        /// The field at fault: `processor.url`, `processor.statement` or `processor.params`.
+        field: &'static str,
+        /// True when the database could not be reached (not the job file's fault).
+        unreachable: bool,
+        /// What the database or the URL parser said (never the password).
+        message: String,
+    },
     /// The `exec` command's program cannot be found.
     #[error("job file {file}: field `processor.command`: {message}")]
     Command {
@@ -125,11 +140,29 @@ pub enum BuildError {
     },
 }
 
-/// Builds the processor a job file names, for the `hopper-consumer` binary.
+impl BuildError {
+    /// The exit code of the contract: 1 when the database cannot be reached, 2 for what the
+    /// job file asks that cannot be done.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BuildError::Database {
+                unreachable: true, ..
+            } => 1,
+            BuildError::Database { .. }
+            | BuildError::Custom { .. }
+            | BuildError::Command { .. } => 2,
+        }
+    }
+}
+
+/// Builds the processor a job file names, for the `hopper-consumer` binary. A `postgres`
+/// processor connects and prepares its statement here, so that a consumer that cannot do its
+/// work says so at start.
 ///
 /// # Errors
-/// [`BuildError`] for a custom processor or a command that cannot be found.
-pub fn build(job: &Job) -> Result<Arc<dyn Processor>, BuildError> {
+/// [`BuildError`] for a custom processor, a command that cannot be found, a database that
+/// cannot be reached or a statement it cannot prepare.
+pub async fn build(job: &Job) -> Result<Arc<dyn Processor>, BuildError> {
     let file = job.file.display().to_string();
     match &job.processor {
         ProcessorSpec::Exec { command } => {
@@ -139,6 +172,13 @@ pub fn build(job: &Job) -> Result<Arc<dyn Processor>, BuildError> {
         }
         ProcessorSpec::File { dir } => Ok(Arc::new(FileProcessor::new(dir.clone()))),
         ProcessorSpec::Noop => Ok(Arc::new(NoopProcessor::default())),
+        ProcessorSpec::Postgres {
+            url,
+            statement,
+            params,
+        } => Ok(Arc::new(
+            PostgresProcessor::connect(url, statement, params.clone(), &file).await?,
+        )),
         ProcessorSpec::Custom { .. } => Err(BuildError::Custom { file }),
     }
 }

@@ -1,0 +1,543 @@
+//! `postgres`: runs the job's statement once per item in its PostgreSQL database, one
+//! transaction per chunk.
+//!
+//! Invariants:
+//! - **Exactly-once effect.** The transaction that applies a chunk also inserts a row in
+//!   `hopper.applied_chunks` (job, run, seq), with the chunk's outcome. A chunk delivered again
+//!   after it committed finds that row and returns the same outcome without running anything:
+//!   the target table needs no unique key. Two consumers applying one chunk at once (a
+//!   redelivery while the first still works) collide on that row's key; the loser rolls back
+//!   and returns the winner's outcome.
+//! - **Bad items are the database's refusals of their data.** SQLSTATE class 22 (data
+//!   exception) and 23 (integrity constraint) for one item make it a bad item, listed with the
+//!   database's message; the rest of the chunk commits. A missing field, or an item that is not
+//!   a JSON object, is a bad item before the database sees it.
+//! - **Failures are classified by SQLSTATE, never by message**: connection loss, serialization
+//!   failures, deadlocks, lock timeouts, cancellation and a restarting server are transient
+//!   (retried with backoff); a statement the database cannot run (class 42: a missing table, a
+//!   permission) is permanent.
+//! - **Fast path first.** The items of a chunk are sent pipelined in one transaction; only when
+//!   the database refuses one of them is the chunk done again item by item, each under a
+//!   savepoint, to find which.
+//!
+//! Parameters are sent in PostgreSQL's text format and converted by the database to the types
+//! the statement declares (numeric exactly, dates, uuid, arrays...): a JSON string as is, a
+//! number as written, a boolean as `true`/`false`, `null` as NULL; an array for an array
+//! parameter as an array literal; any value for a `json`/`jsonb` parameter as its JSON text; a
+//! string for a `bytea` parameter as base64 (as the PostgreSQL source writes it).
+
+use std::error::Error as StdError;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use bytes::BytesMut;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures::future::join_all;
+use hopper_common::job::redact_url;
+use hopper_common::{Chunk, Item};
+use serde_json::Value;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{to_sql_checked, Format, IsNull, Kind, ToSql, Type};
+use tokio_postgres::{Config, NoTls, Statement};
+
+use super::{BuildError, ProcessError, Processed, Processor};
+
+/// Where each applied chunk is recorded, created on first use.
+const APPLIED: &str = "
+CREATE SCHEMA IF NOT EXISTS hopper;
+CREATE TABLE IF NOT EXISTS hopper.applied_chunks (
+    job        text        NOT NULL,
+    run        bigint      NOT NULL,
+    seq        bigint      NOT NULL,
+    bad        jsonb       NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, run, seq)
+);";
+
+/// The `postgres` processor: a pool of connections to the job's database.
+pub struct PostgresProcessor {
+    pool: Pool,
+    statement: String,
+    params: Vec<String>,
+}
+
+impl std::fmt::Debug for PostgresProcessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresProcessor")
+            .field("statement", &self.statement)
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the database did with an item or a chunk, from its SQLSTATE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The item's data was refused: skip it.
+    BadItem,
+    /// Might work later: retry the chunk.
+    Transient,
+    /// Will not work however often it is tried.
+    Permanent,
+}
+
+/// Decides what a database error means, by its SQLSTATE class.
+fn verdict(e: &tokio_postgres::Error) -> Verdict {
+    let Some(code) = e.code() else {
+        // No SQLSTATE: the connection failed or closed.
+        return Verdict::Transient;
+    };
+    if code == &SqlState::LOCK_NOT_AVAILABLE {
+        // A lock timeout (55P03) passes.
+        return Verdict::Transient;
+    }
+    match &code.code()[..2] {
+        "22" | "23" => Verdict::BadItem,
+        // Connection, transaction rollback (serialization, deadlock), resources, operator
+        // intervention (shutdown, cancel), system errors.
+        "08" | "40" | "53" | "57" | "58" | "XX" => Verdict::Transient,
+        // Syntax or access rule, feature not supported, invalid catalog or schema names, the
+        // statement's own definition.
+        "42" | "0A" | "3D" | "3F" | "26" | "34" => Verdict::Permanent,
+        _ => Verdict::Transient,
+    }
+}
+
+/// The database's message with its SQLSTATE and detail, for a reason.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(": ");
+                text.push_str(detail);
+            }
+            text
+        }
+        None => match e.source() {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+fn chunk_failure(e: &tokio_postgres::Error) -> ProcessError {
+    let reason = format!("the database: {}", describe(e));
+    match verdict(e) {
+        Verdict::Permanent => ProcessError::Permanent(reason),
+        Verdict::Transient | Verdict::BadItem => ProcessError::Transient(reason),
+    }
+}
+
+impl PostgresProcessor {
+    /// Connects to `url`, creates `hopper.applied_chunks` if needed and prepares `statement`,
+    /// so that a consumer that cannot do its work says so at start.
+    ///
+    /// # Errors
+    /// [`BuildError::Database`]: the URL is invalid or the statement cannot be prepared
+    /// (`statement` says which), or the database cannot be reached.
+    pub async fn connect(
+        url: &str,
+        statement: &str,
+        params: Vec<String>,
+        file: &str,
+    ) -> Result<PostgresProcessor, BuildError> {
+        let fail = |field: &'static str, unreachable: bool, message: String| BuildError::Database {
+            file: file.to_string(),
+            field,
+            unreachable,
+            message,
+        };
+        let config = Config::from_str(url)
+            .map_err(|e| fail("processor.url", false, format!("{}: {e}", redact_url(url))))?;
+        let place = describe_place(&config);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        // Connections are made as chunks need them: at most the consumer's concurrency.
+        let pool = Pool::builder(manager)
+            .max_size(1000)
+            .build()
+            .map_err(|e| fail("processor.url", false, e.to_string()))?;
+        let mut client = pool.get().await.map_err(|e| {
+            fail(
+                "processor.url",
+                true,
+                format!("cannot connect to PostgreSQL at {place}: {e}"),
+            )
+        })?;
+        // Consumers starting together must not race on creating the table.
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| fail("processor.url", true, describe(&e)))?;
+        tx.batch_execute("SELECT pg_advisory_xact_lock(7208443);")
+            .await
+            .and(tx.batch_execute(APPLIED).await)
+            .map_err(|e| {
+                fail(
+                    "processor.url",
+                    false,
+                    format!(
+                        "cannot create hopper.applied_chunks at {place}: {}",
+                        describe(&e)
+                    ),
+                )
+            })?;
+        tx.commit()
+            .await
+            .map_err(|e| fail("processor.url", true, describe(&e)))?;
+        let prepared = client.prepare_cached(statement).await.map_err(|e| {
+            fail(
+                "processor.statement",
+                false,
+                format!("the database cannot prepare it: {}", describe(&e)),
+            )
+        })?;
+        if prepared.params().len() != params.len() {
+            return Err(fail(
+                "processor.params",
+                false,
+                format!(
+                    "names {} field(s), but processor.statement takes {} parameter(s)",
+                    params.len(),
+                    prepared.params().len()
+                ),
+            ));
+        }
+        Ok(PostgresProcessor {
+            pool,
+            statement: statement.to_string(),
+            params,
+        })
+    }
+
+    /// The item's parameters in the statement's order, or why it is a bad item.
+    fn bind(&self, item: &Item, types: &[Type]) -> Result<Vec<Text>, String> {
+        let value: Value =
+            serde_json::from_str(&item.data).map_err(|e| format!("not valid JSON: {e}"))?;
+        let Value::Object(fields) = value else {
+            return Err("not a JSON object: processor.params names the fields to bind".into());
+        };
+        self.params
+            .iter()
+            .zip(types)
+            .map(|(name, ty)| match fields.get(name) {
+                None => Err(format!("field `{name}` is missing (processor.params)")),
+                Some(v) => text_for(v, ty)
+                    .map(Text)
+                    .map_err(|why| format!("field `{name}` ({ty}): {why}")),
+            })
+            .collect()
+    }
+}
+
+/// Host and port (or socket) of a connection config, for messages: never the password.
+fn describe_place(config: &Config) -> String {
+    use tokio_postgres::config::Host;
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}")
+}
+
+/// A parameter in PostgreSQL's text format: the database parses it as the parameter's type.
+#[derive(Debug)]
+struct Text(Option<String>);
+
+impl ToSql for Text {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        match &self.0 {
+            None => Ok(IsNull::Yes),
+            Some(text) => {
+                out.extend_from_slice(text.as_bytes());
+                Ok(IsNull::No)
+            }
+        }
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _ty: &Type) -> Format {
+        Format::Text
+    }
+
+    to_sql_checked!();
+}
+
+/// The text form of `value` for a parameter of type `ty`; `None` is NULL.
+fn text_for(value: &Value, ty: &Type) -> Result<Option<String>, String> {
+    let json = *ty == Type::JSON || *ty == Type::JSONB;
+    let array = matches!(ty.kind(), Kind::Array(_));
+    Ok(Some(match value {
+        Value::Null => return Ok(None),
+        _ if json => value.to_string(),
+        Value::String(b64) if *ty == Type::BYTEA => bytea_hex(b64)?,
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Array(items) if array => array_literal(items),
+        Value::Array(_) | Value::Object(_) => {
+            return Err(format!("a JSON {} cannot be bound to it", kind_of(value)))
+        }
+    }))
+}
+
+/// A `bytea` parameter from base64 (as the PostgreSQL source writes it), in the hex text form.
+fn bytea_hex(b64: &str) -> Result<String, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| format!("not base64: {e}"))?;
+    let mut hex = String::with_capacity(2 + bytes.len() * 2);
+    hex.push_str("\\x");
+    for b in bytes {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    Ok(hex)
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// A PostgreSQL array literal: `{1,"a b",NULL,{2,3}}`.
+fn array_literal(items: &[Value]) -> String {
+    let mut out = String::from("{");
+    for (i, v) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match v {
+            Value::Null => out.push_str("NULL"),
+            Value::Array(inner) => out.push_str(&array_literal(inner)),
+            Value::String(s) => quote_element(&mut out, s),
+            Value::Object(_) => quote_element(&mut out, &v.to_string()),
+            Value::Number(n) => out.push_str(&n.to_string()),
+            Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        }
+    }
+    out.push('}');
+    out
+}
+
+fn quote_element(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
+/// What applying a chunk came to.
+enum Applied {
+    /// Committed now, or found committed before: the chunk's outcome.
+    Done(Processed),
+    /// The fast path met an item the database refused: do it item by item.
+    Refused,
+}
+
+/// Why an attempt at a chunk failed.
+enum Failure {
+    /// The database's error.
+    Db(tokio_postgres::Error),
+    /// No connection from the pool (a timeout, the pool closed): try later.
+    Pool(String),
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Failure::Db(e)
+    }
+}
+
+impl Failure {
+    fn decide(self) -> ProcessError {
+        match self {
+            Failure::Db(e) => chunk_failure(&e),
+            Failure::Pool(why) => ProcessError::Transient(format!("no database connection: {why}")),
+        }
+    }
+}
+
+/// `params` as the client takes them.
+fn as_params(params: &[Text]) -> Vec<&(dyn ToSql + Sync)> {
+    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
+}
+
+/// The outcome recorded for a chunk applied before, if it was.
+async fn recorded(
+    client: &impl deadpool_postgres::GenericClient,
+    key: (&str, i64, i64),
+) -> Result<Option<Processed>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT bad::text FROM hopper.applied_chunks WHERE job = $1 AND run = $2 AND seq = $3",
+            &[&key.0, &key.1, &key.2],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let text: String = r.get(0);
+        let bad: Vec<Value> = serde_json::from_str(&text).unwrap_or_default();
+        Processed {
+            bad_items: bad
+                .iter()
+                .map(|b| hopper_common::BadItem {
+                    line: b["line"].as_u64().unwrap_or(0),
+                    reason: b["reason"].as_str().unwrap_or_default().to_string(),
+                })
+                .collect(),
+        }
+    }))
+}
+
+impl PostgresProcessor {
+    /// One attempt at the chunk in one transaction: `careful` puts each item under a savepoint
+    /// and skips the ones the database refuses; otherwise the items go pipelined and the first
+    /// refusal gives [`Applied::Refused`].
+    async fn apply(&self, chunk: &Chunk, careful: bool) -> Result<Applied, Failure> {
+        let mut client = match self.pool.get().await {
+            Ok(c) => c,
+            Err(deadpool_postgres::PoolError::Backend(e)) => return Err(Failure::Db(e)),
+            Err(other) => return Err(Failure::Pool(other.to_string())),
+        };
+        let stmt: Statement = client.prepare_cached(&self.statement).await?;
+        let key: (&str, i64, i64) = (&chunk.job, chunk.run as i64, chunk.seq as i64);
+        let tx = client.transaction().await?;
+        if let Some(done) = recorded(&tx, key).await? {
+            return Ok(Applied::Done(done));
+        }
+        let mut outcome = Processed::default();
+        let mut bound = Vec::with_capacity(chunk.items.len());
+        for item in &chunk.items {
+            match self.bind(item, stmt.params()) {
+                Ok(params) => bound.push((item, params)),
+                Err(why) => outcome.bad_item(item, why),
+            }
+        }
+        if careful {
+            for (item, params) in &bound {
+                tx.batch_execute("SAVEPOINT hopper_item").await?;
+                match tx.execute(&stmt, &as_params(params)).await {
+                    Ok(_) => tx.batch_execute("RELEASE SAVEPOINT hopper_item").await?,
+                    Err(e) if verdict(&e) == Verdict::BadItem => {
+                        tx.batch_execute("ROLLBACK TO SAVEPOINT hopper_item")
+                            .await?;
+                        outcome
+                            .bad_item(item, format!("the database refused it: {}", describe(&e)));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        } else {
+            // Polled together, the executions are pipelined on the one connection.
+            let results = join_all(
+                bound
+                    .iter()
+                    .map(|(_, params)| async { tx.execute(&stmt, &as_params(params)).await }),
+            )
+            .await;
+            for result in results {
+                match result {
+                    Ok(_) => {}
+                    Err(e) if verdict(&e) == Verdict::BadItem => return Ok(Applied::Refused),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let bad: Vec<Value> = outcome
+            .bad_items
+            .iter()
+            .map(|b| serde_json::json!({"line": b.line, "reason": b.reason}))
+            .collect();
+        let inserted = tx
+            .execute(
+                "INSERT INTO hopper.applied_chunks (job, run, seq, bad)
+                 VALUES ($1, $2, $3, $4::text::jsonb) ON CONFLICT DO NOTHING",
+                &[&key.0, &key.1, &key.2, &Value::Array(bad).to_string()],
+            )
+            .await?;
+        if inserted == 1 {
+            tx.commit().await?;
+            return Ok(Applied::Done(outcome));
+        }
+        // Another consumer applied it meanwhile and committed first: ours goes, its outcome
+        // stands.
+        tx.rollback().await?;
+        match recorded(&client, key).await? {
+            Some(done) => Ok(Applied::Done(done)),
+            None => Err(Failure::Pool(
+                "the chunk's applied record vanished after a conflict".into(),
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl Processor for PostgresProcessor {
+    async fn process(&self, chunk: &Chunk) -> Result<Processed, ProcessError> {
+        match self.apply(chunk, false).await.map_err(Failure::decide)? {
+            Applied::Done(outcome) => Ok(outcome),
+            Applied::Refused => match self.apply(chunk, true).await.map_err(Failure::decide)? {
+                Applied::Done(outcome) => Ok(outcome),
+                Applied::Refused => Err(ProcessError::Transient(
+                    "the database refused an item even under a savepoint".into(),
+                )),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn values_take_the_text_form_their_parameter_type_reads() {
+        let t = |v: Value, ty: Type| text_for(&v, &ty);
+        assert_eq!(t(json!(null), Type::INT4), Ok(None));
+        assert_eq!(t(json!(42), Type::INT4), Ok(Some("42".into())));
+        assert_eq!(t(json!("12.50"), Type::NUMERIC), Ok(Some("12.50".into())));
+        assert_eq!(t(json!(true), Type::BOOL), Ok(Some("true".into())));
+        assert_eq!(t(json!("x"), Type::JSONB), Ok(Some("\"x\"".into())));
+        assert_eq!(t(json!({"a": 1}), Type::JSON), Ok(Some("{\"a\":1}".into())));
+        assert_eq!(
+            t(json!("AAEC/w=="), Type::BYTEA),
+            Ok(Some("\\x000102ff".into()))
+        );
+        assert!(t(json!("not base64!"), Type::BYTEA).is_err());
+        assert!(t(json!({"a": 1}), Type::TEXT).is_err());
+        assert_eq!(
+            t(json!([1, null, [2, 3]]), Type::INT4_ARRAY),
+            Ok(Some("{1,NULL,{2,3}}".into()))
+        );
+        assert_eq!(
+            t(json!(["a b", "q\"uote", "back\\slash"]), Type::TEXT_ARRAY),
+            Ok(Some(r#"{"a b","q\"uote","back\\slash"}"#.into()))
+        );
+    }
+}

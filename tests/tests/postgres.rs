@@ -1,0 +1,504 @@
+//! The `postgres` processor against the real PostgreSQL (`HOPPER_TEST_PG_URL`, by default the
+//! local `test` database): one transaction per chunk, exactly-once effect on a table with no
+//! unique key, bad items by the database's own refusal, transient failures retried, mistakes
+//! refused at start, types converted by the database. Each test has its own tables, dropped at
+//! the end with the job's applied-chunk records.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hopper_common::{Chunk, Item, Position};
+use hopper_consumer::{PostgresProcessor, Processor};
+use hopper_tests::{pg_url, require_broker, require_postgres, TestJob};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A test's tables: created by the test, dropped (with the job's applied-chunk records) when it
+/// ends, whatever its outcome.
+struct Tables {
+    job: String,
+    names: Vec<String>,
+}
+
+impl Tables {
+    /// A table name of this test's own: `<job>_<suffix>`, as an SQL identifier.
+    fn name(t: &TestJob, suffix: &str) -> String {
+        format!("{}_{suffix}", t.name.replace('-', "_"))
+    }
+}
+
+impl Drop for Tables {
+    fn drop(&mut self) {
+        let (job, names) = (self.job.clone(), self.names.clone());
+        // Drop runs inside the test's runtime: clean up from a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok((client, conn)) =
+                    tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls).await
+                else {
+                    return;
+                };
+                tokio::spawn(conn);
+                for name in names {
+                    let _ = client
+                        .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+                        .await;
+                }
+                let _ = client
+                    .execute("DELETE FROM hopper.applied_chunks WHERE job = $1", &[&job])
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// A job that inserts each item of `input.jsonl` (`id`, `price`) into `table`, in local mode.
+fn insert_job(prefix: &str, table_suffix: &str, url: &str, extra: &str) -> (TestJob, String) {
+    let t = TestJob::local(
+        prefix,
+        &format!(
+            r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[processor]
+kind = "postgres"
+url = "{url}"
+statement = "INSERT INTO {{TABLE}} (id, price) VALUES ($1, $2)"
+params = ["id", "price"]
+[failures]
+skip_limit = 10
+{extra}"#
+        ),
+    );
+    let table = Tables::name(&t, table_suffix);
+    let text = std::fs::read_to_string(t.file())
+        .expect("job")
+        .replace("{TABLE}", &table);
+    std::fs::write(t.file(), text).expect("job");
+    (t, table)
+}
+
+fn write_prices(t: &TestJob, n: u64, bad: Option<u64>) {
+    let lines: String = (1..=n)
+        .map(|i| {
+            let price = if Some(i) == bad { -1 } else { i as i64 };
+            format!("{{\"id\":{i},\"price\":\"{price}.25\"}}\n")
+        })
+        .collect();
+    std::fs::write(t.path("input.jsonl"), lines).expect("input");
+}
+
+async fn count(client: &tokio_postgres::Client, table: &str) -> (i64, i64) {
+    let row = client
+        .query_one(
+            &format!("SELECT count(*), count(DISTINCT id) FROM {table}"),
+            &[],
+        )
+        .await
+        .expect("count");
+    (row.get(0), row.get(1))
+}
+
+/// A chunk delivered again after it committed is recognised and not applied again: the table
+/// has no unique key, and holds each row once. The second delivery returns the first's
+/// outcome (its bad item included).
+#[tokio::test]
+async fn a_chunk_delivered_twice_changes_the_table_once() {
+    let client = require_postgres().await;
+    let (t, table) = insert_job("pgtwice", "dst", &pg_url(), "");
+    let _tables = Tables {
+        job: t.name.clone(),
+        names: vec![table.clone()],
+    };
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int, price numeric(10,2) CHECK (price >= 0))"
+        ))
+        .await
+        .expect("create");
+    let job = t.job();
+    let hopper_common::ProcessorSpec::Postgres {
+        url,
+        statement,
+        params,
+    } = &job.processor
+    else {
+        panic!("a postgres job")
+    };
+    let p: Arc<dyn Processor> = Arc::new(
+        PostgresProcessor::connect(url, statement, params.clone(), "job.toml")
+            .await
+            .expect("connect"),
+    );
+    let items = (1..=5u64)
+        .map(|i| Item {
+            line: i,
+            data: format!(
+                "{{\"id\":{i},\"price\":\"{}\"}}",
+                if i == 3 { "-1" } else { "1.5" }
+            ),
+        })
+        .collect();
+    let chunk = Chunk {
+        job: t.name.clone(),
+        run: 1,
+        seq: 1,
+        attempt: 1,
+        position: Position { line: 1, offset: 0 },
+        items,
+    };
+    let first = p.process(&chunk).await.expect("first delivery");
+    let again = p.process(&chunk).await.expect("second delivery");
+    assert_eq!(first, again);
+    assert_eq!(first.bad_items.len(), 1);
+    assert_eq!(first.bad_items[0].line, 3);
+    assert!(
+        first.bad_items[0].reason.contains("check constraint"),
+        "{}",
+        first.bad_items[0].reason
+    );
+    assert_eq!(count(&client, &table).await, (4, 4));
+    // Two deliveries at once (a redelivery while the first still works): once, too.
+    let other = Chunk { seq: 2, ..chunk };
+    let (a, b) = tokio::join!(p.process(&other), p.process(&other));
+    assert_eq!(a.expect("a"), b.expect("b"));
+    assert_eq!(count(&client, &table).await, (8, 4));
+}
+
+/// Over the broker, consumers SIGKILLed during the run: the target table (no unique key) holds
+/// every source row exactly once.
+#[tokio::test]
+async fn consumers_killed_mid_run_leave_every_row_exactly_once() {
+    let _conn = require_broker().await;
+    let client = require_postgres().await;
+    let n = 20_000u64;
+    let t = TestJob::new(
+        "pgkill",
+        &format!(
+            r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 50
+[throttle]
+rate = 8000
+[processor]
+kind = "postgres"
+url = "{}"
+statement = "INSERT INTO {{TABLE}} (id, price) VALUES ($1, $2)"
+params = ["id", "price"]
+"#,
+            pg_url()
+        ),
+    );
+    let table = Tables::name(&t, "dst");
+    let _tables = Tables {
+        job: t.name.clone(),
+        names: vec![table.clone()],
+    };
+    let text = std::fs::read_to_string(t.file())
+        .expect("job")
+        .replace("{TABLE}", &table);
+    std::fs::write(t.file(), text).expect("job");
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (id int, price numeric)"))
+        .await
+        .expect("create");
+    write_prices(&t, n, None);
+    let mut doomed = t.start_consumer(1, 4);
+    let dispatcher = t.spawn_dispatcher(&["run"], "dispatcher.log");
+    // Kill it twice in the middle of its work, each time starting another.
+    for round in 2..=3u32 {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        let target = (round as i64 - 1) * n as i64 / 4;
+        while count(&client, &table).await.0 < target {
+            assert!(tokio::time::Instant::now() < deadline, "no progress");
+            assert!(!doomed.exited(), "the consumer stopped by itself");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        doomed.signal("KILL");
+        doomed = t.start_consumer(round, 4);
+    }
+    let status = tokio::time::timeout(LIMIT, dispatcher.wait_with_output())
+        .await
+        .expect("the run ends")
+        .expect("dispatcher");
+    assert!(
+        status.status.success(),
+        "{}",
+        std::fs::read_to_string(t.path("dispatcher.log")).unwrap_or_default()
+    );
+    assert_eq!(count(&client, &table).await, (n as i64, n as i64));
+    assert!(doomed.stop(LIMIT).await.success());
+}
+
+/// A row the target's CHECK refuses is a bad item listed with its line and the database's
+/// message; fixed in the input, `retry` applies just that row.
+#[tokio::test]
+async fn a_row_refused_by_a_check_is_skipped_and_retry_applies_just_it() {
+    let client = require_postgres().await;
+    let (t, table) = insert_job("pgcheck", "dst", &pg_url(), "");
+    let _tables = Tables {
+        job: t.name.clone(),
+        names: vec![table.clone()],
+    };
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int, price numeric(10,2) CHECK (price >= 0))"
+        ))
+        .await
+        .expect("create");
+    write_prices(&t, 100, Some(42));
+    let out = t.dispatcher(&["run", "--local", "2"], LIMIT).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(s["items"]["processed"], 99);
+    let failures = hopper_tests::failures(&s, "reason");
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].0, 42);
+    assert!(
+        failures[0].1.contains("check constraint") && failures[0].1.contains("23514"),
+        "{}",
+        failures[0].1
+    );
+    assert_eq!(count(&client, &table).await, (99, 99));
+
+    write_prices(&t, 100, None);
+    let out = t
+        .dispatcher(&["retry", "--run", "1", "--local", "2"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert_eq!(count(&client, &table).await, (100, 100));
+    let row = client
+        .query_one(
+            &format!("SELECT price::text FROM {table} WHERE id = 42"),
+            &[],
+        )
+        .await
+        .expect("row 42");
+    assert_eq!(row.get::<_, String>(0), "42.25");
+}
+
+/// The rows the statement needs locked past the processor's `lock_timeout` (SQLSTATE 55P03):
+/// transient, retried after the backoff, then done once the lock is gone. (A row lock, not a
+/// table lock, so that the statement can still be prepared at start.)
+#[tokio::test]
+async fn a_lock_held_past_lock_timeout_is_retried_then_done() {
+    let client = require_postgres().await;
+    let url = format!("{}?options=-c%20lock_timeout%3D200ms", pg_url());
+    let (t, table) = insert_job(
+        "pglock",
+        "dst",
+        &url,
+        "[retry]\nmax_attempts = 10\nbackoff = \"500ms..500ms\"",
+    );
+    let gate = Tables::name(&t, "gate");
+    let _tables = Tables {
+        job: t.name.clone(),
+        names: vec![table.clone(), gate.clone()],
+    };
+    let text = std::fs::read_to_string(t.file()).expect("job").replace(
+        &format!("INSERT INTO {table} (id, price) VALUES ($1, $2)"),
+        &format!("INSERT INTO {table} (id, price) SELECT $1, $2 FROM {gate} FOR UPDATE"),
+    );
+    std::fs::write(t.file(), text).expect("job");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int, price numeric); CREATE TABLE {gate} (open bool);
+             INSERT INTO {gate} VALUES (true);"
+        ))
+        .await
+        .expect("create");
+    write_prices(&t, 30, None);
+    let (mut locker, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
+        .await
+        .expect("a second connection");
+    tokio::spawn(conn);
+    let lock = locker.transaction().await.expect("begin");
+    lock.batch_execute(&format!("SELECT * FROM {gate} FOR UPDATE"))
+        .await
+        .expect("lock");
+    let run = t.dispatcher(&["run", "--local", "1"], LIMIT);
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        lock.rollback().await.expect("unlock");
+    };
+    let (out, ()) = tokio::join!(run, release);
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(out.stderr.contains("55P03"), "{}", out.stderr);
+    assert_eq!(count(&client, &table).await, (30, 30));
+}
+
+/// What cannot work is refused at start, naming the field: a statement the database cannot
+/// prepare, parameters that do not match it (exit 2); a database that cannot be reached (exit
+/// 1, with host and port, never the password).
+#[tokio::test]
+async fn mistakes_are_refused_at_start_naming_the_field() {
+    let client = require_postgres().await;
+    let (t, table) = insert_job("pgbad", "dst", &pg_url(), "");
+    let _tables = Tables {
+        job: t.name.clone(),
+        names: vec![table.clone()],
+    };
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (id int, price numeric)"))
+        .await
+        .expect("create");
+    write_prices(&t, 10, None);
+    let job = std::fs::read_to_string(t.file()).expect("job");
+    let cases = [
+        (
+            job.replace("INSERT INTO", "INSERT INTOO"),
+            2,
+            "processor.statement",
+            "syntax error",
+        ),
+        (
+            job.replace("params = [\"id\", \"price\"]", "params = [\"id\"]"),
+            2,
+            "processor.params",
+            "takes 2 parameter",
+        ),
+        (
+            job.replace(&pg_url(), "postgres://postgres:s3cret@127.0.0.1:1/test"),
+            1,
+            "processor.url",
+            "127.0.0.1:1",
+        ),
+    ];
+    for (text, code, field, says) in cases {
+        std::fs::write(t.file(), &text).expect("job");
+        for out in [
+            t.dispatcher(&["run", "--local", "1"], LIMIT).await,
+            hopper_tests::run(
+                {
+                    let mut cmd =
+                        tokio::process::Command::new(hopper_tests::bin("hopper-consumer"));
+                    cmd.arg(t.file());
+                    cmd
+                },
+                LIMIT,
+            )
+            .await,
+        ] {
+            assert_eq!(out.code(), code, "{}", out.stderr);
+            assert!(
+                out.stderr.contains(field) && out.stderr.contains(says),
+                "{}",
+                out.stderr
+            );
+            assert!(!out.stderr.contains("s3cret"), "{}", out.stderr);
+        }
+    }
+    assert_eq!(count(&client, &table).await, (0, 0));
+}
+
+/// Every common type goes through as the database reads its text form; NULL stays NULL.
+#[tokio::test]
+async fn types_are_converted_by_the_database() {
+    let client = require_postgres().await;
+    let t = TestJob::local(
+        "pgtypes",
+        &format!(
+            r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[processor]
+kind = "postgres"
+url = "{}"
+statement = "INSERT INTO {{TABLE}} VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+params = ["i2", "i4", "i8", "num", "f8", "txt", "b", "d", "ts", "u", "jb", "j", "bin", "ia", "ta"]
+"#,
+            pg_url()
+        ),
+    );
+    let table = Tables::name(&t, "types");
+    let _tables = Tables {
+        job: t.name.clone(),
+        names: vec![table.clone()],
+    };
+    let text = std::fs::read_to_string(t.file())
+        .expect("job")
+        .replace("{TABLE}", &table);
+    std::fs::write(t.file(), text).expect("job");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (i2 int2, i4 int4, i8 int8, num numeric, f8 float8, txt text,
+             b bool, d date, ts timestamptz, u uuid, jb jsonb, j json, bin bytea, ia int4[],
+             ta text[])"
+        ))
+        .await
+        .expect("create");
+    let full = r#"{"i2":-7,"i4":2147483647,"i8":9007199254740993,"num":"12345678901234567890.000000000001","f8":1.5,"txt":"tab\there \"quoted\" é","b":true,"d":"2026-11-26","ts":"2026-11-26T10:00:00.123456Z","u":"0f8fad5b-d9cb-469f-a165-70867728950e","jb":{"a":[1,null,"x"]},"j":"just a string","bin":"AAEC/w==","ia":[1,null,3],"ta":["a","b \"c\"",null]}"#;
+    let nulls = r#"{"i2":null,"i4":null,"i8":null,"num":null,"f8":null,"txt":null,"b":null,"d":null,"ts":null,"u":null,"jb":null,"j":null,"bin":null,"ia":null,"ta":null}"#;
+    std::fs::write(t.path("input.jsonl"), format!("{full}\n{nulls}\n")).expect("input");
+    let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let rows = client
+        .query(
+            &format!(
+                "SELECT i2::text, i4::text, i8::text, num::text, f8::text, txt, b::text, \
+                 d::text, ts::text, u::text, jb::text, j::text, bin::text, ia::text, ta::text \
+                 FROM {table} ORDER BY i2 NULLS LAST"
+            ),
+            &[],
+        )
+        .await
+        .expect("rows");
+    assert_eq!(rows.len(), 2);
+    let got: Vec<Option<String>> = (0..15).map(|i| rows[0].get(i)).collect();
+    let want = [
+        "-7",
+        "2147483647",
+        "9007199254740993",
+        "12345678901234567890.000000000001",
+        "1.5",
+        "tab\there \"quoted\" é",
+        "true",
+        "2026-11-26",
+        "",
+        "0f8fad5b-d9cb-469f-a165-70867728950e",
+        r#"{"a": [1, null, "x"]}"#,
+        r#""just a string""#,
+        r"\x000102ff",
+        "{1,NULL,3}",
+        r#"{a,"b \"c\"",NULL}"#,
+    ];
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if i == 8 {
+            // The session's time zone decides how a timestamptz prints: compare the instant.
+            continue;
+        }
+        assert_eq!(g.as_deref(), Some(w), "column {i}");
+    }
+    let instant = client
+        .query_one(
+            &format!(
+                "SELECT ts = '2026-11-26T10:00:00.123456Z'::timestamptz FROM {table} WHERE i2 = -7"
+            ),
+            &[],
+        )
+        .await
+        .expect("ts");
+    assert!(instant.get::<_, bool>(0));
+    let nulls: Vec<Option<String>> = (0..15).map(|i| rows[1].get(i)).collect();
+    assert!(nulls.iter().all(Option::is_none), "{nulls:?}");
+}
