@@ -4,7 +4,7 @@
 
 use hopper_common::Job;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::carrier::drive;
 use crate::context::{ExecutionContext, RunId};
@@ -36,6 +36,29 @@ pub async fn run(
         }
     }
     drive(job, start, context, opts, shutdown).await
+}
+
+/// What a scheduler runs (`run --continue`): finishes the latest run of `job` if it was
+/// interrupted (its dispatcher gone), as [`resume()`] would; otherwise starts a new one, as
+/// [`run()`] would. While a dispatcher of the job is alive it changes nothing and returns
+/// [`DispatchError::AlreadyRunning`] (exit 3), so overlapping starts are harmless.
+///
+/// # Errors
+/// A [`DispatchError`]; [`DispatchError::exit_code`] tells the ones where nothing was sent.
+pub async fn run_or_continue(
+    job: &Job,
+    context: &ExecutionContext,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, DispatchError> {
+    match context.store().run(&job.name, None).await? {
+        Some(latest) if !latest.state.is_final() => {
+            refuse_if_alive(job, &latest)?;
+            info!(job = %job.name, run = latest.id, "run {} was interrupted: finishing it", latest.id);
+            resume(job, context, Some(latest.id), opts, shutdown).await
+        }
+        Some(_) | None => run(job, context, opts, shutdown).await,
+    }
 }
 
 /// Finishes an interrupted run of `job` (the latest one unless `run` names it), like [`run()`]:

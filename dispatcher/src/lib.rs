@@ -3,7 +3,8 @@
 //! consumers' replies until every chunk has a final outcome.
 //!
 //! The `hopper-dispatcher` binary is a thin command line over this library. The library's whole
-//! surface is the commands ([`run()`], [`resume()`], [`retry()`], [`status()`]), their
+//! surface is the commands ([`run()`], [`resume()`], [`run_or_continue()`], [`retry()`],
+//! [`status()`], [`runs()`]), their
 //! [`RunOptions`], the [`ExecutionContext`] they share, and what they return:
 //!
 //! ```no_run
@@ -20,7 +21,8 @@
 //!
 //! # Layout
 //! - `launch` (`run`, `resume`) and `retry/` (`plan`, `reader`): the commands that start a run;
-//!   `status`: where a run stands, as a table or the `status --json` object.
+//!   `status`: where a run stands, as a table or the `status --json` object; `runs`: a job's
+//!   runs, one line each.
 //! - `source/`: where records come from (the file source reads JSON Lines, CSV and plain lines,
 //!   keeping each record's line and byte offset), and reading a recorded range again.
 //! - `chunker`: cuts records into chunks by item count and bytes.
@@ -42,6 +44,7 @@ mod options;
 mod owner;
 mod progress;
 mod retry;
+mod runs;
 mod source;
 mod status;
 mod throttle;
@@ -53,8 +56,9 @@ pub use context::{
 pub use dispatch::RunSummary;
 pub use error::DispatchError;
 pub use hopper_common::Job;
-pub use launch::{resume, run};
+pub use launch::{resume, run, run_or_continue};
 pub use options::{Local, RunOptions};
 pub use retry::retry;
+pub use runs::{runs, RunLine};
 pub use source::SourceError;
 pub use status::{status, FailureOut, InProgressOut, StatusReport, StuckOut};

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use hopper_dispatcher::{
-    DispatchError, ExecutionContext, Job, Local, RunOptions, RunSummary, StatusReport,
+    DispatchError, ExecutionContext, Job, Local, RunLine, RunOptions, RunSummary, StatusReport,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +32,11 @@ enum Command {
         /// recorded but not confirmed, wait for what is in flight, read on from its checkpoint.
         #[arg(long, value_name = "RUN")]
         resume: Option<Option<u64>>,
+        /// What a scheduler runs: finish the latest run if it was interrupted (its dispatcher
+        /// gone), otherwise start a new one. Exit 3, nothing changed, while a dispatcher of
+        /// the job is alive.
+        #[arg(long = "continue", conflicts_with = "resume")]
+        continue_: bool,
         #[command(flatten)]
         local: LocalArg,
     },
@@ -58,6 +63,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the job's runs, newest first: state, times, counts and dispatcher.
+    Runs {
+        /// The job file.
+        job: PathBuf,
+        /// Print a JSON array (one object per run) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Local mode, for `run` and `retry`.
@@ -77,13 +90,24 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     hopper_common::process::run_main(async {
         match cli.command {
-            Command::Run { job, resume, local } => {
-                run_job(job, Start::Run(resume), local.local).await
+            Command::Run {
+                job,
+                resume,
+                continue_,
+                local,
+            } => {
+                let start = if continue_ {
+                    Start::Continue
+                } else {
+                    Start::Run(resume)
+                };
+                run_job(job, start, local.local).await
             }
             Command::Retry { job, run, local } => {
                 run_job(job, Start::Retry(run), local.local).await
             }
             Command::Status { job, run, json } => status(job, run, json).await,
+            Command::Runs { job, json } => runs(job, json).await,
         }
     })
 }
@@ -102,9 +126,10 @@ fn open(path: &Path) -> Result<(Job, ExecutionContext), ExitCode> {
     Ok((job, context))
 }
 
-/// What `run_job` does: a run (new, or resumed), or a retry.
+/// What `run_job` does: a run (new, or resumed), a run for a scheduler, or a retry.
 enum Start {
     Run(Option<Option<u64>>),
+    Continue,
     Retry(u64),
 }
 
@@ -125,6 +150,7 @@ async fn run_job(path: PathBuf, start: Start, local: Option<u16>) -> ExitCode {
                 hopper_dispatcher::resume(&job, &context, run_id, opts, stop).await
             }
             Start::Run(None) => hopper_dispatcher::run(&job, &context, opts, stop).await,
+            Start::Continue => hopper_dispatcher::run_or_continue(&job, &context, opts, stop).await,
             Start::Retry(run_id) => {
                 hopper_dispatcher::retry(&job, &context, run_id, opts, stop).await
             }
@@ -209,6 +235,45 @@ async fn status(path: PathBuf, run: Option<u64>, json: bool) -> ExitCode {
         }
     } else {
         print!("{}", report.table());
+    }
+    ExitCode::SUCCESS
+}
+
+async fn runs(path: PathBuf, json: bool) -> ExitCode {
+    let job = match Job::load(&path) {
+        Ok(job) => job,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Only reads: a job never run has no execution context, and gets none.
+    let lines = match ExecutionContext::open_existing(&job) {
+        Ok(None) => Vec::new(),
+        Ok(Some(context)) => match hopper_dispatcher::runs(&job, &context).await {
+            Ok(lines) => lines,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(e.exit_code());
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&lines) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: cannot print the runs as JSON: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else if lines.is_empty() {
+        eprintln!("job {} has no runs yet", job.name);
+    } else {
+        print!("{}", RunLine::table(&lines));
     }
     ExitCode::SUCCESS
 }

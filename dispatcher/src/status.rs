@@ -231,7 +231,7 @@ impl<'a> StatusReport<'a> {
 
 /// `text` with its control characters escaped (`\u{1b}`, `\r`, `\0`...): reasons come from
 /// processors and inputs, and must not drive the operator's terminal.
-fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.chars().any(char::is_control) {
         return std::borrow::Cow::Borrowed(text);
     }

@@ -174,6 +174,9 @@ pub(crate) trait ContextStore: Send + Sync {
     /// The run's chunks without a final outcome (`pending` and `in_flight`), in seq order.
     async fn open_chunks(&self, run: RunId) -> Result<Vec<ChunkRecord>, ContextError>;
 
+    /// Every run of `job`, newest first.
+    async fn runs(&self, job: &str) -> Result<Vec<RunRecord>, ContextError>;
+
     /// The run `id` of `job`, or its latest run when `id` is `None`.
     async fn run(&self, job: &str, id: Option<RunId>) -> Result<Option<RunRecord>, ContextError>;
 

@@ -166,6 +166,11 @@ impl ContextStore for SqliteStore {
         self.with(move |conn| chunks::open(conn, run)).await
     }
 
+    async fn runs(&self, job: &str) -> Result<Vec<RunRecord>, ContextError> {
+        let job = job.to_string();
+        self.with(move |conn| runs::all(conn, &job)).await
+    }
+
     async fn run(&self, job: &str, id: Option<RunId>) -> Result<Option<RunRecord>, ContextError> {
         let job = job.to_string();
         self.with(move |conn| runs::run_by(conn, &job, id)).await

@@ -60,6 +60,18 @@ pub(super) fn run_by(
         .transpose()
 }
 
+/// Every run of `job`, newest first.
+pub(super) fn all(conn: &Connection, job: &str) -> Result<Vec<RunRecord>, Fail> {
+    let mut stmt = conn.prepare("SELECT * FROM runs WHERE job = ?1 ORDER BY id DESC")?;
+    let rows = stmt.query_map(params![job], read_run)?;
+    rows.map(|row| {
+        let (mut run, state) = row?;
+        run.state = state.parse().map_err(Fail::Corrupt)?;
+        Ok(run)
+    })
+    .collect()
+}
+
 /// Checks, inside the write's own transaction, that `fence` still holds its run: the compare
 /// of compare-and-set. Another dispatcher's token there means it took the run over.
 pub(super) fn check(conn: &Connection, fence: &Fence) -> Result<(), Fail> {

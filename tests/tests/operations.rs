@@ -1,0 +1,122 @@
+//! Operating Hopper: what a scheduler runs (`run --continue`), and the list of a job's runs.
+
+use std::time::Duration;
+
+use hopper_tests::{assert_every_id_once, write_jsonl, TestJob};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn job(prefix: &str) -> TestJob {
+    TestJob::local(
+        prefix,
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[throttle]
+rate = 1000
+ramp_up = "0s"
+[processor]
+kind = "file"
+dir = "out"
+"#,
+    )
+}
+
+fn runs_json(t: &TestJob, out: &hopper_tests::Output) -> Vec<serde_json::Value> {
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("runs --json prints JSON");
+    let _ = t;
+    v.as_array().expect("an array").clone()
+}
+
+/// `run --continue` finishes the latest run when its dispatcher is gone, starts a new run when
+/// the latest has ended, and changes nothing (exit 3) while a dispatcher of the job is alive.
+#[tokio::test]
+async fn run_continue_finishes_an_interrupted_run_or_starts_a_new_one() {
+    let t = job("continue");
+    write_jsonl(&t.path("input.jsonl"), 2_000, 30);
+    t.kill_after_progress(&["run", "--local", "1"], 0, 200)
+        .await;
+
+    let out = t
+        .dispatcher(&["run", "--continue", "--local", "1"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(out.stderr.contains("run 1 of"), "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(
+        (s["run"].as_u64(), s["state"].as_str()),
+        (Some(1), Some("completed"))
+    );
+    assert_every_id_once(&t.path("out/1"), 2_000);
+
+    // The latest run has ended: a new one.
+    let out = t
+        .dispatcher(&["run", "--continue", "--local", "1"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(out.stderr.contains("run 2 of"), "{}", out.stderr);
+
+    // A dispatcher alive: exit 3, nothing changed.
+    let mut live = t.spawn_dispatcher(&["run", "--local", "1"], "live.log");
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while t.status().await["run"] != 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run 3 never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = t
+        .dispatcher(&["run", "--continue", "--local", "1"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 3, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("already running: run 3 "),
+        "{}",
+        out.stderr
+    );
+    let status = tokio::time::timeout(LIMIT, live.wait())
+        .await
+        .expect("run 3 ends")
+        .expect("wait");
+    assert!(status.success());
+    let out = t.dispatcher(&["runs", "--json"], LIMIT).await;
+    assert_eq!(runs_json(&t, &out).len(), 3, "nothing changed");
+}
+
+/// `runs` lists every run, newest first, with its state and counts; a job never run has none,
+/// and `runs` creates nothing.
+#[tokio::test]
+async fn runs_lists_every_run_newest_first() {
+    let t = job("runslist");
+    let out = t.dispatcher(&["runs", "--json"], LIMIT).await;
+    assert!(runs_json(&t, &out).is_empty());
+    assert!(!t.path("state.db").exists());
+
+    write_jsonl(&t.path("input.jsonl"), 100, 30);
+    for _ in 0..2 {
+        let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
+        assert_eq!(out.code(), 0, "{}", out.stderr);
+    }
+    let out = t.dispatcher(&["runs", "--json"], LIMIT).await;
+    let lines = runs_json(&t, &out);
+    let ids: Vec<u64> = lines.iter().filter_map(|l| l["run"].as_u64()).collect();
+    assert_eq!(ids, [2, 1]);
+    for l in &lines {
+        assert_eq!(l["state"], "completed");
+        assert_eq!(l["items"]["processed"], 100);
+        assert_eq!(l["dispatcher_alive"], false);
+        assert!(l["finished_at"].is_string());
+    }
+    let out = t.dispatcher(&["runs"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let table: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(table.len(), 3, "{}", out.stdout);
+    assert!(table[1].trim_start().starts_with("2 ") && table[1].contains("completed"));
+}
