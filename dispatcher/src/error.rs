@@ -78,6 +78,12 @@ pub enum DispatchError {
         /// Seconds since that run's heartbeat.
         age_secs: u64,
     },
+    /// `clean --queues` found them still needed (nothing was deleted).
+    #[error("the queues are kept: {why}")]
+    CleanRefused {
+        /// What still needs them, and what to do.
+        why: String,
+    },
     /// `--resume` or `retry` found no such run.
     #[error("job {job} has {}", match run { Some(r) => format!("no run {r}"), None => "no runs to resume".to_string() })]
     NoSuchRun {
@@ -140,7 +146,8 @@ impl DispatchError {
             | DispatchError::NotResumable { .. }
             | DispatchError::NotRetryable { .. }
             | DispatchError::Processor(_)
-            | DispatchError::Interrupted { .. } => false,
+            | DispatchError::Interrupted { .. }
+            | DispatchError::CleanRefused { .. } => false,
         }
     }
 
@@ -159,7 +166,8 @@ impl DispatchError {
             )
             | DispatchError::NoSuchRun { .. }
             | DispatchError::NotRetryable { .. }
-            | DispatchError::NotResumable { .. } => 2,
+            | DispatchError::NotResumable { .. }
+            | DispatchError::CleanRefused { .. } => 2,
             DispatchError::Processor(e) => e.exit_code(),
             DispatchError::Source(SourceError::Read { .. })
             | DispatchError::Transport(_)

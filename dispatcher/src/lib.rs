@@ -4,7 +4,7 @@
 //!
 //! The `hopper-dispatcher` binary is a thin command line over this library. The library's whole
 //! surface is the commands ([`run()`], [`resume()`], [`run_or_continue()`], [`retry()`],
-//! [`status()`], [`runs()`]), their
+//! [`status()`], [`runs()`], [`clean_runs()`], [`clean_queues()`]), their
 //! [`RunOptions`], the [`ExecutionContext`] they share, and what they return:
 //!
 //! ```no_run
@@ -22,7 +22,7 @@
 //! # Layout
 //! - `launch` (`run`, `resume`) and `retry/` (`plan`, `reader`): the commands that start a run;
 //!   `status`: where a run stands, as a table or the `status --json` object; `runs`: a job's
-//!   runs, one line each.
+//!   runs, one line each; `clean`: ended runs and the job's queues removed.
 //! - `source/`: where records come from (the file source reads JSON Lines, CSV and plain lines,
 //!   keeping each record's line and byte offset), and reading a recorded range again.
 //! - `chunker`: cuts records into chunks by item count and bytes.
@@ -36,6 +36,7 @@
 
 mod carrier;
 mod chunker;
+mod clean;
 mod context;
 mod dispatch;
 mod error;
@@ -49,6 +50,7 @@ mod source;
 mod status;
 mod throttle;
 
+pub use clean::{clean_queues, clean_runs};
 pub use context::{
     Checkpoint, ChunkCounts, ContextError, ExecutionContext, FailureClass, FailureRecord,
     InProgress, ItemCounts, RunId, RunRecord, RunState, RunStatus, StuckChunk,

@@ -63,6 +63,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove ended runs from the execution context (--older-than), and/or the job's queues
+    /// from the broker (--queues: refused while a run has not ended or the dead queue holds
+    /// chunks, unless --force; never while a dispatcher of the job is alive).
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["older_than", "queues"])))]
+    Clean {
+        /// The job file.
+        job: PathBuf,
+        /// Remove the runs that ended longer ago than this (`30d`, `12h`, `0s` for all ended
+        /// runs), with their chunks and failures.
+        #[arg(long, value_name = "D", value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// Delete the job's queues (chunks, replies, dead, delay queues), messages included.
+        #[arg(long)]
+        queues: bool,
+        /// With --queues: delete them even while a run has not ended or chunks are dead.
+        #[arg(long, requires = "queues")]
+        force: bool,
+    },
     /// List the job's runs, newest first: state, times, counts and dispatcher.
     Runs {
         /// The job file.
@@ -108,6 +126,12 @@ fn main() -> ExitCode {
             }
             Command::Status { job, run, json } => status(job, run, json).await,
             Command::Runs { job, json } => runs(job, json).await,
+            Command::Clean {
+                job,
+                older_than,
+                queues,
+                force,
+            } => clean(job, older_than, queues, force).await,
         }
     })
 }
@@ -274,6 +298,57 @@ async fn runs(path: PathBuf, json: bool) -> ExitCode {
         eprintln!("job {} has no runs yet", job.name);
     } else {
         print!("{}", RunLine::table(&lines));
+    }
+    ExitCode::SUCCESS
+}
+
+async fn clean(
+    path: PathBuf,
+    older_than: Option<std::time::Duration>,
+    queues: bool,
+    force: bool,
+) -> ExitCode {
+    let job = match Job::load(&path) {
+        Ok(job) => job,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // A job never run has no execution context: nothing to remove there, and none is made.
+    let context = match ExecutionContext::open_existing(&job) {
+        Ok(context) => context,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    if let Some(age) = older_than {
+        let removed = match &context {
+            Some(c) => hopper_dispatcher::clean_runs(&job, c, age).await,
+            None => Ok(0),
+        };
+        match removed {
+            Ok(n) => eprintln!(
+                "removed {n} run(s) of {} that ended more than {} ago",
+                job.name,
+                humantime::format_duration(age)
+            ),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(e.exit_code());
+            }
+        }
+    }
+    if queues {
+        match hopper_dispatcher::clean_queues(&job, context.as_ref(), force).await {
+            Ok(deleted) if deleted.is_empty() => eprintln!("job {} has no queues", job.name),
+            Ok(deleted) => eprintln!("deleted {}", deleted.join(", ")),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(e.exit_code());
+            }
+        }
     }
     ExitCode::SUCCESS
 }

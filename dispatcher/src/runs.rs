@@ -33,6 +33,8 @@ pub struct RunLine {
     pub items: ItemCounts,
     /// Chunks by where they stand.
     pub chunks: ChunkCounts,
+    /// Failures still standing (`status --run` lists them).
+    pub failures: usize,
 }
 
 /// Every run of `job`, newest first, with its counts. A job never run has none.
@@ -54,6 +56,7 @@ pub async fn runs(job: &Job, context: &ExecutionContext) -> Result<Vec<RunLine>,
             finished_at: run.finished_at.map(rfc3339),
             items: status.items,
             chunks: status.chunks,
+            failures: status.failures.len(),
         });
     }
     Ok(lines)

@@ -120,3 +120,101 @@ async fn runs_lists_every_run_newest_first() {
     assert_eq!(table.len(), 3, "{}", out.stdout);
     assert!(table[1].trim_start().starts_with("2 ") && table[1].contains("completed"));
 }
+
+/// `clean --older-than` removes ended runs with their rows, never one that has not ended.
+#[tokio::test]
+async fn clean_removes_ended_runs_only() {
+    let t = job("cleanruns");
+    write_jsonl(&t.path("input.jsonl"), 2_000, 30);
+    // Run 1 interrupted, runs 2 and 3 ended.
+    t.kill_after_progress(&["run", "--local", "1"], 0, 200)
+        .await;
+    for _ in 0..2 {
+        let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
+        assert_eq!(out.code(), 0, "{}", out.stderr);
+    }
+    let out = t.dispatcher(&["clean", "--older-than", "1h"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(out.stderr.contains("removed 0 run(s)"), "{}", out.stderr);
+    let out = t.dispatcher(&["clean", "--older-than", "0s"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(out.stderr.contains("removed 2 run(s)"), "{}", out.stderr);
+    let out = t.dispatcher(&["runs", "--json"], LIMIT).await;
+    let left: Vec<u64> = runs_json(&t, &out)
+        .iter()
+        .filter_map(|l| l["run"].as_u64())
+        .collect();
+    assert_eq!(left, [1], "the interrupted run stays");
+    let out = t.dispatcher(&["status", "--run", "2"], LIMIT).await;
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    // The interrupted run is still whole: it finishes.
+    let out = t
+        .dispatcher(&["run", "--resume", "1", "--local", "1"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert_every_id_once(&t.path("out/1"), 2_000);
+}
+
+/// `clean --queues` deletes the job's queues once its runs have ended; it keeps them while the
+/// dead queue holds a chunk, unless `--force`.
+#[tokio::test]
+async fn clean_queues_keeps_them_while_chunks_are_dead_unless_forced() {
+    let conn = hopper_tests::require_broker().await;
+    let t = TestJob::new(
+        "cleanqueues",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[processor]
+kind = "noop"
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 100, 30);
+    let consumer = t.start_consumer(1, 2);
+    let out = t.dispatcher(&["run"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(consumer.stop(LIMIT).await.success());
+
+    // A chunk parked on the dead queue (as a consumer would park one).
+    let channel = conn.create_channel().await.expect("channel");
+    let dead = format!("hopper.{}.dead", t.name);
+    channel
+        .basic_publish(
+            "".into(),
+            dead.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"parked",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while t.queue_depth(&conn, &dead).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the message never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = t.dispatcher(&["clean", "--queues"], LIMIT).await;
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(out.stderr.contains("holds 1 chunk"), "{}", out.stderr);
+    assert_eq!(t.queue_depth(&conn, &dead).await, 1, "nothing deleted");
+
+    let out = t.dispatcher(&["clean", "--queues", "--force"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("hopper.{}.chunks", t.name)),
+        "{}",
+        out.stderr
+    );
+    let states = hopper_common::transport::amqp::admin::inspect(&t.job())
+        .await
+        .expect("inspect");
+    assert!(states.iter().all(|q| q.messages.is_none()), "{states:?}");
+}

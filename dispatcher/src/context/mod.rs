@@ -174,6 +174,10 @@ pub(crate) trait ContextStore: Send + Sync {
     /// The run's chunks without a final outcome (`pending` and `in_flight`), in seq order.
     async fn open_chunks(&self, run: RunId) -> Result<Vec<ChunkRecord>, ContextError>;
 
+    /// Removes the runs of `job` that ended before `before` (ms since the Unix epoch), with
+    /// their chunks and failures, in one transaction; returns how many. Runs not ended stay.
+    async fn delete_runs(&self, job: &str, before: u64) -> Result<u64, ContextError>;
+
     /// Every run of `job`, newest first.
     async fn runs(&self, job: &str) -> Result<Vec<RunRecord>, ContextError>;
 

@@ -7,6 +7,7 @@
 //! confirms: an unroutable message comes back inside its ack and is reported as refused, never
 //! as sent.
 
+pub mod admin;
 mod link;
 mod properties;
 mod topology;

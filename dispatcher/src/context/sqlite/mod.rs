@@ -166,6 +166,12 @@ impl ContextStore for SqliteStore {
         self.with(move |conn| chunks::open(conn, run)).await
     }
 
+    async fn delete_runs(&self, job: &str, before: u64) -> Result<u64, ContextError> {
+        let job = job.to_string();
+        self.with(move |conn| runs::delete_ended(conn, &job, before))
+            .await
+    }
+
     async fn runs(&self, job: &str) -> Result<Vec<RunRecord>, ContextError> {
         let job = job.to_string();
         self.with(move |conn| runs::all(conn, &job)).await

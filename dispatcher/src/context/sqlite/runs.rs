@@ -60,6 +60,22 @@ pub(super) fn run_by(
         .transpose()
 }
 
+/// Removes the runs of `job` that ended before `before`, with their rows.
+pub(super) fn delete_ended(conn: &mut Connection, job: &str, before: u64) -> Result<u64, Fail> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let ended =
+        "SELECT id FROM runs WHERE job = ?1 AND finished_at IS NOT NULL AND finished_at < ?2";
+    let args = params![job, before as i64];
+    tx.execute(
+        &format!("DELETE FROM failures WHERE run IN ({ended})"),
+        args,
+    )?;
+    tx.execute(&format!("DELETE FROM chunks WHERE run IN ({ended})"), args)?;
+    let n = tx.execute(&format!("DELETE FROM runs WHERE id IN ({ended})"), args)?;
+    tx.commit()?;
+    Ok(n as u64)
+}
+
 /// Every run of `job`, newest first.
 pub(super) fn all(conn: &Connection, job: &str) -> Result<Vec<RunRecord>, Fail> {
     let mut stmt = conn.prepare("SELECT * FROM runs WHERE job = ?1 ORDER BY id DESC")?;
