@@ -63,4 +63,6 @@ pub use options::{Local, RunOptions};
 pub use retry::retry;
 pub use runs::{runs, RunLine};
 pub use source::SourceError;
-pub use status::{status, FailureOut, InProgressOut, StatusReport, StuckOut};
+pub use status::{
+    broker_view, status, BrokerOut, FailureOut, InProgressOut, QueueOut, StatusReport, StuckOut,
+};

@@ -62,6 +62,9 @@ enum Command {
         /// Print the JSON object of the contract instead of a table.
         #[arg(long)]
         json: bool,
+        /// Redraw every 2 s until the run ends (with --json: one object per line each time).
+        #[arg(long)]
+        watch: bool,
     },
     /// Remove ended runs from the execution context (--older-than), and/or the job's queues
     /// from the broker (--queues: refused while a run has not ended or the dead queue holds
@@ -124,7 +127,12 @@ fn main() -> ExitCode {
             Command::Retry { job, run, local } => {
                 run_job(job, Start::Retry(run), local.local).await
             }
-            Command::Status { job, run, json } => status(job, run, json).await,
+            Command::Status {
+                job,
+                run,
+                json,
+                watch,
+            } => status(job, run, json, watch).await,
             Command::Runs { job, json } => runs(job, json).await,
             Command::Clean {
                 job,
@@ -209,7 +217,7 @@ fn report(job: &Job, result: Result<RunSummary, DispatchError>) -> ExitCode {
     }
 }
 
-async fn status(path: PathBuf, run: Option<u64>, json: bool) -> ExitCode {
+async fn status(path: PathBuf, run: Option<u64>, json: bool, watch: bool) -> ExitCode {
     let job = match Job::load(&path) {
         Ok(job) => job,
         Err(e) => {
@@ -237,30 +245,48 @@ async fn status(path: PathBuf, run: Option<u64>, json: bool) -> ExitCode {
             return ExitCode::from(e.exit_code());
         }
     };
-    let status = match hopper_dispatcher::status(&job, &context, run).await {
-        Ok(s) => s,
-        Err(DispatchError::NoSuchRun { run: None, .. }) => {
-            eprintln!("error: job {} has no runs yet", job.name);
-            return ExitCode::from(1);
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(e.exit_code());
-        }
-    };
-    let report = StatusReport::new(&status);
-    if json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("error: cannot print status as JSON: {e}");
+    loop {
+        let status = match hopper_dispatcher::status(&job, &context, run).await {
+            Ok(s) => s,
+            Err(DispatchError::NoSuchRun { run: None, .. }) => {
+                eprintln!("error: job {} has no runs yet", job.name);
                 return ExitCode::from(1);
             }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(e.exit_code());
+            }
+        };
+        let broker = hopper_dispatcher::broker_view(&job).await;
+        let report = StatusReport::new(&status).with_broker(broker);
+        if json {
+            let text = if watch {
+                serde_json::to_string(&report)
+            } else {
+                serde_json::to_string_pretty(&report)
+            };
+            match text {
+                Ok(text) => println!("{text}"),
+                Err(e) => {
+                    eprintln!("error: cannot print status as JSON: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        } else {
+            if watch {
+                // Home and clear, then the table: a redraw in place.
+                print!("\x1b[H\x1b[2J");
+            }
+            print!("{}", report.table());
         }
-    } else {
-        print!("{}", report.table());
+        if !watch || status.run.state.is_final() {
+            return ExitCode::SUCCESS;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+        }
     }
-    ExitCode::SUCCESS
 }
 
 async fn runs(path: PathBuf, json: bool) -> ExitCode {

@@ -61,6 +61,61 @@ pub struct StatusReport<'a> {
     /// Chunks in progress whose consumer went silent, or whose processing passed
     /// `chunk_timeout`.
     pub stuck: Vec<StuckOut<'a>>,
+    /// The broker's side, when it was asked ([`StatusReport::with_broker`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerOut>,
+}
+
+/// The broker's side of a job in the report: its queues as the broker holds them.
+#[derive(Debug, Clone, Serialize)]
+pub struct BrokerOut {
+    /// False when the broker could not be asked (`error` says why); the rest of the report
+    /// comes from the execution context and stands.
+    pub reachable: bool,
+    /// Why the broker could not be asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The job's queues: chunks, replies, dead, then the delay queues.
+    pub queues: Vec<QueueOut>,
+}
+
+/// A queue in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueOut {
+    /// Its name.
+    pub name: String,
+    /// Messages ready and unacked; null when the queue does not exist.
+    pub messages: Option<u32>,
+    /// Consumers attached.
+    pub consumers: u32,
+}
+
+/// The broker's side of `job`: its queues' messages and consumers (a passive declare tells,
+/// without the management plugin). Never an error: an unreachable broker is said so, within
+/// 5 s.
+pub async fn broker_view(job: &Job) -> BrokerOut {
+    let asked = tokio::time::timeout(
+        Duration::from_secs(5),
+        hopper_common::transport::amqp::admin::inspect(job),
+    )
+    .await;
+    let (queues, error) = match asked {
+        Ok(Ok(queues)) => (queues, None),
+        Ok(Err(e)) => (Vec::new(), Some(e.to_string())),
+        Err(_) => (Vec::new(), Some("no answer within 5 s".to_string())),
+    };
+    BrokerOut {
+        reachable: error.is_none(),
+        error,
+        queues: queues
+            .into_iter()
+            .map(|q| QueueOut {
+                name: q.name,
+                messages: q.messages,
+                consumers: q.consumers,
+            })
+            .collect(),
+    }
 }
 
 /// A failure in the report.
@@ -134,7 +189,14 @@ impl<'a> StatusReport<'a> {
                 })
                 .collect(),
             stuck: s.stuck.iter().map(stuck).collect(),
+            broker: None,
         }
+    }
+
+    /// The report with the broker's side ([`broker_view`]).
+    pub fn with_broker(mut self, broker: BrokerOut) -> StatusReport<'a> {
+        self.broker = Some(broker);
+        self
     }
 
     /// The report as the table `status` prints without `--json`.
@@ -168,6 +230,23 @@ impl<'a> StatusReport<'a> {
             "chunks   total {:>8}  pending {:>6}  in flight {:>6}  done {:>8}  failed {:>6}  dead {:>6}  retried {:>6}",
             c.total, c.pending, c.in_flight, c.done, c.failed, c.dead, c.retried
         );
+        match &self.broker {
+            Some(b) if b.reachable => {
+                let _ = writeln!(out, "\nqueues (messages ready and unacked, consumers):");
+                for q in &b.queues {
+                    let messages = q.messages.map_or("-".to_string(), |m| m.to_string());
+                    let _ = writeln!(out, "  {:<48}  {:>8}  {:>4}", q.name, messages, q.consumers);
+                }
+            }
+            Some(b) => {
+                let _ = writeln!(
+                    out,
+                    "\nqueues   not known: {}",
+                    printable(b.error.as_deref().unwrap_or("the broker did not answer"))
+                );
+            }
+            None => {}
+        }
         if !self.in_progress.is_empty() {
             let _ = writeln!(out, "\nin progress (chunks that run long):");
             let _ = writeln!(

@@ -218,3 +218,62 @@ kind = "noop"
         .expect("inspect");
     assert!(states.iter().all(|q| q.messages.is_none()), "{states:?}");
 }
+
+/// `status` adds the broker's side when it can be asked (each queue's messages and consumers),
+/// and says so when it cannot, without failing; `--watch` of an ended run prints it once.
+#[tokio::test]
+async fn status_shows_the_broker_side_of_the_job() {
+    let _conn = hopper_tests::require_broker().await;
+    let t = TestJob::new(
+        "statusbroker",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[processor]
+kind = "noop"
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 100, 30);
+    let consumer = t.start_consumer(1, 2);
+    let out = t.dispatcher(&["run"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let s = t.status().await;
+    assert_eq!(s["broker"]["reachable"], true, "{s}");
+    let chunks = s["broker"]["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .find(|q| q["name"] == format!("hopper.{}.chunks", t.name))
+        .cloned()
+        .expect("the chunk queue");
+    assert_eq!(
+        (chunks["messages"].as_u64(), chunks["consumers"].as_u64()),
+        (Some(0), Some(1))
+    );
+    let out = t.dispatcher(&["status", "--watch"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout.matches("state    completed").count(),
+        1,
+        "{}",
+        out.stdout
+    );
+    assert!(consumer.stop(LIMIT).await.success());
+
+    // A job whose broker cannot be reached (local mode): said, not fatal.
+    let local = job("statusnobroker");
+    write_jsonl(&local.path("input.jsonl"), 10, 30);
+    let out = local.dispatcher(&["run", "--local", "1"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let s = local.status().await;
+    assert_eq!(s["broker"]["reachable"], false);
+    assert!(
+        s["broker"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("127.0.0.1:1")),
+        "{s}"
+    );
+}
