@@ -1,6 +1,6 @@
 //! What carries a run's chunks: RabbitMQ, or (local mode, `run --local N`) worker tasks in this
 //! process over the in-process transport; and [`drive`], the one way every command opens it,
-//! dispatches over it and closes it.
+//! dispatches over it, closes it, and tells whom the job names that the run ended.
 //!
 //! In local mode the workers are the consumer library's own loop ([`hopper_consumer::run_on`])
 //! with the job's own processor: the processor cannot tell the difference. The state store, the
@@ -19,7 +19,9 @@ use tracing::{info, warn};
 use crate::context::ExecutionContext;
 use crate::dispatch::{run_on, RunSummary, Start};
 use crate::error::DispatchError;
+use crate::notify::notify;
 use crate::options::RunOptions;
+use crate::status::StatusReport;
 
 /// Opens what carries the run (the broker, or local workers), dispatches `start` over it to
 /// the end, and closes it whatever the outcome.
@@ -44,6 +46,13 @@ pub(crate) async fn drive(
     )
     .await;
     carrier.close(job).await;
+    if let Ok(summary) = &result {
+        match serde_json::to_string(&StatusReport::new(&summary.status)) {
+            Ok(report) => notify(job, summary.run, &report).await,
+            Err(e) => warn!(job = %job.name, run = summary.run, error = %e,
+                            "cannot write the status object to notify"),
+        }
+    }
     result
 }
 

@@ -32,7 +32,8 @@
 //! - `carrier`: what carries the chunks, RabbitMQ or (local mode) worker tasks in this process.
 //! - `context/`: the execution context (`model`, and the `sqlite` store behind a trait).
 //! - `owner`: which dispatcher owns a run, by heartbeat.
-//! - `options`, `error`, `progress`: how a run is started, why it stopped, what it shows.
+//! - `options`, `error`, `progress`: how a run is started, why it stopped, what it shows;
+//!   `notify`: whom the job file says to tell when a run ends.
 
 mod carrier;
 mod chunker;
@@ -41,6 +42,7 @@ mod context;
 mod dispatch;
 mod error;
 mod launch;
+mod notify;
 mod options;
 mod owner;
 mod progress;

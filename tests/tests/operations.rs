@@ -277,3 +277,104 @@ kind = "noop"
         "{s}"
     );
 }
+
+/// A tiny HTTP server for one test: answers each POST with the next status of `statuses`
+/// (200 once they run out), and hands over each body it received.
+async fn http_server(statuses: Vec<u16>) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut statuses = statuses.into_iter();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Read the head, then as many body bytes as content-length says.
+            let body = loop {
+                let n = socket.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break None;
+                }
+                request.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&request).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())
+                                .flatten()
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break Some(body.to_string());
+                    }
+                }
+            };
+            let Some(body) = body else { continue };
+            let status = statuses.next().unwrap_or(200);
+            let _ = tx.send(body);
+            let reply =
+                format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = socket.write_all(reply.as_bytes()).await;
+        }
+    });
+    (url, rx)
+}
+
+/// `[notify]`: when a run ends, the command gets the `status --json` object on stdin and the
+/// webhook gets it as a POST; a failing notification is tried again and never changes the
+/// run's outcome.
+#[tokio::test]
+async fn a_run_that_ends_is_told_to_the_command_and_the_webhook() {
+    let (url, mut bodies) = http_server(vec![500]).await;
+    let t = TestJob::local(
+        "notify",
+        &format!(
+            r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[processor]
+kind = "noop"
+[notify]
+command = ["sh", "-c", "cat > notified.json"]
+webhook = "{url}"
+"#
+        ),
+    );
+    write_jsonl(&t.path("input.jsonl"), 10, 30);
+    let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let told: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(t.path("notified.json")).expect("the command ran"),
+    )
+    .expect("the command got JSON");
+    assert_eq!(
+        (told["run"].as_u64(), told["state"].as_str()),
+        (Some(1), Some("completed"))
+    );
+    assert_eq!(told["items"]["processed"], 10);
+    // The webhook answered 500 first: tried again, then told.
+    let first = bodies.recv().await.expect("a first POST");
+    let second = bodies.recv().await.expect("a second POST");
+    assert_eq!(first, second);
+    let posted: serde_json::Value = serde_json::from_str(&second).expect("JSON");
+    assert_eq!(posted, told);
+    assert!(out.stderr.contains("HTTP status 500"), "{}", out.stderr);
+
+    // A command that fails every time: logged, given up, the run's outcome stands.
+    let text = std::fs::read_to_string(t.file())
+        .expect("job")
+        .replace("cat > notified.json", "exit 7");
+    std::fs::write(t.file(), text).expect("job");
+    let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(out.stderr.contains("giving up"), "{}", out.stderr);
+}

@@ -95,6 +95,8 @@ pub struct Job {
     pub retry: RetryPolicy,
     /// `[failures]`: how many skipped items a run tolerates.
     pub failures: Failures,
+    /// `[notify]`: whom to tell when a run ends.
+    pub notify: Notify,
 }
 
 /// Where the execution context is kept.
@@ -254,6 +256,16 @@ impl RetryPolicy {
             .saturating_mul(1u32 << doublings)
             .min(self.backoff_max)
     }
+}
+
+/// Whom to tell when a run ends, whatever its state: each gets the `status --json` object.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Notify {
+    /// A program and its arguments (no shell), run in the job file's directory with the object
+    /// on its standard input.
+    pub command: Option<Vec<String>>,
+    /// An `http://` or `https://` URL that receives the object as a JSON POST.
+    pub webhook: Option<String>,
 }
 
 /// How many bad items a run tolerates.

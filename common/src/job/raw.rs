@@ -20,6 +20,15 @@ pub(super) struct RawJob {
     pub(super) retry: RawRetry,
     #[serde(default)]
     pub(super) failures: RawFailures,
+    #[serde(default)]
+    pub(super) notify: RawNotify,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNotify {
+    pub(super) command: Option<Vec<String>>,
+    pub(super) webhook: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use super::expand::redact_url;
 use super::raw::{
-    RawChunking, RawFailures, RawJob, RawProcessor, RawRetry, RawSource, RawState, RawThrottle,
+    RawChunking, RawFailures, RawJob, RawNotify, RawProcessor, RawRetry, RawSource, RawState,
+    RawThrottle,
 };
 use super::{
-    Chunking, CustomOptions, Failures, FileFormat, Job, ProcessorSpec, RetryPolicy, SourceSpec,
-    StateSpec, Throttle, MAX_CHUNK_BYTES,
+    Chunking, CustomOptions, Failures, FileFormat, Job, Notify, ProcessorSpec, RetryPolicy,
+    SourceSpec, StateSpec, Throttle, MAX_CHUNK_BYTES,
 };
 
 /// A refused field: its dotted path and what is wrong with it.
@@ -28,6 +29,7 @@ pub(super) fn validate(raw: RawJob, file: &Path, dir: PathBuf) -> FieldResult<Jo
         processor: processor(raw.processor, file, &dir)?,
         retry: retry(raw.retry)?,
         failures: failures(raw.failures),
+        notify: notify(raw.notify)?,
         file: file.to_path_buf(),
         dir,
     })
@@ -358,5 +360,28 @@ fn duration(field: &'static str, text: &str) -> FieldResult<Duration> {
             field,
             format!("{text:?} is not a duration such as \"30s\" or \"5m\": {e}"),
         )
+    })
+}
+
+fn notify(raw: RawNotify) -> FieldResult<Notify> {
+    if let Some(c) = &raw.command {
+        if c.first().is_none_or(|p| p.is_empty()) {
+            return Err(("notify.command", "must name a program".to_string()));
+        }
+    }
+    if let Some(w) = &raw.webhook {
+        let ok = url::Url::parse(w)
+            .map(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+            .unwrap_or(false);
+        if !ok {
+            return Err((
+                "notify.webhook",
+                format!("{} is not an http:// or https:// URL", redact_url(w)),
+            ));
+        }
+    }
+    Ok(Notify {
+        command: raw.command,
+        webhook: raw.webhook,
     })
 }
