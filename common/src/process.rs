@@ -29,18 +29,59 @@ pub fn started_at(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Set once by [`run_main`]: logs (and the binaries' own lines) are JSON lines.
+static JSON_LOGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// True when the binary writes its logs as JSON lines (`HOPPER_LOG_FORMAT=json`): then nothing
+/// else (a progress bar) may write to stderr.
+pub fn json_logs() -> bool {
+    JSON_LOGS.get().copied().unwrap_or(false)
+}
+
+/// Tells the operator `text` on stderr, as a binary's own line (a run's result, a refusal):
+/// a plain line, or with `HOPPER_LOG_FORMAT=json` a JSON log line like every other, so that
+/// stderr stays one JSON object per line for a log shipper. `error` lines start `error: `.
+pub fn tell(error: bool, text: std::fmt::Arguments<'_>) {
+    match (json_logs(), error) {
+        (true, true) => tracing::error!(target: "hopper", "{text}"),
+        (true, false) => tracing::info!(target: "hopper", "{text}"),
+        (false, true) => eprintln!("error: {text}"),
+        (false, false) => eprintln!("{text}"),
+    }
+}
+
+/// A binary's own line on stderr ([`tell`]).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => { $crate::process::tell(false, format_args!($($arg)*)) };
+}
+
+/// A binary's own error line on stderr, `error: ...` ([`tell`]).
+#[macro_export]
+macro_rules! say_error {
+    ($($arg:tt)*) => { $crate::process::tell(true, format_args!($($arg)*)) };
+}
+
 /// Runs a binary's `main`: installs the log subscriber (stderr, `HOPPER_LOG`, `info` by
-/// default), starts the runtime and drives `body` to its exit code. Only binaries call this: a
-/// library never installs a subscriber.
+/// default; `HOPPER_LOG_FORMAT=json` for JSON lines), starts the runtime and drives `body` to its
+/// exit code. Only binaries call this: a library never installs a subscriber.
 pub fn run_main<F: Future<Output = ExitCode>>(body: F) -> ExitCode {
-    tracing_subscriber::fmt()
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HOPPER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HOPPER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    let format = std::env::var("HOPPER_LOG_FORMAT").unwrap_or_default();
+    let json = format == "json";
+    let _ = JSON_LOGS.set(json);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+        if !format.is_empty() && format != "text" {
+            tracing::warn!("HOPPER_LOG_FORMAT={format:?} is neither json nor text; writing text");
+        }
+    }
     match tokio::runtime::Runtime::new() {
         Ok(runtime) => {
             let code = runtime.block_on(body);

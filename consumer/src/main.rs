@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use hopper_common::say_error;
 use hopper_consumer::{ConsumerOptions, Job};
 use tokio_util::sync::CancellationToken;
 
@@ -30,14 +31,14 @@ fn main() -> ExitCode {
         let job = match Job::load(&cli.job) {
             Ok(j) => j,
             Err(e) => {
-                eprintln!("error: {e}");
+                say_error!("{e}");
                 return ExitCode::from(2);
             }
         };
         let processor = match hopper_consumer::build(&job).await {
             Ok(p) => p,
             Err(e) => {
-                eprintln!("error: {e}");
+                say_error!("{e}");
                 return ExitCode::from(e.exit_code());
             }
         };
@@ -47,7 +48,7 @@ fn main() -> ExitCode {
             match hopper_consumer::run(&job, processor, opts, shutdown.clone()).await {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    say_error!("{e}");
                     ExitCode::from(1)
                 }
             }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use hopper_common::{say, say_error};
 use hopper_dispatcher::{
     DispatchError, ExecutionContext, Job, Local, RunLine, RunOptions, RunSummary, StatusReport,
 };
@@ -148,11 +149,11 @@ fn main() -> ExitCode {
 /// fails.
 fn open(path: &Path) -> Result<(Job, ExecutionContext), ExitCode> {
     let job = Job::load(path).map_err(|e| {
-        eprintln!("error: {e}");
+        say_error!("{e}");
         ExitCode::from(2)
     })?;
     let context = ExecutionContext::open(&job).map_err(|e| {
-        eprintln!("error: {e}");
+        say_error!("{e}");
         ExitCode::from(e.exit_code())
     })?;
     Ok((job, context))
@@ -171,7 +172,8 @@ async fn run_job(path: PathBuf, start: Start, local: Option<u16>) -> ExitCode {
         Err(code) => return code,
     };
     let shutdown = CancellationToken::new();
-    let mut opts = RunOptions::default().with_progress_bar(std::io::stderr().is_terminal());
+    let mut opts = RunOptions::default()
+        .with_progress_bar(std::io::stderr().is_terminal() && !hopper_common::process::json_logs());
     if let Some(workers) = local {
         opts = opts.with_local(Local::new(workers));
     }
@@ -198,7 +200,7 @@ fn report(job: &Job, result: Result<RunSummary, DispatchError>) -> ExitCode {
     match result {
         Ok(summary) => {
             let s = &summary.status;
-            eprintln!(
+            say!(
                 "run {} of {}: {} ({} processed, {} skipped, {} failed of {} read)",
                 summary.run,
                 job.name,
@@ -211,7 +213,7 @@ fn report(job: &Job, result: Result<RunSummary, DispatchError>) -> ExitCode {
             ExitCode::from(summary.exit_code())
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            say_error!("{e}");
             ExitCode::from(e.exit_code())
         }
     }
@@ -221,7 +223,7 @@ async fn status(path: PathBuf, run: Option<u64>, json: bool, watch: bool) -> Exi
     let job = match Job::load(&path) {
         Ok(job) => job,
         Err(e) => {
-            eprintln!("error: {e}");
+            say_error!("{e}");
             return ExitCode::from(2);
         }
     };
@@ -231,17 +233,17 @@ async fn status(path: PathBuf, run: Option<u64>, json: bool, watch: bool) -> Exi
         Ok(None) => {
             return match run {
                 Some(id) => {
-                    eprintln!("error: job {} has no run {id}", job.name);
+                    say_error!("job {} has no run {id}", job.name);
                     ExitCode::from(2)
                 }
                 None => {
-                    eprintln!("error: job {} has no runs yet", job.name);
+                    say_error!("job {} has no runs yet", job.name);
                     ExitCode::from(1)
                 }
             };
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            say_error!("{e}");
             return ExitCode::from(e.exit_code());
         }
     };
@@ -249,11 +251,11 @@ async fn status(path: PathBuf, run: Option<u64>, json: bool, watch: bool) -> Exi
         let status = match hopper_dispatcher::status(&job, &context, run).await {
             Ok(s) => s,
             Err(DispatchError::NoSuchRun { run: None, .. }) => {
-                eprintln!("error: job {} has no runs yet", job.name);
+                say_error!("job {} has no runs yet", job.name);
                 return ExitCode::from(1);
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                say_error!("{e}");
                 return ExitCode::from(e.exit_code());
             }
         };
@@ -268,7 +270,7 @@ async fn status(path: PathBuf, run: Option<u64>, json: bool, watch: bool) -> Exi
             match text {
                 Ok(text) => println!("{text}"),
                 Err(e) => {
-                    eprintln!("error: cannot print status as JSON: {e}");
+                    say_error!("cannot print status as JSON: {e}");
                     return ExitCode::from(1);
                 }
             }
@@ -293,7 +295,7 @@ async fn runs(path: PathBuf, json: bool) -> ExitCode {
     let job = match Job::load(&path) {
         Ok(job) => job,
         Err(e) => {
-            eprintln!("error: {e}");
+            say_error!("{e}");
             return ExitCode::from(2);
         }
     };
@@ -303,12 +305,12 @@ async fn runs(path: PathBuf, json: bool) -> ExitCode {
         Ok(Some(context)) => match hopper_dispatcher::runs(&job, &context).await {
             Ok(lines) => lines,
             Err(e) => {
-                eprintln!("error: {e}");
+                say_error!("{e}");
                 return ExitCode::from(e.exit_code());
             }
         },
         Err(e) => {
-            eprintln!("error: {e}");
+            say_error!("{e}");
             return ExitCode::from(e.exit_code());
         }
     };
@@ -316,12 +318,12 @@ async fn runs(path: PathBuf, json: bool) -> ExitCode {
         match serde_json::to_string_pretty(&lines) {
             Ok(text) => println!("{text}"),
             Err(e) => {
-                eprintln!("error: cannot print the runs as JSON: {e}");
+                say_error!("cannot print the runs as JSON: {e}");
                 return ExitCode::from(1);
             }
         }
     } else if lines.is_empty() {
-        eprintln!("job {} has no runs yet", job.name);
+        say!("job {} has no runs yet", job.name);
     } else {
         print!("{}", RunLine::table(&lines));
     }
@@ -337,7 +339,7 @@ async fn clean(
     let job = match Job::load(&path) {
         Ok(job) => job,
         Err(e) => {
-            eprintln!("error: {e}");
+            say_error!("{e}");
             return ExitCode::from(2);
         }
     };
@@ -345,7 +347,7 @@ async fn clean(
     let context = match ExecutionContext::open_existing(&job) {
         Ok(context) => context,
         Err(e) => {
-            eprintln!("error: {e}");
+            say_error!("{e}");
             return ExitCode::from(e.exit_code());
         }
     };
@@ -355,23 +357,23 @@ async fn clean(
             None => Ok(0),
         };
         match removed {
-            Ok(n) => eprintln!(
+            Ok(n) => say!(
                 "removed {n} run(s) of {} that ended more than {} ago",
                 job.name,
                 humantime::format_duration(age)
             ),
             Err(e) => {
-                eprintln!("error: {e}");
+                say_error!("{e}");
                 return ExitCode::from(e.exit_code());
             }
         }
     }
     if queues {
         match hopper_dispatcher::clean_queues(&job, context.as_ref(), force).await {
-            Ok(deleted) if deleted.is_empty() => eprintln!("job {} has no queues", job.name),
-            Ok(deleted) => eprintln!("deleted {}", deleted.join(", ")),
+            Ok(deleted) if deleted.is_empty() => say!("job {} has no queues", job.name),
+            Ok(deleted) => say!("deleted {}", deleted.join(", ")),
             Err(e) => {
-                eprintln!("error: {e}");
+                say_error!("{e}");
                 return ExitCode::from(e.exit_code());
             }
         }

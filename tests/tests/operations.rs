@@ -378,3 +378,42 @@ webhook = "{url}"
     assert_eq!(out.code(), 0, "{}", out.stderr);
     assert!(out.stderr.contains("giving up"), "{}", out.stderr);
 }
+
+/// `HOPPER_LOG_FORMAT=json`: every line on stderr is a JSON object, the run's own result line
+/// and an error included, for a log shipper.
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let t = job("jsonlogs");
+    write_jsonl(&t.path("input.jsonl"), 50, 30);
+    let mut cmd = t.dispatcher_command(&["run", "--local", "1"]);
+    cmd.env("HOPPER_LOG_FORMAT", "json");
+    let out = hopper_tests::run(cmd, LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let lines: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|l| l["level"].is_string() && l["message"].is_string()));
+    assert!(
+        lines.iter().any(|l| l["job"] == t.name.as_str()),
+        "structured fields"
+    );
+    let last = lines.last().expect("a line");
+    assert!(
+        last["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("run 1 of ")),
+        "{last}"
+    );
+    std::fs::remove_file(t.path("input.jsonl")).expect("remove the input");
+    let mut cmd = t.dispatcher_command(&["run", "--local", "1"]);
+    cmd.env("HOPPER_LOG_FORMAT", "json");
+    let out = hopper_tests::run(cmd, LIMIT).await;
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    let error: serde_json::Value =
+        serde_json::from_str(out.stderr.lines().last().expect("a line")).expect("JSON");
+    assert_eq!(error["level"], "ERROR");
+}
