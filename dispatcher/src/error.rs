@@ -78,6 +78,22 @@ pub enum DispatchError {
         /// Seconds since that run's heartbeat.
         age_secs: u64,
     },
+    /// `pause`, `resume` or `throttle` of a run that has ended.
+    #[error("run {run} has ended ({state}); there is nothing to {what}")]
+    Ended {
+        /// The run.
+        run: RunId,
+        /// How it ended.
+        state: RunState,
+        /// The command refused.
+        what: &'static str,
+    },
+    /// `throttle` with a setting that makes no sense.
+    #[error("throttle: {why}")]
+    BadThrottle {
+        /// What is wrong.
+        why: String,
+    },
     /// `clean --queues` found them still needed (nothing was deleted).
     #[error("the queues are kept: {why}")]
     CleanRefused {
@@ -147,7 +163,9 @@ impl DispatchError {
             | DispatchError::NotRetryable { .. }
             | DispatchError::Processor(_)
             | DispatchError::Interrupted { .. }
-            | DispatchError::CleanRefused { .. } => false,
+            | DispatchError::CleanRefused { .. }
+            | DispatchError::Ended { .. }
+            | DispatchError::BadThrottle { .. } => false,
         }
     }
 
@@ -167,7 +185,9 @@ impl DispatchError {
             | DispatchError::NoSuchRun { .. }
             | DispatchError::NotRetryable { .. }
             | DispatchError::NotResumable { .. }
-            | DispatchError::CleanRefused { .. } => 2,
+            | DispatchError::CleanRefused { .. }
+            | DispatchError::Ended { .. }
+            | DispatchError::BadThrottle { .. } => 2,
             DispatchError::Processor(e) => e.exit_code(),
             DispatchError::Source(SourceError::Read { .. })
             | DispatchError::Transport(_)

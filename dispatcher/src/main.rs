@@ -85,6 +85,24 @@ enum Command {
         #[arg(long, requires = "queues")]
         force: bool,
     },
+    /// Pause a run: its dispatcher publishes nothing new; chunks in hand finish.
+    Pause(ControlArgs),
+    /// Undo `pause`: the run's dispatcher publishes again.
+    Resume(ControlArgs),
+    /// Change a run's window, rate and/or ramp-up while it runs (kept if it is resumed later).
+    Throttle {
+        #[command(flatten)]
+        target: ControlArgs,
+        /// Chunks outstanding at the most (at least 1).
+        #[arg(long)]
+        window: Option<usize>,
+        /// Items per second, 0 for unlimited.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// How long the rate takes to climb to --rate, from the rate reached now (`30s`).
+        #[arg(long, value_name = "D", value_parser = humantime::parse_duration)]
+        ramp_up: Option<std::time::Duration>,
+    },
     /// List the job's runs, newest first: state, times, counts and dispatcher.
     Runs {
         /// The job file.
@@ -93,6 +111,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Which run a live control acts on.
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// The job file.
+    job: PathBuf,
+    /// The run (the latest by default).
+    #[arg(long)]
+    run: Option<u64>,
 }
 
 /// Local mode, for `run` and `retry`.
@@ -135,6 +163,17 @@ fn main() -> ExitCode {
                 watch,
             } => status(job, run, json, watch).await,
             Command::Runs { job, json } => runs(job, json).await,
+            Command::Pause(target) => control(target, Control::Pause).await,
+            Command::Resume(target) => control(target, Control::Resume).await,
+            Command::Throttle {
+                target,
+                window,
+                rate,
+                ramp_up,
+            } => {
+                let change = hopper_dispatcher::ThrottleChange::new(window, rate, ramp_up);
+                control(target, Control::Throttle(change)).await
+            }
             Command::Clean {
                 job,
                 older_than,
@@ -379,4 +418,72 @@ async fn clean(
         }
     }
     ExitCode::SUCCESS
+}
+
+/// A live control.
+enum Control {
+    Pause,
+    Resume,
+    Throttle(hopper_dispatcher::ThrottleChange),
+}
+
+async fn control(target: ControlArgs, what: Control) -> ExitCode {
+    let job = match Job::load(&target.job) {
+        Ok(job) => job,
+        Err(e) => {
+            say_error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let context = match ExecutionContext::open_existing(&job) {
+        Ok(Some(context)) => context,
+        Ok(None) => {
+            say_error!("job {} has no runs", job.name);
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            say_error!("{e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    let done = match what {
+        Control::Pause => hopper_dispatcher::pause(&job, &context, target.run).await,
+        Control::Resume => hopper_dispatcher::unpause(&job, &context, target.run).await,
+        Control::Throttle(change) => {
+            hopper_dispatcher::throttle(&job, &context, target.run, change).await
+        }
+    };
+    match done {
+        Ok(c) => {
+            let t = c.throttle;
+            say!(
+                "run {} of {}: {} (window {}, rate {}, ramp-up {})",
+                c.run,
+                job.name,
+                c.state,
+                t.window,
+                if t.rate > 0.0 {
+                    format!("{}/s", t.rate)
+                } else {
+                    "unlimited".into()
+                },
+                humantime::format_duration(t.ramp_up)
+            );
+            if !c.dispatcher_alive {
+                say!(
+                    "its dispatcher is gone: this is kept with the run; `run --resume {}` finishes it",
+                    c.run
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(DispatchError::NoSuchRun { run: None, .. }) => {
+            say_error!("job {} has no runs", job.name);
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            say_error!("{e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }

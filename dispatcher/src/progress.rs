@@ -19,6 +19,8 @@ pub struct Snapshot {
     pub outstanding: usize,
     /// Bytes of input read.
     pub offset: u64,
+    /// Told to publish nothing new (`pause`).
+    pub paused: bool,
 }
 
 /// Shows a run's progress.
@@ -72,8 +74,13 @@ impl Progress {
             Some(bar) => {
                 bar.set_position(s.offset);
                 bar.set_message(format!(
-                    "read {} processed {} skipped {} | {:.0} items/s | {} chunks out",
-                    s.read, s.processed, s.skipped, rate, s.outstanding
+                    "{}read {} processed {} skipped {} | {:.0} items/s | {} chunks out",
+                    if s.paused { "PAUSED | " } else { "" },
+                    s.read,
+                    s.processed,
+                    s.skipped,
+                    rate,
+                    s.outstanding
                 ));
             }
             None => {
@@ -87,6 +94,7 @@ impl Progress {
                         skipped = s.skipped,
                         outstanding = s.outstanding,
                         items_per_s = rate.round() as u64,
+                        paused = s.paused,
                         "progress"
                     );
                 }

@@ -73,7 +73,7 @@ impl RunLine {
         );
         for l in lines {
             let state = match (l.state, l.dispatcher_alive) {
-                (RunState::Running, false) => "running (interrupted)".to_string(),
+                (state, false) if !state.is_final() => format!("{state} (interrupted)"),
                 (state, _) => state.to_string(),
             };
             let _ = writeln!(

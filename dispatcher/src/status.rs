@@ -202,9 +202,10 @@ impl<'a> StatusReport<'a> {
     /// The report as the table `status` prints without `--json`.
     pub fn table(&self) -> String {
         let mut out = String::new();
-        let state = if self.state == RunState::Running && !self.dispatcher_alive {
+        let state = if !self.state.is_final() && !self.dispatcher_alive {
             format!(
-                "running (dispatcher not seen for {}s: interrupted?)",
+                "{} (dispatcher not seen for {}s: interrupted?)",
+                self.state,
                 HEARTBEAT_STALE.as_secs()
             )
         } else {

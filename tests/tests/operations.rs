@@ -417,3 +417,120 @@ async fn json_logs_are_one_object_per_line() {
         serde_json::from_str(out.stderr.lines().last().expect("a line")).expect("JSON");
     assert_eq!(error["level"], "ERROR");
 }
+
+/// Waits (bounded) until the file `log` in the job's directory says `text`.
+async fn await_log(t: &TestJob, log: &str, text: &str) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let now = std::fs::read_to_string(t.path(log)).unwrap_or_default();
+        if now.contains(text) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{log} never said {text:?}: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn read_so_far(s: &serde_json::Value) -> u64 {
+    s["items"]["read"].as_u64().unwrap_or(0)
+}
+
+/// `pause` stops a running run's publishing within a tick (chunks in hand finish), `throttle`
+/// changes its rate and window, `resume` lets it go on: it ends with every record once. What
+/// they set stays with the run: a paused run killed and resumed later stays paused.
+#[tokio::test]
+async fn pause_throttle_and_resume_a_running_run() {
+    let t = TestJob::local(
+        "controls",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[throttle]
+rate = 300
+[processor]
+kind = "file"
+dir = "out"
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 3_000, 30);
+    let mut first = t.spawn_dispatcher(&["run", "--local", "1"], "first.log");
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        // The run may not exist yet.
+        let out = t.dispatcher(&["status", "--json"], LIMIT).await;
+        let s: Option<serde_json::Value> = serde_json::from_str(&out.stdout).ok();
+        if s.as_ref().is_some_and(|s| read_so_far(s) >= 100) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = t.dispatcher(&["pause"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(out.stderr.contains("paused"), "{}", out.stderr);
+    await_log(&t, "first.log", "paused: nothing new is published").await;
+    let s = t.status().await;
+    assert_eq!(s["state"], "paused");
+    let before = read_so_far(&s);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        read_so_far(&t.status().await),
+        before,
+        "nothing new while paused"
+    );
+
+    // Killed while paused: resumed later, it stays paused.
+    first.kill().await.expect("SIGKILL");
+    let _ = first.wait().await;
+    let mut second = t.spawn_dispatcher(&["run", "--resume", "--local", "1"], "second.log");
+    await_log(&t, "second.log", "the run is paused").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(read_so_far(&t.status().await), before);
+
+    let out = t
+        .dispatcher(&["throttle", "--rate", "0", "--window", "8"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("window 8, rate unlimited"),
+        "{}",
+        out.stderr
+    );
+    let out = t.dispatcher(&["resume"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let status = tokio::time::timeout(LIMIT, second.wait())
+        .await
+        .expect("the run ends")
+        .expect("wait");
+    assert!(status.success());
+    let log = std::fs::read_to_string(t.path("second.log")).unwrap_or_default();
+    assert!(
+        log.contains("throttle changed") && log.contains("resumed"),
+        "{log}"
+    );
+    let s = t.status().await;
+    assert_eq!(s["state"], "completed");
+    assert_every_id_once(&t.path("out/1"), 3_000);
+
+    // Bad use: exit 2, saying why.
+    for (args, says) in [
+        (vec!["pause"], "has ended (completed)"),
+        (
+            vec!["throttle", "--run", "1", "--window", "0"],
+            "at least 1",
+        ),
+        (vec!["resume", "--run", "9"], "no run 9"),
+    ] {
+        let out = t.dispatcher(&args, LIMIT).await;
+        assert_eq!(out.code(), 2, "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains(says), "{args:?}: {}", out.stderr);
+    }
+}

@@ -178,6 +178,16 @@ pub(crate) trait ContextStore: Send + Sync {
     /// their chunks and failures, in one transaction; returns how many. Runs not ended stay.
     async fn delete_runs(&self, job: &str, before: u64) -> Result<u64, ContextError>;
 
+    /// What an operator controls of run `run` while it has not ended: its `state` (running or
+    /// paused) and its own throttle; the run's dispatcher reads them ([`ContextStore::run`]).
+    /// Returns false when the run has ended (nothing written).
+    async fn control(
+        &self,
+        run: RunId,
+        state: Option<RunState>,
+        throttle: Option<hopper_common::job::Throttle>,
+    ) -> Result<bool, ContextError>;
+
     /// Every run of `job`, newest first.
     async fn runs(&self, job: &str) -> Result<Vec<RunRecord>, ContextError>;
 

@@ -17,6 +17,9 @@ pub type RunId = u64;
 pub enum RunState {
     /// Dispatching or waiting for replies (or its dispatcher died; see the heartbeat).
     Running,
+    /// Not ended, but told to publish nothing new (`pause`); chunks in hand finish and their
+    /// replies are applied. `resume` makes it `running` again.
+    Paused,
     /// Every item processed.
     Completed,
     /// Finished, with skipped items or failed chunks.
@@ -30,6 +33,7 @@ impl RunState {
     pub fn as_str(self) -> &'static str {
         match self {
             RunState::Running => "running",
+            RunState::Paused => "paused",
             RunState::Completed => "completed",
             RunState::CompletedWithFailures => "completed_with_failures",
             RunState::Failed => "failed",
@@ -39,7 +43,7 @@ impl RunState {
     /// True once the run has ended.
     pub fn is_final(self) -> bool {
         match self {
-            RunState::Running => false,
+            RunState::Running | RunState::Paused => false,
             RunState::Completed | RunState::CompletedWithFailures | RunState::Failed => true,
         }
     }
@@ -56,6 +60,7 @@ impl FromStr for RunState {
     fn from_str(s: &str) -> Result<Self, String> {
         Ok(match s {
             "running" => RunState::Running,
+            "paused" => RunState::Paused,
             "completed" => RunState::Completed,
             "completed_with_failures" => RunState::CompletedWithFailures,
             "failed" => RunState::Failed,
@@ -106,6 +111,10 @@ pub struct RunRecord {
     /// its fixes), as [`crate::source::Fingerprint`] writes it; `None` for a run of an older
     /// store.
     pub(crate) input: Option<String>,
+    /// The window, rate and ramp-up set by `throttle` for this run, over the job file's;
+    /// `None` when the job file's apply.
+    #[serde(skip)]
+    pub throttle: Option<hopper_common::job::Throttle>,
 }
 
 /// Where a chunk stands.
@@ -267,7 +276,7 @@ pub(crate) enum Claimed<T> {
     Won(T),
     /// A live dispatcher owns a run of the job (this one, or another that has not ended):
     /// nothing was changed.
-    Held(RunRecord),
+    Held(Box<RunRecord>),
 }
 
 /// The right to write a run: its id and the token of the dispatcher that created, resumed or

@@ -73,7 +73,10 @@ impl RunSummary {
     pub fn exit_code(&self) -> u8 {
         match self.state {
             RunState::Completed => 0,
-            RunState::CompletedWithFailures | RunState::Failed | RunState::Running => 1,
+            RunState::CompletedWithFailures
+            | RunState::Failed
+            | RunState::Running
+            | RunState::Paused => 1,
         }
     }
 }
@@ -97,6 +100,39 @@ struct Dispatch<'a> {
     /// the end of its input): the skip limit is judged once what failed was read again, on what
     /// still fails.
     rereading: bool,
+    /// Told to publish nothing new (`pause`), until told to go on (`resume`).
+    paused: bool,
+}
+
+impl Dispatch<'_> {
+    /// Takes up what an operator set for the run since the last look (`pause`, `resume`,
+    /// `throttle`): they write the execution context, the dispatcher reads it here, within a
+    /// tick.
+    async fn follow_controls(&mut self, now: Duration) -> Result<(), DispatchError> {
+        let Some(record) = self.store.run(&self.job.name, Some(self.run)).await? else {
+            return Ok(());
+        };
+        let paused = record.state == RunState::Paused;
+        if paused != self.paused {
+            self.paused = paused;
+            if paused {
+                info!(job = %self.job.name, run = self.run, outstanding = self.outstanding.len(),
+                      "paused: nothing new is published; the chunks in hand finish");
+            } else {
+                // The time paused allows no burst.
+                let spec = self.throttle.spec();
+                self.throttle.retune(spec, now);
+                info!(job = %self.job.name, run = self.run, "resumed: publishing again");
+            }
+        }
+        let wanted = record.throttle.unwrap_or(self.job.throttle);
+        if wanted != self.throttle.spec() {
+            self.throttle.retune(wanted, now);
+            info!(job = %self.job.name, run = self.run, window = wanted.window, rate = wanted.rate,
+                  ramp_up_s = wanted.ramp_up.as_secs_f64(), "throttle changed");
+        }
+        Ok(())
+    }
 }
 
 enum End {
@@ -226,7 +262,7 @@ pub(crate) async fn run_on(
         transport: Arc::clone(&transport),
         outstanding: HashMap::new(),
         confirms: FuturesUnordered::new(),
-        throttle: Throttle::new(job.throttle),
+        throttle: Throttle::new(record.throttle.unwrap_or(job.throttle)),
         checkpoint: Checkpoint {
             next_seq: record.checkpoint.next_seq.max(1),
             ..record.checkpoint
@@ -235,7 +271,11 @@ pub(crate) async fn run_on(
         processed: 0,
         skipped: 0,
         rereading: is_retry,
+        paused: record.state == RunState::Paused,
     };
+    if d.paused {
+        warn!(job = %job.name, run, "the run is paused: nothing new is published until `resume`");
+    }
     if record.checkpoint.next_seq > 1 {
         // A resumed run goes on counting from where it was: skips before the interruption count
         // against the skip limit too.
@@ -292,7 +332,7 @@ pub(crate) async fn run_on(
                    "skip limit passed: nothing more is sent; waiting for the chunks in flight");
         }
         let reading = !exhausted && !over_limit;
-        let room = d.throttle.has_room(d.outstanding.len());
+        let room = !d.paused && d.throttle.has_room(d.outstanding.len());
         let step: Result<Option<End>, DispatchError> = async {
         if !reading && held.is_none() && d.outstanding.is_empty() {
             // The context's rows have the last word: a chunk recorded but never sent (or sent
@@ -381,7 +421,10 @@ pub(crate) async fn run_on(
                 }
             },
             _ = beating.cancelled() => return Err(stopped_beating(&mut heartbeat).await),
-            _ = tick.tick() => progress.update(&d.snapshot()),
+            _ = tick.tick() => {
+                d.follow_controls(started.elapsed()).await?;
+                progress.update(&d.snapshot());
+            }
         }
         Ok(None)
         }

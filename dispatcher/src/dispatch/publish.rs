@@ -93,6 +93,7 @@ impl Dispatch<'_> {
             skipped: self.skipped,
             outstanding: self.outstanding.len(),
             offset: self.checkpoint.offset,
+            paused: self.paused,
         }
     }
 

@@ -60,7 +60,7 @@ pub async fn retry(
     let store = context.store();
     let record = find_run(job, store.as_ref(), Some(run)).await?;
     match record.state {
-        RunState::Running => refuse_if_alive(job, &record)?,
+        RunState::Running | RunState::Paused => refuse_if_alive(job, &record)?,
         RunState::Completed | RunState::CompletedWithFailures | RunState::Failed => {}
     }
     // A run stopped at the skip limit has not read all its input: once what failed is read

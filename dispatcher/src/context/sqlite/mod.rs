@@ -172,6 +172,16 @@ impl ContextStore for SqliteStore {
             .await
     }
 
+    async fn control(
+        &self,
+        run: RunId,
+        state: Option<RunState>,
+        throttle: Option<hopper_common::job::Throttle>,
+    ) -> Result<bool, ContextError> {
+        self.with(move |conn| runs::control(conn, run, state, throttle.as_ref()))
+            .await
+    }
+
     async fn runs(&self, job: &str) -> Result<Vec<RunRecord>, ContextError> {
         let job = job.to_string();
         self.with(move |conn| runs::all(conn, &job)).await

@@ -4,6 +4,8 @@
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::Fail;
+use hopper_common::job::Throttle as ThrottleSpec;
+
 use crate::context::{now_ms, Alive, Checkpoint, Claimed, Fence, RunId, RunRecord, RunState};
 
 fn read_run(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
@@ -26,6 +28,10 @@ fn read_run(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
                 exhausted: row.get::<_, i64>("exhausted")? != 0,
             },
             input: row.get("input")?,
+            throttle: row
+                .get::<_, Option<String>>("throttle")?
+                .as_deref()
+                .and_then(throttle_from_json),
         },
         state,
     ))
@@ -74,6 +80,51 @@ pub(super) fn delete_ended(conn: &mut Connection, job: &str, before: u64) -> Res
     let n = tx.execute(&format!("DELETE FROM runs WHERE id IN ({ended})"), args)?;
     tx.commit()?;
     Ok(n as u64)
+}
+
+/// A run's throttle as stored: `{"window": N, "rate": R, "ramp_up_ms": MS}`.
+fn throttle_from_json(text: &str) -> Option<ThrottleSpec> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    Some(ThrottleSpec {
+        window: usize::try_from(v["window"].as_u64()?).ok()?,
+        rate: v["rate"].as_f64()?,
+        ramp_up: std::time::Duration::from_millis(v["ramp_up_ms"].as_u64()?),
+    })
+}
+
+fn throttle_to_json(t: &ThrottleSpec) -> String {
+    serde_json::json!({
+        "window": t.window,
+        "rate": t.rate,
+        "ramp_up_ms": t.ramp_up.as_millis() as u64,
+    })
+    .to_string()
+}
+
+/// Sets what an operator controls of a run not ended: `state` (running or paused) and its own
+/// throttle. Returns false when the run has ended (nothing written).
+pub(super) fn control(
+    conn: &mut Connection,
+    run: RunId,
+    state: Option<RunState>,
+    throttle: Option<&ThrottleSpec>,
+) -> Result<bool, Fail> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut changed = 0;
+    if let Some(state) = state {
+        changed += tx.execute(
+            "UPDATE runs SET state = ?2 WHERE id = ?1 AND finished_at IS NULL",
+            params![run as i64, state.as_str()],
+        )?;
+    }
+    if let Some(t) = throttle {
+        changed += tx.execute(
+            "UPDATE runs SET throttle = ?2 WHERE id = ?1 AND finished_at IS NULL",
+            params![run as i64, throttle_to_json(t)],
+        )?;
+    }
+    tx.commit()?;
+    Ok(changed > 0)
 }
 
 /// Every run of `job`, newest first.
@@ -146,7 +197,7 @@ pub(super) fn create(
 ) -> Result<Claimed<RunRecord>, Fail> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     if let Some(held) = live_run(&tx, job, token, alive)? {
-        return Ok(Claimed::Held(held));
+        return Ok(Claimed::Held(Box::new(held)));
     }
     let now = now_ms() as i64;
     tx.execute(
@@ -188,7 +239,7 @@ pub(super) fn take(
         .optional()?;
     let job = job.ok_or_else(|| Fail::Corrupt(format!("run {} vanished", fence.run)))?;
     if let Some(held) = live_run(&tx, &job, &fence.token, alive)? {
-        return Ok(Claimed::Held(held));
+        return Ok(Claimed::Held(Box::new(held)));
     }
     let sql = match how {
         Take::Resume => {

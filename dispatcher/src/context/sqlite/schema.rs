@@ -7,12 +7,14 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::Fail;
 
 /// Bumped with every change to [`SCHEMA`].
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// How a store of an earlier version is brought to the next one: (from version, statements).
 const MIGRATIONS: &[(i64, &str)] = &[
     // 5: the input's fingerprint, so that `run --resume` can tell an edited input.
     (4, "ALTER TABLE runs ADD COLUMN input TEXT;"),
+    // 6: a run's own throttle, set by `throttle` while it runs.
+    (5, "ALTER TABLE runs ADD COLUMN throttle TEXT;"),
 ];
 
 /// The whole schema of a new store.
@@ -31,7 +33,8 @@ CREATE TABLE IF NOT EXISTS runs (
     ckpt_line     INTEGER NOT NULL DEFAULT 0,
     next_seq      INTEGER NOT NULL DEFAULT 1,
     exhausted     INTEGER NOT NULL DEFAULT 0,
-    input         TEXT
+    input         TEXT,
+    throttle      TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_job ON runs (job, id);
 CREATE TABLE IF NOT EXISTS chunks (

@@ -452,8 +452,8 @@ async fn opening_an_up_to_date_store_writes_nothing() {
     assert_eq!(data_version(&store), before, "another connection committed");
 }
 
-/// A store of the previous schema (4: no input fingerprint) is brought up to date and keeps
-/// its runs, which have no fingerprint.
+/// A store of an earlier schema (4: no input fingerprint, no run throttle) is brought up to
+/// date, step by step, and keeps its runs, which have neither.
 #[tokio::test]
 async fn a_store_of_the_previous_schema_is_migrated() {
     let (dir, store, run) = store_with_two_chunks().await;
@@ -461,12 +461,15 @@ async fn a_store_of_the_previous_schema_is_migrated() {
     let path = dir.path().join("s.db");
     {
         let conn = Connection::open(&path).expect("open");
-        conn.execute_batch("ALTER TABLE runs DROP COLUMN input; PRAGMA user_version = 4;")
-            .expect("back to schema 4");
+        conn.execute_batch(
+            "ALTER TABLE runs DROP COLUMN input; ALTER TABLE runs DROP COLUMN throttle;
+             PRAGMA user_version = 4;",
+        )
+        .expect("back to schema 4");
     }
     let store = SqliteStore::open(&path).expect("migrated");
     let old = store.run("j", Some(run)).await.expect("run").expect("kept");
-    assert_eq!(old.input, None);
+    assert_eq!((old.input, old.throttle), (None, None));
     assert_eq!(store.open_chunks(run).await.expect("chunks").len(), 2);
 }
 
