@@ -198,6 +198,21 @@ fn open(path: &Path) -> Result<(Job, ExecutionContext), ExitCode> {
     Ok((job, context))
 }
 
+/// The job file, validated, and its execution context if the job was ever run (`None`, and
+/// nothing created, otherwise): what the commands that only read or control need. The exit
+/// code to leave with when either fails.
+fn open_read_only(path: &Path) -> Result<(Job, Option<ExecutionContext>), ExitCode> {
+    let job = Job::load(path).map_err(|e| {
+        say_error!("{e}");
+        ExitCode::from(2)
+    })?;
+    let context = ExecutionContext::open_existing(&job).map_err(|e| {
+        say_error!("{e}");
+        ExitCode::from(e.exit_code())
+    })?;
+    Ok((job, context))
+}
+
 /// What `run_job` does: a run (new, or resumed), a run for a scheduler, or a retry.
 enum Start {
     Run(Option<Option<u64>>),
@@ -259,32 +274,22 @@ fn report(job: &Job, result: Result<RunSummary, DispatchError>) -> ExitCode {
 }
 
 async fn status(path: PathBuf, run: Option<u64>, json: bool, watch: bool) -> ExitCode {
-    let job = match Job::load(&path) {
-        Ok(job) => job,
-        Err(e) => {
-            say_error!("{e}");
-            return ExitCode::from(2);
-        }
+    let (job, context) = match open_read_only(&path) {
+        Ok(opened) => opened,
+        Err(code) => return code,
     };
     // `status` only reads: a job never run has no execution context, and gets none.
-    let context = match ExecutionContext::open_existing(&job) {
-        Ok(Some(context)) => context,
-        Ok(None) => {
-            return match run {
-                Some(id) => {
-                    say_error!("job {} has no run {id}", job.name);
-                    ExitCode::from(2)
-                }
-                None => {
-                    say_error!("job {} has no runs yet", job.name);
-                    ExitCode::from(1)
-                }
-            };
-        }
-        Err(e) => {
-            say_error!("{e}");
-            return ExitCode::from(e.exit_code());
-        }
+    let Some(context) = context else {
+        return match run {
+            Some(id) => {
+                say_error!("job {} has no run {id}", job.name);
+                ExitCode::from(2)
+            }
+            None => {
+                say_error!("job {} has no runs yet", job.name);
+                ExitCode::from(1)
+            }
+        };
     };
     loop {
         let status = match hopper_dispatcher::status(&job, &context, run).await {
@@ -331,27 +336,19 @@ async fn status(path: PathBuf, run: Option<u64>, json: bool, watch: bool) -> Exi
 }
 
 async fn runs(path: PathBuf, json: bool) -> ExitCode {
-    let job = match Job::load(&path) {
-        Ok(job) => job,
-        Err(e) => {
-            say_error!("{e}");
-            return ExitCode::from(2);
-        }
+    let (job, context) = match open_read_only(&path) {
+        Ok(opened) => opened,
+        Err(code) => return code,
     };
-    // Only reads: a job never run has no execution context, and gets none.
-    let lines = match ExecutionContext::open_existing(&job) {
-        Ok(None) => Vec::new(),
-        Ok(Some(context)) => match hopper_dispatcher::runs(&job, &context).await {
+    let lines = match &context {
+        None => Vec::new(),
+        Some(context) => match hopper_dispatcher::runs(&job, context).await {
             Ok(lines) => lines,
             Err(e) => {
                 say_error!("{e}");
                 return ExitCode::from(e.exit_code());
             }
         },
-        Err(e) => {
-            say_error!("{e}");
-            return ExitCode::from(e.exit_code());
-        }
     };
     if json {
         match serde_json::to_string_pretty(&lines) {
@@ -375,20 +372,10 @@ async fn clean(
     queues: bool,
     force: bool,
 ) -> ExitCode {
-    let job = match Job::load(&path) {
-        Ok(job) => job,
-        Err(e) => {
-            say_error!("{e}");
-            return ExitCode::from(2);
-        }
-    };
     // A job never run has no execution context: nothing to remove there, and none is made.
-    let context = match ExecutionContext::open_existing(&job) {
-        Ok(context) => context,
-        Err(e) => {
-            say_error!("{e}");
-            return ExitCode::from(e.exit_code());
-        }
+    let (job, context) = match open_read_only(&path) {
+        Ok(opened) => opened,
+        Err(code) => return code,
     };
     if let Some(age) = older_than {
         let removed = match &context {
@@ -428,23 +415,13 @@ enum Control {
 }
 
 async fn control(target: ControlArgs, what: Control) -> ExitCode {
-    let job = match Job::load(&target.job) {
-        Ok(job) => job,
-        Err(e) => {
-            say_error!("{e}");
-            return ExitCode::from(2);
-        }
+    let (job, context) = match open_read_only(&target.job) {
+        Ok(opened) => opened,
+        Err(code) => return code,
     };
-    let context = match ExecutionContext::open_existing(&job) {
-        Ok(Some(context)) => context,
-        Ok(None) => {
-            say_error!("job {} has no runs", job.name);
-            return ExitCode::from(2);
-        }
-        Err(e) => {
-            say_error!("{e}");
-            return ExitCode::from(e.exit_code());
-        }
+    let Some(context) = context else {
+        say_error!("job {} has no runs", job.name);
+        return ExitCode::from(2);
     };
     let done = match what {
         Control::Pause => hopper_dispatcher::pause(&job, &context, target.run).await,

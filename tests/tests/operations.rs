@@ -121,6 +121,28 @@ async fn runs_lists_every_run_newest_first() {
     assert!(table[1].trim_start().starts_with("2 ") && table[1].contains("completed"));
 }
 
+/// A noop job of 100 records run to completion over the broker, and its consumer, still
+/// attached.
+async fn completed_over_broker(prefix: &str) -> (TestJob, hopper_tests::Consumer) {
+    let t = TestJob::new(
+        prefix,
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[processor]
+kind = "noop"
+"#,
+    );
+    write_jsonl(&t.path("input.jsonl"), 100, 30);
+    let consumer = t.start_consumer(1, 2);
+    let out = t.dispatcher(&["run"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    (t, consumer)
+}
+
 /// `clean --older-than` removes ended runs with their rows, never one that has not ended.
 #[tokio::test]
 async fn clean_removes_ended_runs_only() {
@@ -160,22 +182,7 @@ async fn clean_removes_ended_runs_only() {
 #[tokio::test]
 async fn clean_queues_keeps_them_while_chunks_are_dead_unless_forced() {
     let conn = hopper_tests::require_broker().await;
-    let t = TestJob::new(
-        "cleanqueues",
-        r#"
-[state]
-url = "sqlite://state.db"
-[source]
-kind = "file"
-path = "input.jsonl"
-[processor]
-kind = "noop"
-"#,
-    );
-    write_jsonl(&t.path("input.jsonl"), 100, 30);
-    let consumer = t.start_consumer(1, 2);
-    let out = t.dispatcher(&["run"], LIMIT).await;
-    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let (t, consumer) = completed_over_broker("cleanqueues").await;
     assert!(consumer.stop(LIMIT).await.success());
 
     // A chunk parked on the dead queue (as a consumer would park one).
@@ -224,22 +231,7 @@ kind = "noop"
 #[tokio::test]
 async fn status_shows_the_broker_side_of_the_job() {
     let _conn = hopper_tests::require_broker().await;
-    let t = TestJob::new(
-        "statusbroker",
-        r#"
-[state]
-url = "sqlite://state.db"
-[source]
-kind = "file"
-path = "input.jsonl"
-[processor]
-kind = "noop"
-"#,
-    );
-    write_jsonl(&t.path("input.jsonl"), 100, 30);
-    let consumer = t.start_consumer(1, 2);
-    let out = t.dispatcher(&["run"], LIMIT).await;
-    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let (t, consumer) = completed_over_broker("statusbroker").await;
     let s = t.status().await;
     assert_eq!(s["broker"]["reachable"], true, "{s}");
     let chunks = s["broker"]["queues"]
