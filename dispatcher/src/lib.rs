@@ -58,7 +58,7 @@ mod throttle;
 pub use clean::{clean_queues, clean_runs};
 pub use context::{
     Checkpoint, ChunkCounts, ContextError, ExecutionContext, FailureClass, FailureRecord,
-    InProgress, ItemCounts, RunId, RunRecord, RunState, RunStatus, StuckChunk,
+    InProgress, ItemCounts, RecentReading, RunId, RunRecord, RunState, RunStatus, StuckChunk,
 };
 pub use controls::{pause, throttle, unpause, Controlled, ThrottleChange};
 pub use dispatch::RunSummary;
@@ -70,5 +70,6 @@ pub use retry::retry;
 pub use runs::{runs, RunLine};
 pub use source::SourceError;
 pub use status::{
-    broker_view, status, BrokerOut, FailureOut, InProgressOut, QueueOut, StatusReport, StuckOut,
+    broker_view, status, BrokerOut, EtaOut, FailureOut, InProgressOut, QueueOut, StatusReport,
+    StuckOut,
 };

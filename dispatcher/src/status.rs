@@ -61,9 +61,47 @@ pub struct StatusReport<'a> {
     /// Chunks in progress whose consumer went silent, or whose processing passed
     /// `chunk_timeout`.
     pub stuck: Vec<StuckOut<'a>>,
+    /// For a run still reading its input: how far it is, and about how long reading the rest
+    /// takes at the last minute's pace (replies still to come are not counted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta: Option<EtaOut>,
     /// The broker's side, when it was asked ([`StatusReport::with_broker`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker: Option<BrokerOut>,
+}
+
+/// How far a run has read its input, and the time left at the recent pace.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EtaOut {
+    /// Bytes read of the input, as a fraction (0 to 1).
+    pub fraction_read: f64,
+    /// Seconds to read the rest at the pace of the last minute; null when nothing was read in
+    /// it (paused, stalled).
+    pub seconds: Option<u64>,
+}
+
+/// The estimate for a run not ended that has not read all its input and knows its size.
+fn eta(s: &RunStatus) -> Option<EtaOut> {
+    let run = &s.run;
+    if run.state.is_final() || run.checkpoint.exhausted {
+        return None;
+    }
+    let size = run
+        .input
+        .as_deref()
+        .and_then(crate::source::Fingerprint::parse)?
+        .size();
+    if size == 0 {
+        return None;
+    }
+    let read = run.checkpoint.offset.min(size);
+    let left = (size - read) as f64;
+    Some(EtaOut {
+        fraction_read: read as f64 / size as f64,
+        seconds: s
+            .recent
+            .map(|r| (left / (r.bytes as f64 / (r.millis as f64 / 1000.0))).ceil() as u64),
+    })
 }
 
 /// The broker's side of a job in the report: its queues as the broker holds them.
@@ -189,6 +227,7 @@ impl<'a> StatusReport<'a> {
                 })
                 .collect(),
             stuck: s.stuck.iter().map(stuck).collect(),
+            eta: eta(s),
             broker: None,
         }
     }
@@ -231,6 +270,16 @@ impl<'a> StatusReport<'a> {
             "chunks   total {:>8}  pending {:>6}  in flight {:>6}  done {:>8}  failed {:>6}  dead {:>6}  retried {:>6}",
             c.total, c.pending, c.in_flight, c.done, c.failed, c.dead, c.retried
         );
+        if let Some(e) = &self.eta {
+            let pace = match e.seconds {
+                Some(secs) => format!(
+                    "; reading the rest takes about {} at the last minute's pace",
+                    humantime::format_duration(Duration::from_secs(secs))
+                ),
+                None => "; nothing read in the last minute".to_string(),
+            };
+            let _ = writeln!(out, "input    {:.1}% read{pace}", e.fraction_read * 100.0);
+        }
         match &self.broker {
             Some(b) if b.reachable => {
                 let _ = writeln!(out, "\nqueues (messages ready and unacked, consumers):");

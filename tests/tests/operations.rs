@@ -465,6 +465,11 @@ dir = "out"
         assert!(tokio::time::Instant::now() < deadline, "no progress");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // While it reads: how far, and the time left at the recent pace.
+    let s = t.status().await;
+    let fraction = s["eta"]["fraction_read"].as_f64().expect("an estimate");
+    assert!(fraction > 0.0 && fraction < 1.0, "{s}");
+    assert!(s["eta"]["seconds"].is_u64(), "{s}");
     let out = t.dispatcher(&["pause"], LIMIT).await;
     assert_eq!(out.code(), 0, "{}", out.stderr);
     assert!(out.stderr.contains("paused"), "{}", out.stderr);
@@ -510,6 +515,7 @@ dir = "out"
     );
     let s = t.status().await;
     assert_eq!(s["state"], "completed");
+    assert!(s.get("eta").is_none(), "no estimate once it ended: {s}");
     assert_every_id_once(&t.path("out/1"), 3_000);
 
     // Bad use: exit 2, saying why.

@@ -30,7 +30,7 @@ pub(crate) use model::{
 };
 pub use model::{Checkpoint, FailureClass, FailureRecord, RunId, RunRecord, RunState};
 pub(crate) use report::StuckAfter;
-pub use report::{ChunkCounts, InProgress, ItemCounts, RunStatus, StuckChunk};
+pub use report::{ChunkCounts, InProgress, ItemCounts, RecentReading, RunStatus, StuckChunk};
 use sqlite::SqliteStore;
 
 /// The execution context cannot be read or written. The dispatcher cannot go on without it: it

@@ -106,4 +106,16 @@ pub struct RunStatus {
     /// Chunks in progress whose consumer went silent or whose processing passed
     /// `chunk_timeout`.
     pub stuck: Vec<StuckChunk>,
+    /// How fast the input was read lately: for an estimate of the time left.
+    pub recent: Option<RecentReading>,
+}
+
+/// The input read by the chunks the broker confirmed within the last minute: bytes over the
+/// time since the first of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RecentReading {
+    /// Bytes of input those chunks span.
+    pub bytes: u64,
+    /// Milliseconds from the first of them to now.
+    pub millis: u64,
 }

@@ -6,8 +6,8 @@ use rusqlite::{params, Connection};
 use super::runs::run_by;
 use super::Fail;
 use crate::context::{
-    now_ms, ChunkCounts, FailureClass, FailureRecord, InProgress, ItemCounts, RunId, RunStatus,
-    StuckAfter, StuckChunk,
+    now_ms, ChunkCounts, FailureClass, FailureRecord, InProgress, ItemCounts, RecentReading, RunId,
+    RunStatus, StuckAfter, StuckChunk,
 };
 
 pub(super) fn status(
@@ -144,6 +144,26 @@ pub(super) fn status(
             })
         })
         .collect();
+    let since = now.saturating_sub(60_000) as i64;
+    let recent = conn.query_row(
+        "SELECT MIN(offset), MAX(end_offset), MIN(dispatched_at) FROM chunks
+             WHERE run = ?1 AND retry = 0 AND dispatched_at >= ?2",
+        params![run as i64, since],
+        |r| {
+            Ok((
+                r.get::<_, Option<i64>>(0)?,
+                r.get::<_, Option<i64>>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+            ))
+        },
+    )?;
+    let recent = match recent {
+        (Some(from), Some(to), Some(first)) if to > from => Some(RecentReading {
+            bytes: (to - from) as u64,
+            millis: now.saturating_sub(first as u64).max(1),
+        }),
+        _ => None,
+    };
     Ok(RunStatus {
         run: record,
         items,
@@ -151,5 +171,6 @@ pub(super) fn status(
         failures,
         in_progress,
         stuck,
+        recent,
     })
 }
