@@ -1,4 +1,4 @@
-//! Live controls: `pause`, `resume` and `throttle` a run from any host that reaches its
+//! Live controls: `pause`, `resume`, `throttle` and `cancel` a run from any host that reaches its
 //! execution context. They write the run's record; its dispatcher reads it every half second
 //! and follows (publishing nothing new while paused; the new window and rate from the next
 //! chunk, the ramp-up climbing again from the rate reached). What they write stays with the
@@ -108,19 +108,34 @@ pub async fn pause(
     run: Option<RunId>,
 ) -> Result<Controlled, DispatchError> {
     let record = open_run(job, context, run, "pause").await?;
+    if record.state == RunState::Cancelling {
+        return Err(DispatchError::Ended {
+            run: record.id,
+            state: record.state,
+            what: "pause",
+        });
+    }
     apply(job, context, record, Some(RunState::Paused), None, "pause").await
 }
 
 /// Undoes [`pause`]: the run's dispatcher publishes again (no burst for the time paused).
 ///
 /// # Errors
-/// No such run, or it has ended ([`DispatchError::Ended`]); the execution context failed.
+/// No such run, or it has ended ([`DispatchError::Ended`]), or it is being cancelled; the
+/// execution context failed.
 pub async fn unpause(
     job: &Job,
     context: &ExecutionContext,
     run: Option<RunId>,
 ) -> Result<Controlled, DispatchError> {
     let record = open_run(job, context, run, "resume").await?;
+    if record.state == RunState::Cancelling {
+        return Err(DispatchError::Ended {
+            run: record.id,
+            state: record.state,
+            what: "resume",
+        });
+    }
     apply(
         job,
         context,
@@ -128,6 +143,30 @@ pub async fn unpause(
         Some(RunState::Running),
         None,
         "resume",
+    )
+    .await
+}
+
+/// Cancels run `run` of `job` (its latest when `None`): its dispatcher publishes nothing new,
+/// takes back the chunks still waiting on the queues (recorded `dead`, "cancelled"), lets the
+/// chunks in hand finish, and ends the run `cancelled`, which `retry` and `--resume` refuse.
+/// A run whose dispatcher is gone is cancelled by `run --resume`.
+///
+/// # Errors
+/// No such run, or it has ended ([`DispatchError::Ended`]); the execution context failed.
+pub async fn cancel(
+    job: &Job,
+    context: &ExecutionContext,
+    run: Option<RunId>,
+) -> Result<Controlled, DispatchError> {
+    let record = open_run(job, context, run, "cancel").await?;
+    apply(
+        job,
+        context,
+        record,
+        Some(RunState::Cancelling),
+        None,
+        "cancel",
     )
     .await
 }

@@ -78,7 +78,8 @@ pub enum DispatchError {
         /// Seconds since that run's heartbeat.
         age_secs: u64,
     },
-    /// `pause`, `resume` or `throttle` of a run that has ended.
+    /// `pause`, `resume`, `throttle`, `cancel` or `retry` of a run that has ended (or is being
+    /// cancelled).
     #[error("run {run} has ended ({state}); there is nothing to {what}")]
     Ended {
         /// The run.

@@ -5,7 +5,7 @@
 //! The `hopper-dispatcher` binary is a thin command line over this library. The library's whole
 //! surface is the commands ([`run()`], [`resume()`], [`run_or_continue()`], [`retry()`],
 //! [`status()`], [`runs()`], [`clean_runs()`], [`clean_queues()`], and the live controls
-//! [`pause()`], [`unpause()`], [`throttle()`]), their
+//! [`pause()`], [`unpause()`], [`throttle()`], [`cancel()`]), their
 //! [`RunOptions`], the [`ExecutionContext`] they share, and what they return:
 //!
 //! ```no_run
@@ -32,8 +32,9 @@
 //!   `outstanding` (the window's chunks and their confirms), `replies` (applied once).
 //! - `carrier`: what carries the chunks, RabbitMQ or (local mode) worker tasks in this process.
 //! - `context/`: the execution context (`model`, and the `sqlite` store behind a trait).
-//! - `owner`: which dispatcher owns a run, by heartbeat; `controls`: `pause`, `resume` and
-//!   `throttle`, written to the execution context and followed by the run's dispatcher.
+//! - `owner`: which dispatcher owns a run, by heartbeat; `controls`: `pause`, `resume`,
+//!   `throttle` and `cancel`, written to the execution context and followed by the run's
+//!   dispatcher.
 //! - `options`, `error`, `progress`: how a run is started, why it stopped, what it shows;
 //!   `notify`: whom the job file says to tell when a run ends.
 
@@ -60,7 +61,7 @@ pub use context::{
     Checkpoint, ChunkCounts, ContextError, ExecutionContext, FailureClass, FailureRecord,
     InProgress, ItemCounts, RecentReading, RunId, RunRecord, RunState, RunStatus, StuckChunk,
 };
-pub use controls::{pause, throttle, unpause, Controlled, ThrottleChange};
+pub use controls::{cancel, pause, throttle, unpause, Controlled, ThrottleChange};
 pub use dispatch::RunSummary;
 pub use error::DispatchError;
 pub use hopper_common::Job;

@@ -89,6 +89,9 @@ enum Command {
     Pause(ControlArgs),
     /// Undo `pause`: the run's dispatcher publishes again.
     Resume(ControlArgs),
+    /// Cancel a run: nothing new is published, the chunks still waiting are taken back, the
+    /// chunks in hand finish; the run ends `cancelled` (final).
+    Cancel(ControlArgs),
     /// Change a run's window, rate and/or ramp-up while it runs (kept if it is resumed later).
     Throttle {
         #[command(flatten)]
@@ -165,6 +168,7 @@ fn main() -> ExitCode {
             Command::Runs { job, json } => runs(job, json).await,
             Command::Pause(target) => control(target, Control::Pause).await,
             Command::Resume(target) => control(target, Control::Resume).await,
+            Command::Cancel(target) => control(target, Control::Cancel).await,
             Command::Throttle {
                 target,
                 window,
@@ -411,6 +415,7 @@ async fn clean(
 enum Control {
     Pause,
     Resume,
+    Cancel,
     Throttle(hopper_dispatcher::ThrottleChange),
 }
 
@@ -426,6 +431,7 @@ async fn control(target: ControlArgs, what: Control) -> ExitCode {
     let done = match what {
         Control::Pause => hopper_dispatcher::pause(&job, &context, target.run).await,
         Control::Resume => hopper_dispatcher::unpause(&job, &context, target.run).await,
+        Control::Cancel => hopper_dispatcher::cancel(&job, &context, target.run).await,
         Control::Throttle(change) => {
             hopper_dispatcher::throttle(&job, &context, target.run, change).await
         }

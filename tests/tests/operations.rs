@@ -532,3 +532,106 @@ dir = "out"
         assert!(out.stderr.contains(says), "{args:?}: {}", out.stderr);
     }
 }
+
+/// A job whose chunks each take a while (`sleep`), ten items a chunk, eight chunks out: most of
+/// them wait on the queue, one is in hand.
+fn slow_job(t: &TestJob) {
+    write_jsonl(&t.path("input.jsonl"), 300, 30);
+}
+
+const SLOW: &str = r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[throttle]
+window = 8
+[processor]
+kind = "exec"
+command = ["sh", "-c", "cat > /dev/null; sleep 0.3"]
+"#;
+
+/// Waits (bounded) until the run's status satisfies `ready`; the run may not exist yet.
+async fn await_status(t: &TestJob, what: &str, ready: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let out = t.dispatcher(&["status", "--json"], LIMIT).await;
+        if let Ok(s) = serde_json::from_str::<serde_json::Value>(&out.stdout) {
+            if ready(&s) {
+                return;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `cancel`, in local mode and over the broker: the chunks still waiting are taken back and
+/// listed as cancelled, the one in hand finishes, the run ends `cancelled` (exit 1) with every
+/// record read accounted for; `--resume` and `retry` refuse it.
+#[tokio::test]
+async fn cancel_takes_back_what_waits_and_ends_the_run_cancelled() {
+    let _conn = hopper_tests::require_broker().await;
+    let local = TestJob::local("cancellocal", SLOW);
+    let broker = TestJob::new("cancelbroker", SLOW);
+    for t in [&local, &broker] {
+        slow_job(t);
+        let over_broker = std::ptr::eq(t, &broker);
+        let consumer = over_broker.then(|| t.start_consumer(1, 1));
+        let args: &[&str] = if over_broker {
+            &["run"]
+        } else {
+            &["run", "--local", "1"]
+        };
+        let mut dispatcher = t.spawn_dispatcher(args, "dispatcher.log");
+        await_status(t, "two chunks done and some waiting", |s| {
+            s["chunks"]["done"].as_u64() >= Some(2) && s["chunks"]["in_flight"].as_u64() >= Some(4)
+        })
+        .await;
+        let out = t.dispatcher(&["cancel"], LIMIT).await;
+        assert_eq!(out.code(), 0, "{}", out.stderr);
+        let status = tokio::time::timeout(LIMIT, dispatcher.wait())
+            .await
+            .expect("the run ends")
+            .expect("wait");
+        assert_eq!(status.code(), Some(1));
+        let s = t.status().await;
+        assert_eq!(s["state"], "cancelled", "{s}");
+        let items = &s["items"];
+        assert_eq!(
+            items["read"],
+            items["processed"].as_u64().unwrap_or(0) + items["failed"].as_u64().unwrap_or(0),
+            "{s}"
+        );
+        assert_eq!(
+            (
+                s["chunks"]["pending"].as_u64(),
+                s["chunks"]["in_flight"].as_u64()
+            ),
+            (Some(0), Some(0))
+        );
+        let cancelled = hopper_tests::failures(&s, "reason")
+            .iter()
+            .filter(|(_, r)| r.starts_with("cancelled"))
+            .count();
+        assert!(
+            cancelled >= 2,
+            "the waiting chunks are listed as cancelled: {s}"
+        );
+        assert!(read_so_far(&s) < 300, "it read no further: {s}");
+        for args in [
+            vec!["run", "--resume", "--local", "1"],
+            vec!["retry", "--run", "1", "--local", "1"],
+        ] {
+            let out = t.dispatcher(&args, LIMIT).await;
+            assert_eq!(out.code(), 2, "{args:?}: {}", out.stderr);
+            assert!(out.stderr.contains("cancelled"), "{}", out.stderr);
+        }
+        if let Some(c) = consumer {
+            assert!(c.stop(LIMIT).await.success());
+        }
+    }
+}

@@ -282,6 +282,11 @@ pub trait Transport: Send + Sync {
     /// receive again, and publish again whatever was not confirmed.
     async fn reconnect(&self) -> Result<(), TransportError>;
 
+    /// Removes the chunks of run `run` still waiting to be taken (on the chunk queue and the
+    /// delay queues; not those a consumer holds) and returns their seqs: what `cancel` takes
+    /// back. Other runs' messages stay where they are.
+    async fn withdraw(&self, run: u64) -> Result<Vec<u64>, TransportError>;
+
     /// Closes the transport; unsettled messages are delivered again.
     async fn close(&self, why: &str);
 

@@ -26,7 +26,7 @@ use hopper_common::{Job, Reply, StateSpec};
 
 pub(crate) use model::{
     Alive, Applied, BadData, ChunkRecord, ChunkStatus, Claimed, FailedChunk, Fence, Moved,
-    NewChunk, OpenFailure, RecordBatch, Retried, Retryable,
+    NewChunk, OpenFailure, RecordBatch, Retried, Retryable, CANCELLED_BY,
 };
 pub use model::{Checkpoint, FailureClass, FailureRecord, RunId, RunRecord, RunState};
 pub(crate) use report::StuckAfter;

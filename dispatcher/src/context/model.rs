@@ -20,6 +20,11 @@ pub enum RunState {
     /// Not ended, but told to publish nothing new (`pause`); chunks in hand finish and their
     /// replies are applied. `resume` makes it `running` again.
     Paused,
+    /// Told to stop (`cancel`): nothing new is published, the chunks still waiting are taken
+    /// back, the chunks in hand finish; then it is `cancelled`.
+    Cancelling,
+    /// Stopped by `cancel`: final; `retry` and `--resume` refuse it.
+    Cancelled,
     /// Every item processed.
     Completed,
     /// Finished, with skipped items or failed chunks.
@@ -34,6 +39,8 @@ impl RunState {
         match self {
             RunState::Running => "running",
             RunState::Paused => "paused",
+            RunState::Cancelling => "cancelling",
+            RunState::Cancelled => "cancelled",
             RunState::Completed => "completed",
             RunState::CompletedWithFailures => "completed_with_failures",
             RunState::Failed => "failed",
@@ -43,8 +50,11 @@ impl RunState {
     /// True once the run has ended.
     pub fn is_final(self) -> bool {
         match self {
-            RunState::Running | RunState::Paused => false,
-            RunState::Completed | RunState::CompletedWithFailures | RunState::Failed => true,
+            RunState::Running | RunState::Paused | RunState::Cancelling => false,
+            RunState::Completed
+            | RunState::CompletedWithFailures
+            | RunState::Failed
+            | RunState::Cancelled => true,
         }
     }
 }
@@ -61,6 +71,8 @@ impl FromStr for RunState {
         Ok(match s {
             "running" => RunState::Running,
             "paused" => RunState::Paused,
+            "cancelling" => RunState::Cancelling,
+            "cancelled" => RunState::Cancelled,
             "completed" => RunState::Completed,
             "completed_with_failures" => RunState::CompletedWithFailures,
             "failed" => RunState::Failed,
@@ -263,6 +275,10 @@ pub(crate) struct Moved {
     /// Byte offset past its end, now.
     pub end_offset: u64,
 }
+
+/// Who "replies" for the chunks `cancel` took back from the queues: the store records them
+/// `dead` with the reason as given, not as parked on the dead queue.
+pub(crate) const CANCELLED_BY: &str = "hopper-dispatcher (cancel)";
 
 /// Tells whether the dispatcher that owns a run is alive ([`crate::owner::owner_alive`]); the
 /// store asks it inside the transaction that takes a run, so that the check and the claim are

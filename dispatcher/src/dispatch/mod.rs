@@ -16,6 +16,7 @@
 //!   after it is committed. Replies of other runs are applied to their own run's record, never to
 //!   this one.
 
+mod cancel;
 mod outstanding;
 mod publish;
 mod replies;
@@ -75,8 +76,10 @@ impl RunSummary {
             RunState::Completed => 0,
             RunState::CompletedWithFailures
             | RunState::Failed
+            | RunState::Cancelled
             | RunState::Running
-            | RunState::Paused => 1,
+            | RunState::Paused
+            | RunState::Cancelling => 1,
         }
     }
 }
@@ -102,6 +105,9 @@ struct Dispatch<'a> {
     rereading: bool,
     /// Told to publish nothing new (`pause`), until told to go on (`resume`).
     paused: bool,
+    /// Told to stop (`cancel`): nothing new is published, and the run ends `cancelled` once
+    /// the chunks in hand have their outcomes.
+    cancelling: bool,
 }
 
 impl Dispatch<'_> {
@@ -112,6 +118,9 @@ impl Dispatch<'_> {
         let Some(record) = self.store.run(&self.job.name, Some(self.run)).await? else {
             return Ok(());
         };
+        if record.state == RunState::Cancelling && !self.cancelling {
+            return self.cancel().await;
+        }
         let paused = record.state == RunState::Paused;
         if paused != self.paused {
             self.paused = paused;
@@ -138,6 +147,7 @@ impl Dispatch<'_> {
 enum End {
     Exhausted,
     SkipLimit,
+    Cancelled,
     Interrupted,
 }
 
@@ -272,6 +282,7 @@ pub(crate) async fn run_on(
         skipped: 0,
         rereading: is_retry,
         paused: record.state == RunState::Paused,
+        cancelling: false,
     };
     if d.paused {
         warn!(job = %job.name, run, "the run is paused: nothing new is published until `resume`");
@@ -285,6 +296,10 @@ pub(crate) async fn run_on(
         d.skipped = so_far.items.skipped;
     }
     d.take_over_open_chunks().await?;
+    if record.state == RunState::Cancelling {
+        // Cancelled while no dispatcher ran it: the cancellation is finished now.
+        d.cancel().await?;
+    }
 
     // The reader runs ahead by at most the channel's capacity.
     let (tx, mut rx) = mpsc::channel::<Result<RawChunk, SourceError>>(4);
@@ -331,9 +346,16 @@ pub(crate) async fn run_on(
                    outstanding = d.outstanding.len(),
                    "skip limit passed: nothing more is sent; waiting for the chunks in flight");
         }
-        let reading = !exhausted && !over_limit;
-        let room = !d.paused && d.throttle.has_room(d.outstanding.len());
+        if d.cancelling {
+            held = None;
+        }
+        let reading = !exhausted && !over_limit && !d.cancelling;
+        let room = !d.paused && !d.cancelling && d.throttle.has_room(d.outstanding.len());
         let step: Result<Option<End>, DispatchError> = async {
+        if d.cancelling && d.outstanding.is_empty() {
+            d.cancel_the_rest().await?;
+            return Ok(d.outstanding.is_empty().then_some(End::Cancelled));
+        }
         if !reading && held.is_none() && d.outstanding.is_empty() {
             // The context's rows have the last word: a chunk recorded but never sent (or sent
             // and never answered) holds the run open until it has an outcome.
@@ -462,6 +484,10 @@ pub(crate) async fn run_on(
         End::Interrupted => {
             warn!(job = %job.name, run, "interrupted; the run stays `running`");
             return Err(DispatchError::Interrupted { run, read: d.read });
+        }
+        End::Cancelled => {
+            warn!(job = %job.name, run, "cancelled");
+            RunState::Cancelled
         }
         End::SkipLimit => {
             error!(job = %job.name, run, skipped = d.skipped, skip_limit = job.failures.skip_limit,

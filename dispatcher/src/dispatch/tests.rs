@@ -208,6 +208,10 @@ impl Transport for Faulty {
         self.inner.reconnect().await
     }
 
+    async fn withdraw(&self, run: u64) -> Result<Vec<u64>, TransportError> {
+        self.inner.withdraw(run).await
+    }
+
     async fn close(&self, why: &str) {
         self.inner.close(why).await
     }

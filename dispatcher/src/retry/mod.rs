@@ -61,6 +61,20 @@ pub async fn retry(
     let record = find_run(job, store.as_ref(), Some(run)).await?;
     match record.state {
         RunState::Running | RunState::Paused => refuse_if_alive(job, &record)?,
+        RunState::Cancelling => {
+            refuse_if_alive(job, &record)?;
+            return Err(DispatchError::NotRetryable {
+                run,
+                state: record.state,
+            });
+        }
+        RunState::Cancelled => {
+            return Err(DispatchError::Ended {
+                run,
+                state: record.state,
+                what: "retry",
+            })
+        }
         RunState::Completed | RunState::CompletedWithFailures | RunState::Failed => {}
     }
     // A run stopped at the skip limit has not read all its input: once what failed is read

@@ -302,6 +302,57 @@ impl Transport for AmqpTransport {
         }
     }
 
+    async fn withdraw(&self, run: u64) -> Result<Vec<u64>, TransportError> {
+        use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+        let link = self.link();
+        let mut taken = Vec::new();
+        let mut queues = vec![self.topology.chunks.clone()];
+        queues.extend(self.topology.delays.iter().map(|d| d.queue.clone()));
+        for queue in &queues {
+            let channel = link
+                .consume
+                .create_channel()
+                .await
+                .map_err(broker("open a channel", queue))?;
+            // Another run's messages are held unacked until the queue is empty, then given
+            // back: requeued at once, they would be fetched again and again.
+            let mut others = Vec::new();
+            loop {
+                let got = channel
+                    .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await
+                    .map_err(broker("take back chunks", queue))?;
+                let Some(message) = got else { break };
+                let label = properties::label_of(&message.delivery.properties);
+                let tag = message.delivery.delivery_tag;
+                match (label.run, label.seq) {
+                    (Some(r), Some(seq)) if r == run => {
+                        channel
+                            .basic_ack(tag, BasicAckOptions::default())
+                            .await
+                            .map_err(broker("take back chunks", queue))?;
+                        taken.push(seq);
+                    }
+                    _ => others.push(tag),
+                }
+            }
+            for tag in others {
+                channel
+                    .basic_nack(
+                        tag,
+                        BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        },
+                    )
+                    .await
+                    .map_err(broker("give back another run's chunk", queue))?;
+            }
+            let _ = channel.close(200, "withdrawn".into()).await;
+        }
+        Ok(taken)
+    }
+
     async fn close(&self, why: &str) {
         self.link().close(why).await;
     }

@@ -335,6 +335,22 @@ impl Transport for LocalTransport {
         Ok(())
     }
 
+    async fn withdraw(&self, run: u64) -> Result<Vec<u64>, TransportError> {
+        // Chunks waiting out a retry delay sit on timers here, not on a queue: they come back
+        // when their delay ends, and are processed.
+        let mut state = self.shared.lock();
+        let queue = state.queue(Queue::Chunks);
+        let mut taken = Vec::new();
+        queue.retain(|m| match (m.label.run, m.label.seq) {
+            (Some(r), Some(seq)) if r == run => {
+                taken.push(seq);
+                false
+            }
+            _ => true,
+        });
+        Ok(taken)
+    }
+
     async fn close(&self, _why: &str) {
         self.stop_receiving().await;
         let mine = std::mem::take(&mut *self.mine.lock().unwrap_or_else(|p| p.into_inner()));

@@ -4,7 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::Fail;
-use crate::context::{now_ms, Applied, FailureClass, FailureRecord, Fence, RunId};
+use crate::context::{now_ms, Applied, FailureClass, FailureRecord, Fence, RunId, CANCELLED_BY};
 use hopper_common::{Outcome, Reply};
 
 fn insert_failures(
@@ -157,6 +157,8 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, F
         }
         Outcome::Dead { error } | Outcome::Failed { error } => {
             let (status, reason) = match &reply.outcome {
+                // Taken back by `cancel`: never parked anywhere, the reason says what happened.
+                Outcome::Dead { .. } if reply.consumer == CANCELLED_BY => ("dead", error.clone()),
                 Outcome::Dead { .. } => (
                     "dead",
                     format!(
