@@ -54,7 +54,8 @@ impl ThrottleChange {
     }
 }
 
-/// Run `run` of `job` (its latest when `None`), refused when it has ended.
+/// Run `run` of `job` (its latest when `None`), refused when it has ended, or (for anything
+/// but `cancel` again) when it is being cancelled.
 async fn open_run(
     job: &Job,
     context: &ExecutionContext,
@@ -62,7 +63,8 @@ async fn open_run(
     what: &'static str,
 ) -> Result<RunRecord, DispatchError> {
     let record = find_run(job, context.store().as_ref(), run).await?;
-    if record.state.is_final() {
+    let cancelling = record.state == RunState::Cancelling && what != "cancel";
+    if record.state.is_final() || cancelling {
         return Err(DispatchError::Ended {
             run: record.id,
             state: record.state,
@@ -108,20 +110,13 @@ pub async fn pause(
     run: Option<RunId>,
 ) -> Result<Controlled, DispatchError> {
     let record = open_run(job, context, run, "pause").await?;
-    if record.state == RunState::Cancelling {
-        return Err(DispatchError::Ended {
-            run: record.id,
-            state: record.state,
-            what: "pause",
-        });
-    }
     apply(job, context, record, Some(RunState::Paused), None, "pause").await
 }
 
 /// Undoes [`pause`]: the run's dispatcher publishes again (no burst for the time paused).
 ///
 /// # Errors
-/// No such run, or it has ended ([`DispatchError::Ended`]), or it is being cancelled; the
+/// No such run, or it has ended or is being cancelled ([`DispatchError::Ended`]); the
 /// execution context failed.
 pub async fn unpause(
     job: &Job,
@@ -129,13 +124,6 @@ pub async fn unpause(
     run: Option<RunId>,
 ) -> Result<Controlled, DispatchError> {
     let record = open_run(job, context, run, "resume").await?;
-    if record.state == RunState::Cancelling {
-        return Err(DispatchError::Ended {
-            run: record.id,
-            state: record.state,
-            what: "resume",
-        });
-    }
     apply(
         job,
         context,

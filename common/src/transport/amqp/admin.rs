@@ -3,6 +3,7 @@
 
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
+use lapin::Connection;
 
 use super::{broker, connect, Topology};
 use crate::{Job, TransportError};
@@ -24,6 +25,12 @@ pub struct QueueState {
 /// The broker cannot be reached, or refuses to answer.
 pub async fn inspect(job: &Job) -> Result<Vec<QueueState>, TransportError> {
     let conn = connect(&job.broker_url, "hopper-admin").await?;
+    let states = inspect_on(&conn, job).await;
+    let _ = conn.close(200, "done".into()).await;
+    states
+}
+
+async fn inspect_on(conn: &Connection, job: &Job) -> Result<Vec<QueueState>, TransportError> {
     let topology = Topology::for_job(job);
     let mut states = Vec::new();
     for name in topology.all_queues() {
@@ -56,7 +63,6 @@ pub async fn inspect(job: &Job) -> Result<Vec<QueueState>, TransportError> {
         };
         states.push(state);
     }
-    let _ = conn.close(200, "done".into()).await;
     Ok(states)
 }
 
@@ -65,13 +71,13 @@ pub async fn inspect(job: &Job) -> Result<Vec<QueueState>, TransportError> {
 /// # Errors
 /// The broker cannot be reached, or refuses (a user without the configure right).
 pub async fn delete(job: &Job) -> Result<Vec<String>, TransportError> {
-    let present: Vec<String> = inspect(job)
+    let conn = connect(&job.broker_url, "hopper-admin").await?;
+    let present: Vec<String> = inspect_on(&conn, job)
         .await?
         .into_iter()
         .filter(|q| q.messages.is_some())
         .map(|q| q.name)
         .collect();
-    let conn = connect(&job.broker_url, "hopper-admin").await?;
     let channel = conn
         .create_channel()
         .await
