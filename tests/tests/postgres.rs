@@ -21,6 +21,22 @@ struct Tables {
 }
 
 impl Tables {
+    /// Runs `ddl`, which creates the tables `names` of job `t`, and drops them when the test
+    /// ends (the guard is taken first, so a half-made set is dropped too).
+    async fn create(
+        client: &tokio_postgres::Client,
+        t: &TestJob,
+        names: &[&str],
+        ddl: &str,
+    ) -> Tables {
+        let guard = Tables {
+            job: t.name.clone(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+        };
+        client.batch_execute(ddl).await.expect("create the tables");
+        guard
+    }
+
     /// A table name of this test's own: `<job>_<suffix>`, as an SQL identifier.
     fn name(t: &TestJob, suffix: &str) -> String {
         format!("{}_{suffix}", t.name.replace('-', "_"))
@@ -118,16 +134,13 @@ async fn count(client: &tokio_postgres::Client, table: &str) -> (i64, i64) {
 async fn a_chunk_delivered_twice_changes_the_table_once() {
     let client = require_postgres().await;
     let (t, table) = insert_job("pgtwice", "dst", &pg_url(), "");
-    let _tables = Tables {
-        job: t.name.clone(),
-        names: vec![table.clone()],
-    };
-    client
-        .batch_execute(&format!(
-            "CREATE TABLE {table} (id int, price numeric(10,2) CHECK (price >= 0))"
-        ))
-        .await
-        .expect("create");
+    let _tables = Tables::create(
+        &client,
+        &t,
+        &[&table],
+        &format!("CREATE TABLE {table} (id int, price numeric(10,2) CHECK (price >= 0))"),
+    )
+    .await;
     let job = t.job();
     let hopper_common::ProcessorSpec::Postgres {
         url,
@@ -207,18 +220,17 @@ params = ["id", "price"]
         ),
     );
     let table = Tables::name(&t, "dst");
-    let _tables = Tables {
-        job: t.name.clone(),
-        names: vec![table.clone()],
-    };
     let text = std::fs::read_to_string(t.file())
         .expect("job")
         .replace("{TABLE}", &table);
     std::fs::write(t.file(), text).expect("job");
-    client
-        .batch_execute(&format!("CREATE TABLE {table} (id int, price numeric)"))
-        .await
-        .expect("create");
+    let _tables = Tables::create(
+        &client,
+        &t,
+        &[&table],
+        &format!("CREATE TABLE {table} (id int, price numeric)"),
+    )
+    .await;
     write_prices(&t, n, None);
     let mut doomed = t.start_consumer(1, 4);
     let dispatcher = t.spawn_dispatcher(&["run"], "dispatcher.log");
@@ -253,16 +265,13 @@ params = ["id", "price"]
 async fn a_row_refused_by_a_check_is_skipped_and_retry_applies_just_it() {
     let client = require_postgres().await;
     let (t, table) = insert_job("pgcheck", "dst", &pg_url(), "");
-    let _tables = Tables {
-        job: t.name.clone(),
-        names: vec![table.clone()],
-    };
-    client
-        .batch_execute(&format!(
-            "CREATE TABLE {table} (id int, price numeric(10,2) CHECK (price >= 0))"
-        ))
-        .await
-        .expect("create");
+    let _tables = Tables::create(
+        &client,
+        &t,
+        &[&table],
+        &format!("CREATE TABLE {table} (id int, price numeric(10,2) CHECK (price >= 0))"),
+    )
+    .await;
     write_prices(&t, 100, Some(42));
     let out = t.dispatcher(&["run", "--local", "2"], LIMIT).await;
     assert_eq!(out.code(), 1, "{}", out.stderr);
@@ -308,22 +317,21 @@ async fn a_lock_held_past_lock_timeout_is_retried_then_done() {
         "[retry]\nmax_attempts = 10\nbackoff = \"500ms..500ms\"",
     );
     let gate = Tables::name(&t, "gate");
-    let _tables = Tables {
-        job: t.name.clone(),
-        names: vec![table.clone(), gate.clone()],
-    };
     let text = std::fs::read_to_string(t.file()).expect("job").replace(
         &format!("INSERT INTO {table} (id, price) VALUES ($1, $2)"),
         &format!("INSERT INTO {table} (id, price) SELECT $1, $2 FROM {gate} FOR UPDATE"),
     );
     std::fs::write(t.file(), text).expect("job");
-    client
-        .batch_execute(&format!(
+    let _tables = Tables::create(
+        &client,
+        &t,
+        &[&table, &gate],
+        &format!(
             "CREATE TABLE {table} (id int, price numeric); CREATE TABLE {gate} (open bool);
              INSERT INTO {gate} VALUES (true);"
-        ))
-        .await
-        .expect("create");
+        ),
+    )
+    .await;
     write_prices(&t, 30, None);
     let (mut locker, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
         .await
@@ -351,14 +359,13 @@ async fn a_lock_held_past_lock_timeout_is_retried_then_done() {
 async fn mistakes_are_refused_at_start_naming_the_field() {
     let client = require_postgres().await;
     let (t, table) = insert_job("pgbad", "dst", &pg_url(), "");
-    let _tables = Tables {
-        job: t.name.clone(),
-        names: vec![table.clone()],
-    };
-    client
-        .batch_execute(&format!("CREATE TABLE {table} (id int, price numeric)"))
-        .await
-        .expect("create");
+    let _tables = Tables::create(
+        &client,
+        &t,
+        &[&table],
+        &format!("CREATE TABLE {table} (id int, price numeric)"),
+    )
+    .await;
     write_prices(&t, 10, None);
     let job = std::fs::read_to_string(t.file()).expect("job");
     let cases = [
@@ -431,22 +438,21 @@ params = ["i2", "i4", "i8", "num", "f8", "txt", "b", "d", "ts", "u", "jb", "j", 
         ),
     );
     let table = Tables::name(&t, "types");
-    let _tables = Tables {
-        job: t.name.clone(),
-        names: vec![table.clone()],
-    };
     let text = std::fs::read_to_string(t.file())
         .expect("job")
         .replace("{TABLE}", &table);
     std::fs::write(t.file(), text).expect("job");
-    client
-        .batch_execute(&format!(
+    let _tables = Tables::create(
+        &client,
+        &t,
+        &[&table],
+        &format!(
             "CREATE TABLE {table} (i2 int2, i4 int4, i8 int8, num numeric, f8 float8, txt text,
              b bool, d date, ts timestamptz, u uuid, jb jsonb, j json, bin bytea, ia int4[],
              ta text[])"
-        ))
-        .await
-        .expect("create");
+        ),
+    )
+    .await;
     let full = r#"{"i2":-7,"i4":2147483647,"i8":9007199254740993,"num":"12345678901234567890.000000000001","f8":1.5,"txt":"tab\there \"quoted\" é","b":true,"d":"2026-11-26","ts":"2026-11-26T10:00:00.123456Z","u":"0f8fad5b-d9cb-469f-a165-70867728950e","jb":{"a":[1,null,"x"]},"j":"just a string","bin":"AAEC/w==","ia":[1,null,3],"ta":["a","b \"c\"",null]}"#;
     let nulls = r#"{"i2":null,"i4":null,"i8":null,"num":null,"f8":null,"txt":null,"b":null,"d":null,"ts":null,"u":null,"jb":null,"j":null,"bin":null,"ia":null,"ta":null}"#;
     std::fs::write(t.path("input.jsonl"), format!("{full}\n{nulls}\n")).expect("input");
