@@ -37,6 +37,17 @@ impl Tables {
         guard
     }
 
+    /// The table name `<job>_<suffix>` (see [`Tables::name`]), written into the job file
+    /// where it says `{TABLE}`.
+    fn name_in_job(t: &TestJob, suffix: &str) -> String {
+        let table = Tables::name(t, suffix);
+        let text = std::fs::read_to_string(t.file())
+            .expect("job")
+            .replace("{TABLE}", &table);
+        std::fs::write(t.file(), text).expect("job");
+        table
+    }
+
     /// A table name of this test's own: `<job>_<suffix>`, as an SQL identifier.
     fn name(t: &TestJob, suffix: &str) -> String {
         format!("{}_{suffix}", t.name.replace('-', "_"))
@@ -98,11 +109,7 @@ skip_limit = 10
 {extra}"#
         ),
     );
-    let table = Tables::name(&t, table_suffix);
-    let text = std::fs::read_to_string(t.file())
-        .expect("job")
-        .replace("{TABLE}", &table);
-    std::fs::write(t.file(), text).expect("job");
+    let table = Tables::name_in_job(&t, table_suffix);
     (t, table)
 }
 
@@ -219,11 +226,7 @@ params = ["id", "price"]
             pg_url()
         ),
     );
-    let table = Tables::name(&t, "dst");
-    let text = std::fs::read_to_string(t.file())
-        .expect("job")
-        .replace("{TABLE}", &table);
-    std::fs::write(t.file(), text).expect("job");
+    let table = Tables::name_in_job(&t, "dst");
     let _tables = Tables::create(
         &client,
         &t,
@@ -437,11 +440,7 @@ params = ["i2", "i4", "i8", "num", "f8", "txt", "b", "d", "ts", "u", "jb", "j", 
             pg_url()
         ),
     );
-    let table = Tables::name(&t, "types");
-    let text = std::fs::read_to_string(t.file())
-        .expect("job")
-        .replace("{TABLE}", &table);
-    std::fs::write(t.file(), text).expect("job");
+    let table = Tables::name_in_job(&t, "types");
     let _tables = Tables::create(
         &client,
         &t,
