@@ -36,10 +36,13 @@
 //!   local mode ([`LocalBroker`]).
 //! - [`process`]: this process's identity, and how a binary starts (logs, runtime).
 //! - [`shutdown`]: stopping on SIGINT or SIGTERM.
+//! - [`postgres`]: what the PostgreSQL source, processor and store share: values in the text
+//!   format, the database's errors as people read them.
 
 pub mod codec;
 pub mod job;
 pub mod message;
+pub mod postgres;
 pub mod process;
 pub mod shutdown;
 pub mod transport;

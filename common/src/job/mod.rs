@@ -119,6 +119,28 @@ pub enum SourceSpec {
         /// How records are laid out in it.
         format: FileFormat,
     },
+    /// The rows of a query in a PostgreSQL database, read by key, one page at a time.
+    Postgres {
+        /// The database (`postgres://...`); its password is never logged.
+        url: String,
+        /// The user's query; Hopper wraps it, so it has no `ORDER BY` or `LIMIT` of its own to
+        /// keep.
+        query: String,
+        /// The columns of the query's result that identify a row: unique, not null, orderable.
+        /// The scan goes in their order, and a chunk's position is the key of its rows.
+        key: Vec<String>,
+    },
+}
+
+impl SourceSpec {
+    /// The key columns of a keyed source (a database); empty for a file, whose records are
+    /// identified by their line.
+    pub fn key(&self) -> &[String] {
+        match self {
+            SourceSpec::File { .. } => &[],
+            SourceSpec::Postgres { key, .. } => key,
+        }
+    }
 }
 
 /// The record layout of a file source.

@@ -50,6 +50,17 @@ pub(super) struct RawSource {
     pub(super) kind: String,
     pub(super) path: Option<String>,
     pub(super) format: Option<String>,
+    pub(super) url: Option<String>,
+    pub(super) query: Option<String>,
+    pub(super) key: Option<RawKey>,
+}
+
+/// `source.key`: one column, or several.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawKey {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize, Default)]

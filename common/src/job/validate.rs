@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::expand::redact_url;
 use super::raw::{
-    RawChunking, RawFailures, RawJob, RawNotify, RawProcessor, RawRetry, RawSource, RawState,
-    RawThrottle,
+    RawChunking, RawFailures, RawJob, RawKey, RawNotify, RawProcessor, RawRetry, RawSource,
+    RawState, RawThrottle,
 };
 use super::{
     Chunking, CustomOptions, Failures, FileFormat, Job, Notify, ProcessorSpec, RetryPolicy,
@@ -105,13 +105,12 @@ fn state(raw: RawState, dir: &Path) -> FieldResult<StateSpec> {
 
 fn source(s: RawSource, dir: &Path) -> FieldResult<SourceSpec> {
     match s.kind.as_str() {
-        "file" => {}
-        "postgres" => {
-            return Err((
-                "source.kind",
-                "the postgres source is not available yet; use kind = \"file\"".to_string(),
-            ))
+        "file" => {
+            only("source.url", s.url.is_some(), "file")?;
+            only("source.query", s.query.is_some(), "file")?;
+            only("source.key", s.key.is_some(), "file")?;
         }
+        "postgres" => return postgres_source(s),
         other => {
             return Err((
                 "source.kind",
@@ -148,6 +147,67 @@ fn source(s: RawSource, dir: &Path) -> FieldResult<SourceSpec> {
         path: dir.join(p),
         format,
     })
+}
+
+fn postgres_source(s: RawSource) -> FieldResult<SourceSpec> {
+    only("source.path", s.path.is_some(), "postgres")?;
+    only("source.format", s.format.is_some(), "postgres")?;
+    let url = postgres_url("source.url", s.url)?;
+    let query = match s.query {
+        Some(q) if !q.trim().is_empty() => q.trim().trim_end_matches(';').trim_end().to_string(),
+        _ => {
+            return Err((
+                "source.query",
+                "is required for kind = \"postgres\": the SELECT whose rows are the items"
+                    .to_string(),
+            ))
+        }
+    };
+    let key = match s.key {
+        Some(RawKey::One(k)) => vec![k],
+        Some(RawKey::Many(ks)) => ks,
+        None => {
+            return Err((
+                "source.key",
+                "is required for kind = \"postgres\": the column (or list of columns) of the \
+                 query that identifies a row, unique and not null; the scan goes in its order"
+                    .to_string(),
+            ))
+        }
+    };
+    if key.is_empty() {
+        return Err(("source.key", "names no column".to_string()));
+    }
+    if let Some(blank) = key.iter().find(|k| k.trim().is_empty()) {
+        return Err(("source.key", format!("{blank:?} names no column")));
+    }
+    for (i, k) in key.iter().enumerate() {
+        if key[..i].contains(k) {
+            return Err(("source.key", format!("names column {k:?} twice")));
+        }
+    }
+    Ok(SourceSpec::Postgres { url, query, key })
+}
+
+/// Refuses `field`, set but not used by this `kind`.
+fn only(field: &'static str, set: bool, kind: &str) -> FieldResult<()> {
+    if set {
+        Err((field, format!("is not used by kind = {kind:?}")))
+    } else {
+        Ok(())
+    }
+}
+
+/// A `postgres://` URL in `field`, required.
+fn postgres_url(field: &'static str, url: Option<String>) -> FieldResult<String> {
+    match url {
+        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => Ok(u),
+        Some(u) => Err((
+            field,
+            format!("{} is not a postgres:// URL", redact_url(&u)),
+        )),
+        None => Err((field, "is required for kind = \"postgres\"".to_string())),
+    }
 }
 
 fn chunking(raw: RawChunking) -> FieldResult<Chunking> {
@@ -206,13 +266,6 @@ fn throttle(raw: RawThrottle) -> FieldResult<Throttle> {
 }
 
 fn processor(p: RawProcessor, file: &Path, dir: &Path) -> FieldResult<ProcessorSpec> {
-    let only = |field: &'static str, set: bool, kind: &str| -> FieldResult<()> {
-        if set {
-            Err((field, format!("is not used by kind = {kind:?}")))
-        } else {
-            Ok(())
-        }
-    };
     Ok(match p.kind.as_str() {
         "exec" => {
             only("processor.dir", p.dir.is_some(), "exec")?;
@@ -262,21 +315,7 @@ fn processor(p: RawProcessor, file: &Path, dir: &Path) -> FieldResult<ProcessorS
             only("processor.command", p.command.is_some(), "postgres")?;
             only("processor.dir", p.dir.is_some(), "postgres")?;
             only("processor.options", p.options.is_some(), "postgres")?;
-            let url = match p.url {
-                Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
-                Some(u) => {
-                    return Err((
-                        "processor.url",
-                        format!("{} is not a postgres:// URL", redact_url(&u)),
-                    ))
-                }
-                None => {
-                    return Err((
-                        "processor.url",
-                        "is required for kind = \"postgres\"".to_string(),
-                    ))
-                }
-            };
+            let url = postgres_url("processor.url", p.url)?;
             let statement = match p.statement {
                 Some(s) if !s.trim().is_empty() => s,
                 _ => {

@@ -21,24 +21,19 @@
 //!   savepoint, to find which.
 //!
 //! Parameters are sent in PostgreSQL's text format and converted by the database to the types
-//! the statement declares (numeric exactly, dates, uuid, arrays...): a JSON string as is, a
-//! number as written, a boolean as `true`/`false`, `null` as NULL; an array for an array
-//! parameter as an array literal; any value for a `json`/`jsonb` parameter as its JSON text; a
-//! string for a `bytea` parameter as base64 (as the PostgreSQL source writes it).
+//! the statement declares ([`hopper_common::postgres::text_for`] says how each JSON value goes).
 
-use std::error::Error as StdError;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use base64::Engine as _;
-use bytes::BytesMut;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::future::join_all;
 use hopper_common::job::redact_url;
+use hopper_common::postgres::{describe, describe_place, text_for, Text};
 use hopper_common::{Chunk, Item};
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{to_sql_checked, Format, IsNull, Kind, ToSql, Type};
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Config, NoTls, Statement};
 
 use super::{BuildError, ProcessError, Processed, Processor};
@@ -101,24 +96,6 @@ fn verdict(e: &tokio_postgres::Error) -> Verdict {
         // statement's own definition.
         "42" | "0A" | "3D" | "3F" | "26" | "34" => Verdict::Permanent,
         _ => Verdict::Transient,
-    }
-}
-
-/// The database's message with its SQLSTATE and detail, for a reason.
-fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => {
-            let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
-            if let Some(detail) = db.detail() {
-                text.push_str(": ");
-                text.push_str(detail);
-            }
-            text
-        }
-        None => match e.source() {
-            Some(source) => format!("{e}: {source}"),
-            None => e.to_string(),
-        },
     }
 }
 
@@ -235,121 +212,6 @@ impl PostgresProcessor {
             })
             .collect()
     }
-}
-
-/// Host and port (or socket) of a connection config, for messages: never the password.
-fn describe_place(config: &Config) -> String {
-    use tokio_postgres::config::Host;
-    let host = match config.get_hosts().first() {
-        Some(Host::Tcp(h)) => h.clone(),
-        Some(Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".to_string(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    format!("{host}:{port}")
-}
-
-/// A parameter in PostgreSQL's text format: the database parses it as the parameter's type.
-#[derive(Debug)]
-struct Text(Option<String>);
-
-impl ToSql for Text {
-    fn to_sql(
-        &self,
-        _ty: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
-        match &self.0 {
-            None => Ok(IsNull::Yes),
-            Some(text) => {
-                out.extend_from_slice(text.as_bytes());
-                Ok(IsNull::No)
-            }
-        }
-    }
-
-    fn accepts(_ty: &Type) -> bool {
-        true
-    }
-
-    fn encode_format(&self, _ty: &Type) -> Format {
-        Format::Text
-    }
-
-    to_sql_checked!();
-}
-
-/// The text form of `value` for a parameter of type `ty`; `None` is NULL.
-fn text_for(value: &Value, ty: &Type) -> Result<Option<String>, String> {
-    let json = *ty == Type::JSON || *ty == Type::JSONB;
-    let array = matches!(ty.kind(), Kind::Array(_));
-    Ok(Some(match value {
-        Value::Null => return Ok(None),
-        _ if json => value.to_string(),
-        Value::String(b64) if *ty == Type::BYTEA => bytea_hex(b64)?,
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
-        Value::Array(items) if array => array_literal(items),
-        Value::Array(_) | Value::Object(_) => {
-            return Err(format!("a JSON {} cannot be bound to it", kind_of(value)))
-        }
-    }))
-}
-
-/// A `bytea` parameter from base64 (as the PostgreSQL source writes it), in the hex text form.
-fn bytea_hex(b64: &str) -> Result<String, String> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .map_err(|e| format!("not base64: {e}"))?;
-    let mut hex = String::with_capacity(2 + bytes.len() * 2);
-    hex.push_str("\\x");
-    for b in bytes {
-        hex.push_str(&format!("{b:02x}"));
-    }
-    Ok(hex)
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
-}
-
-/// A PostgreSQL array literal: `{1,"a b",NULL,{2,3}}`.
-fn array_literal(items: &[Value]) -> String {
-    let mut out = String::from("{");
-    for (i, v) in items.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        match v {
-            Value::Null => out.push_str("NULL"),
-            Value::Array(inner) => out.push_str(&array_literal(inner)),
-            Value::String(s) => quote_element(&mut out, s),
-            Value::Object(_) => quote_element(&mut out, &v.to_string()),
-            Value::Number(n) => out.push_str(&n.to_string()),
-            Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        }
-    }
-    out.push('}');
-    out
-}
-
-fn quote_element(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('"');
 }
 
 /// What applying a chunk came to.
@@ -508,36 +370,5 @@ impl Processor for PostgresProcessor {
                 )),
             },
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn values_take_the_text_form_their_parameter_type_reads() {
-        let t = |v: Value, ty: Type| text_for(&v, &ty);
-        assert_eq!(t(json!(null), Type::INT4), Ok(None));
-        assert_eq!(t(json!(42), Type::INT4), Ok(Some("42".into())));
-        assert_eq!(t(json!("12.50"), Type::NUMERIC), Ok(Some("12.50".into())));
-        assert_eq!(t(json!(true), Type::BOOL), Ok(Some("true".into())));
-        assert_eq!(t(json!("x"), Type::JSONB), Ok(Some("\"x\"".into())));
-        assert_eq!(t(json!({"a": 1}), Type::JSON), Ok(Some("{\"a\":1}".into())));
-        assert_eq!(
-            t(json!("AAEC/w=="), Type::BYTEA),
-            Ok(Some("\\x000102ff".into()))
-        );
-        assert!(t(json!("not base64!"), Type::BYTEA).is_err());
-        assert!(t(json!({"a": 1}), Type::TEXT).is_err());
-        assert_eq!(
-            t(json!([1, null, [2, 3]]), Type::INT4_ARRAY),
-            Ok(Some("{1,NULL,{2,3}}".into()))
-        );
-        assert_eq!(
-            t(json!(["a b", "q\"uote", "back\\slash"]), Type::TEXT_ARRAY),
-            Ok(Some(r#"{"a b","q\"uote","back\\slash"}"#.into()))
-        );
     }
 }
