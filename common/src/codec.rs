@@ -14,8 +14,9 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::message::{Chunk, Reply};
 
 /// The version of the message schema this build writes and reads. Version 2 added the
-/// `Processing` note to [`crate::Outcome`].
-pub const SCHEMA_VERSION: u16 = 2;
+/// `Processing` note to [`crate::Outcome`]; version 3 the key of a chunk of a query
+/// ([`Chunk::key`], [`crate::BadItem::key`]).
+pub const SCHEMA_VERSION: u16 = 3;
 
 /// The content type of every Hopper message.
 pub const CONTENT_TYPE: &str = "application/msgpack";
@@ -156,6 +157,7 @@ mod tests {
                 line: 2001,
                 offset: 400_123,
             },
+            key: Vec::new(),
             items: vec![
                 Item {
                     line: 2001,
@@ -185,6 +187,7 @@ mod tests {
                 bad_items: vec![BadItem {
                     line: 4,
                     reason: "no price".into(),
+                    key: None,
                 }],
             },
             Outcome::Retrying {
@@ -216,14 +219,14 @@ mod tests {
         assert!(matches!(
             err,
             CodecError::SchemaVersion {
-                found: 3,
-                expected: 2,
+                found: 4,
+                expected: 3,
                 ..
             }
         ));
         assert_eq!(
             err.to_string(),
-            "chunk has schema version 3, this build reads version 2"
+            "chunk has schema version 4, this build reads version 3"
         );
     }
 

@@ -55,6 +55,10 @@ pub struct Chunk {
     pub attempt: u32,
     /// Where the chunk starts in the source.
     pub position: Position,
+    /// For a source read by key (a query): the item fields that make an item's key, so that a
+    /// bad item can be reported by its key ([`BadItem::key`]). Empty for a file, whose items
+    /// are known by their line.
+    pub key: Vec<String>,
     /// The items, in source order.
     pub items: Vec<Item>,
 }
@@ -70,10 +74,14 @@ impl Chunk {
 /// the rest of the chunk counts as done.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BadItem {
-    /// The item's line number in the source.
+    /// The item's line number in the source (for a query, its ordinal in the scan).
     pub line: u64,
     /// Why it was refused, for the operator.
     pub reason: String,
+    /// For a chunk of a keyed source, the item's key as JSON (a value, or an array for a
+    /// composite key): how `retry` finds the row again. The consumer fills it in from the
+    /// chunk's [`Chunk::key`]; a processor leaves it `None`.
+    pub key: Option<String>,
 }
 
 /// What became of one attempt at a chunk.

@@ -3,12 +3,13 @@
 //! A chunk's position is the start of its first item; the cursor after it is exactly where the
 //! next chunk begins, so a checkpoint taken after a chunk never skips nor repeats a record. Bad
 //! records travel with the chunk they were met in, to be recorded with it; an item larger than
-//! `max_bytes` on its own is bad data (it could never be sent).
+//! `max_bytes` on its own is bad data (it could never be sent). A keyed source's chunk also
+//! knows its range of keys: after the previous chunk's last key, up to its own last.
 
 use hopper_common::job::Chunking;
 use hopper_common::{Item, Position};
 
-use crate::context::{BadData, Retried};
+use crate::context::{BadData, Keys, Retried};
 use crate::source::{Cursor, Read, Record, Source, SourceError};
 
 /// Bad records one chunk carries at the most: past it the chunk is cut.
@@ -27,6 +28,8 @@ pub(crate) struct RawChunk {
     pub bad: Vec<BadData>,
     /// For a chunk read again by `retry`: what it takes over from.
     pub retry: Option<RetryOf>,
+    /// For a keyed source (a query), the keys of its rows: how it is read again.
+    pub keys: Option<Keys>,
 }
 
 /// What a chunk read again by `retry` takes over from.
@@ -81,13 +84,20 @@ impl Chunks for Then {
     }
 }
 
-/// A bad record met at `start`, the source's cursor being just past it.
-pub(crate) fn bad_data(start: Position, after: Cursor, reason: String) -> BadData {
+/// A bad record met at `start` (with its key, for a keyed source), the source's cursor being
+/// just past it.
+pub(crate) fn bad_data(
+    start: Position,
+    key: Option<String>,
+    after: Cursor,
+    reason: String,
+) -> BadData {
     BadData {
         position: start,
         end_offset: after.offset,
         end_line: after.lines.max(start.line),
         reason,
+        key,
     }
 }
 
@@ -96,15 +106,20 @@ pub(crate) struct Chunker {
     source: Box<dyn Source>,
     limits: Chunking,
     held: Option<Read>,
+    /// For a keyed source: the key of the last record of the previous chunk (or where the
+    /// source started), where the next chunk's range begins.
+    prev_key: Option<String>,
 }
 
 impl Chunker {
     /// A chunker over `source`.
     pub fn new(source: Box<dyn Source>, limits: Chunking) -> Chunker {
+        let prev_key = source.key();
         Chunker {
             source,
             limits,
             held: None,
+            prev_key,
         }
     }
 
@@ -117,6 +132,8 @@ impl Chunker {
         let mut bad = Vec::new();
         let mut bytes = 0u64;
         let mut position = None;
+        let mut last_key = None;
+        let mut first_key = None;
         loop {
             let read = match self.held.take() {
                 Some(r) => r,
@@ -125,9 +142,11 @@ impl Chunker {
                     None => break,
                 },
             };
+            let key = read.key;
             match read.record {
                 Record::Bad { reason, .. } => {
-                    bad.push(bad_data(read.start, self.source.cursor(), reason));
+                    last_key.clone_from(&key);
+                    bad.push(bad_data(read.start, key, self.source.cursor(), reason));
                     // An input of bad records only is cut too, so that they are recorded and
                     // counted against the skip limit as they are read, not held by the million.
                     if bad.len() >= MAX_BAD_PER_CHUNK {
@@ -136,7 +155,8 @@ impl Chunker {
                 }
                 Record::Item(item) => {
                     if let Some(reason) = self.limits.too_large(&item) {
-                        bad.push(bad_data(read.start, self.source.cursor(), reason));
+                        last_key.clone_from(&key);
+                        bad.push(bad_data(read.start, key, self.source.cursor(), reason));
                         continue;
                     }
                     let size = item.data.len() as u64;
@@ -144,9 +164,14 @@ impl Chunker {
                         self.held = Some(Read {
                             record: Record::Item(item),
                             start: read.start,
+                            key,
                         });
                         break;
                     }
+                    if position.is_none() {
+                        first_key.clone_from(&key);
+                    }
+                    last_key = key;
                     position.get_or_insert(read.start);
                     bytes += size;
                     items.push(item);
@@ -166,6 +191,11 @@ impl Chunker {
         if items.is_empty() && bad.is_empty() {
             return Ok(None);
         }
+        let keys = last_key.map(|last| Keys::Range {
+            after: self.prev_key.replace(last.clone()),
+            first: first_key.unwrap_or_else(|| last.clone()),
+            last,
+        });
         Ok(Some(RawChunk {
             position: position.unwrap_or(Position {
                 line: end.lines,
@@ -175,6 +205,7 @@ impl Chunker {
             items,
             bad,
             retry: None,
+            keys,
         }))
     }
 }

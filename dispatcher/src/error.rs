@@ -181,7 +181,9 @@ impl DispatchError {
                 SourceError::Open { .. }
                 | SourceError::Moved { .. }
                 | SourceError::Changed { .. }
-                | SourceError::Edited { .. },
+                | SourceError::Edited { .. }
+                | SourceError::Query { .. }
+                | SourceError::QueryChanged { .. },
             )
             | DispatchError::NoSuchRun { .. }
             | DispatchError::NotRetryable { .. }
@@ -190,7 +192,11 @@ impl DispatchError {
             | DispatchError::Ended { .. }
             | DispatchError::BadThrottle { .. } => 2,
             DispatchError::Processor(e) => e.exit_code(),
-            DispatchError::Source(SourceError::Read { .. })
+            DispatchError::Source(
+                SourceError::Read { .. }
+                | SourceError::Unreachable { .. }
+                | SourceError::Fetch { .. },
+            )
             | DispatchError::Transport(_)
             | DispatchError::RepliesEnded
             | DispatchError::Refused { .. }

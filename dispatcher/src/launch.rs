@@ -27,6 +27,7 @@ pub async fn run(
 ) -> Result<RunSummary, DispatchError> {
     // The input and the execution context are checked before anything else: a missing file or
     // a live dispatcher of the same job sends nothing.
+    source::check(&job.source).await?;
     let start = Start::new(&job.source, job.chunking.max_bytes)?;
     if let Some(prev) = context.store().run(&job.name, None).await? {
         if !prev.state.is_final() {
@@ -86,6 +87,9 @@ pub async fn resume(
     // before anything is sent.
     if let Some(then) = record.input.as_deref().and_then(Fingerprint::parse) {
         if let Some(detail) = then.changes(&Fingerprint::of(&job.source)?) {
+            if !job.source.key().is_empty() {
+                return Err(SourceError::QueryChanged { run: record.id }.into());
+            }
             return Err(SourceError::Edited {
                 path: source::input_name(&job.source),
                 run: record.id,
@@ -94,6 +98,7 @@ pub async fn resume(
             .into());
         }
     }
+    source::check(&job.source).await?;
     let source = if record.checkpoint.exhausted {
         None
     } else {
@@ -101,7 +106,13 @@ pub async fn resume(
             offset: record.checkpoint.offset,
             lines: record.checkpoint.line,
         };
-        Some(source::open_at(&job.source, at, job.chunking.max_bytes)?)
+        let after = record.checkpoint.key.clone();
+        Some(source::open_at(
+            &job.source,
+            at,
+            after,
+            job.chunking.max_bytes,
+        )?)
     };
     drive(
         job,

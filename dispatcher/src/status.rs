@@ -161,8 +161,9 @@ pub async fn broker_view(job: &Job) -> BrokerOut {
 pub struct FailureOut<'a> {
     /// The chunk that failed or held the item; null for a record the dispatcher could not read.
     pub seq: Option<u64>,
-    /// The line number in the source where the failed record (or chunk) starts.
-    pub position: u64,
+    /// Where the failed record (or chunk) starts: its line number in a file; its key in a
+    /// query (a value, or an array for a composite key).
+    pub position: serde_json::Value,
     /// `bad_data`, `bad_item` or `chunk`.
     pub class: FailureClass,
     /// Why, as the reader or the processor said it: what to fix before `retry`.
@@ -336,10 +337,13 @@ impl<'a> StatusReport<'a> {
         }
         if !self.failures.is_empty() {
             let _ = writeln!(out, "\nfailures:");
+            let keyed = self.failures.iter().any(|f| !f.position.is_u64());
             let _ = writeln!(
                 out,
                 "  {:>10}  {:>8}  {:<8}  reason",
-                "line", "chunk", "class"
+                if keyed { "key" } else { "line" },
+                "chunk",
+                "class"
             );
             for f in &self.failures {
                 let class = f.class.as_str();
@@ -347,7 +351,7 @@ impl<'a> StatusReport<'a> {
                 let _ = writeln!(
                     out,
                     "  {:>10}  {:>8}  {:<8}  {}",
-                    f.position,
+                    printable(&f.position.to_string()),
                     seq,
                     class,
                     printable(f.reason)
@@ -377,9 +381,10 @@ pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 fn failure(f: &FailureRecord) -> FailureOut<'_> {
+    let key = f.key.as_deref().and_then(|k| serde_json::from_str(k).ok());
     FailureOut {
         seq: f.seq,
-        position: f.position,
+        position: key.unwrap_or_else(|| f.position.into()),
         class: f.class,
         reason: &f.reason,
     }

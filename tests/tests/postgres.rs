@@ -177,6 +177,7 @@ async fn a_chunk_delivered_twice_changes_the_table_once() {
         seq: 1,
         attempt: 1,
         position: Position { line: 1, offset: 0 },
+        key: Vec::new(),
         items,
     };
     let first = p.process(&chunk).await.expect("first delivery");

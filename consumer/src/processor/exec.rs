@@ -227,6 +227,7 @@ mod tests {
                 line: 10,
                 offset: 0,
             },
+            key: Vec::new(),
             items: (0..3)
                 .map(|i| Item {
                     line: 10 + i,

@@ -75,6 +75,7 @@ mod tests {
             seq: 9,
             attempt: 1,
             position: Position::default(),
+            key: Vec::new(),
             items: vec![
                 Item {
                     line: 1,

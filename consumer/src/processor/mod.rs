@@ -47,12 +47,14 @@ impl Processed {
         self.bad_items.push(BadItem {
             line: item.line,
             reason: reason.into(),
+            key: None,
         });
     }
 
-    /// The bad items that belong to `chunk`, each once, their reasons cut (the one place both
-    /// are done, since a processor may fill `bad_items` by hand): every item of the chunk is
-    /// then either processed or bad, never both, never twice.
+    /// The bad items that belong to `chunk`, each once, their reasons cut, with their keys
+    /// for a chunk of a keyed source (the one place all three are done, since a processor may
+    /// fill `bad_items` by hand): every item of the chunk is then either processed or bad,
+    /// never both, never twice.
     pub(crate) fn settle(mut self, chunk: &hopper_common::Chunk) -> Vec<BadItem> {
         if self.bad_items.is_empty() {
             return self.bad_items;
@@ -61,8 +63,26 @@ impl Processed {
         self.bad_items.retain(|b| open.remove(&b.line));
         for b in &mut self.bad_items {
             b.reason = cut(&b.reason);
+            if !chunk.key.is_empty() {
+                b.key = chunk
+                    .items
+                    .binary_search_by_key(&b.line, |i| i.line)
+                    .ok()
+                    .and_then(|at| key_of(&chunk.items[at], &chunk.key));
+            }
         }
         self.bad_items
+    }
+}
+
+/// The key of `item`: the JSON of its `fields` (one value, or an array of them).
+fn key_of(item: &Item, fields: &[String]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(&item.data).ok()?;
+    let parts: Vec<&serde_json::Value> =
+        fields.iter().map(|f| value.get(f)).collect::<Option<_>>()?;
+    match parts.as_slice() {
+        [one] => Some(one.to_string()),
+        many => serde_json::to_string(many).ok(),
     }
 }
 

@@ -270,6 +270,7 @@ async fn recorded(
                 .map(|b| hopper_common::BadItem {
                     line: b["line"].as_u64().unwrap_or(0),
                     reason: b["reason"].as_str().unwrap_or_default().to_string(),
+                    key: None,
                 })
                 .collect(),
         }

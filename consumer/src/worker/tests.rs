@@ -41,6 +41,7 @@ fn chunk(seq: u64) -> Chunk {
             line: seq * 10 - 9,
             offset: 0,
         },
+        key: Vec::new(),
         items: (0..10)
             .map(|i| Item {
                 line: seq * 10 - 9 + i,

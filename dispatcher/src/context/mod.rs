@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use hopper_common::{Job, Reply, StateSpec};
 
 pub(crate) use model::{
-    Alive, Applied, BadData, ChunkRecord, ChunkStatus, Claimed, FailedChunk, Fence, Moved,
+    Alive, Applied, BadData, ChunkRecord, ChunkStatus, Claimed, FailedChunk, Fence, Keys, Moved,
     NewChunk, OpenFailure, RecordBatch, Retried, Retryable, CANCELLED_BY,
 };
 pub use model::{Checkpoint, FailureClass, FailureRecord, RunId, RunRecord, RunState};

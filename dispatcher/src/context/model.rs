@@ -6,7 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use hopper_common::Position;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A run's id; unique within a store.
 pub type RunId = u64;
@@ -82,7 +82,7 @@ impl FromStr for RunState {
 }
 
 /// Where the source reading stands: the pointer to the next input record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct Checkpoint {
     /// Byte offset of the next record.
     pub offset: u64,
@@ -92,6 +92,48 @@ pub struct Checkpoint {
     pub next_seq: u64,
     /// True once the source has been read to its end.
     pub exhausted: bool,
+    /// For a source read by key (a query): the key of the last row read, as JSON; reading
+    /// goes on after it. `None` for a file, or before the first row.
+    pub key: Option<String>,
+}
+
+/// Where a chunk of a source read by key (a query) lies: how it is read again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Keys {
+    /// The rows after the key `after` (`None`: from the first row) up to the key `last`,
+    /// included: a chunk as the scan cut it.
+    Range {
+        /// The key of the row before the chunk's first.
+        after: Option<String>,
+        /// The key of its first row: where `status` says a failed chunk starts.
+        first: String,
+        /// The key of its last row.
+        last: String,
+    },
+    /// Just these rows, by key, each with its line (its ordinal in the first scan): failed
+    /// rows read again by `retry`.
+    Rows(Vec<(String, u64)>),
+}
+
+impl Keys {
+    /// The key of the chunk's first row.
+    pub(crate) fn first(&self) -> Option<&str> {
+        match self {
+            Keys::Range { first, .. } => Some(first),
+            Keys::Rows(rows) => rows.first().map(|(key, _)| key.as_str()),
+        }
+    }
+
+    /// The form kept in the store.
+    pub(crate) fn to_text(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Reads the form kept in the store.
+    pub(crate) fn parse(text: &str) -> Result<Keys, String> {
+        serde_json::from_str(text).map_err(|e| format!("chunk keys {text:?}: {e}"))
+    }
 }
 
 /// One run, as stored.
@@ -160,7 +202,7 @@ impl FromStr for ChunkStatus {
 }
 
 /// A recorded chunk, as a resumed run needs it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ChunkRecord {
     /// The chunk's number in its run.
     pub seq: u64,
@@ -174,10 +216,12 @@ pub(crate) struct ChunkRecord {
     pub status: ChunkStatus,
     /// The attempt it is at: a chunk published again goes as that attempt.
     pub attempts: u32,
+    /// For a source read by key, its rows' keys: how it is read again.
+    pub keys: Option<Keys>,
 }
 
 /// A chunk about to be published.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct NewChunk {
     /// The chunk's number in its run, from the checkpoint's `next_seq`.
     pub seq: u64,
@@ -190,6 +234,8 @@ pub(crate) struct NewChunk {
     /// The line count at its end offset (its last line), so that `retry` can tell where the
     /// chunk ends when a fix made lines longer or shorter.
     pub end_line: u64,
+    /// For a source read by key, its rows' keys.
+    pub keys: Option<Keys>,
 }
 
 /// What kind of failure a [`FailureRecord`] is.
@@ -232,8 +278,12 @@ impl FromStr for FailureClass {
 pub struct FailureRecord {
     /// The chunk, when there is one (bad data is found before a chunk exists).
     pub seq: Option<u64>,
-    /// The line number of the item, or of the chunk's first item.
+    /// The line number of the item, or of the chunk's first item (for a query: its ordinal in
+    /// the scan).
     pub position: u64,
+    /// For a source read by key (a query), the item's key as JSON (a chunk's: its first
+    /// row's, when known).
+    pub key: Option<String>,
     /// Bad data, a bad item, or a whole chunk.
     pub class: FailureClass,
     /// Why, as the reader or the processor said it: what to fix before `retry`.
@@ -252,6 +302,8 @@ pub(crate) struct BadData {
     pub end_line: u64,
     /// Why it could not be read.
     pub reason: String,
+    /// For a source read by key, the record's key: how `retry` finds it.
+    pub key: Option<String>,
 }
 
 /// Something a `retry` dispatched again, so that it no longer counts as failed: a failed or
@@ -349,7 +401,7 @@ pub(crate) struct RecordBatch<'a> {
 }
 
 /// A failed or dead chunk that `retry` has not dispatched again yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FailedChunk {
     /// The chunk's number in its run.
     pub seq: u64,
@@ -359,6 +411,8 @@ pub(crate) struct FailedChunk {
     pub end_offset: u64,
     /// Its last line: where `retry` stops reading it.
     pub end_line: u64,
+    /// For a source read by key, its rows' keys: what `retry` reads again.
+    pub keys: Option<Keys>,
 }
 
 /// A skipped item that `retry` has not dispatched again yet.
@@ -375,6 +429,8 @@ pub(crate) struct OpenFailure {
     /// For bad data, where the record starts and ends (always there: the store refuses a bad
     /// record without it); `None` for a bad item, which is read by its chunk's span.
     pub span: Option<(Position, u64, u64)>,
+    /// For a source read by key, the record's key: how `retry` finds it.
+    pub key: Option<String>,
 }
 
 /// What a run has failed on and `retry` may dispatch again.

@@ -20,7 +20,7 @@ impl Dispatch<'_> {
         let taken = self.transport.withdraw(self.run).await?;
         let records: Vec<ChunkRecord> = taken
             .iter()
-            .filter_map(|seq| self.outstanding.get(seq).map(|o| o.record))
+            .filter_map(|seq| self.outstanding.get(seq).map(|o| o.record.clone()))
             .collect();
         self.record_cancelled(&records).await?;
         info!(job = %self.job.name, run = self.run, taken_back = records.len(),

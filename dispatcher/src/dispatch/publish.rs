@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use super::outstanding::Outstanding;
 use super::{Dispatch, MAX_REPUBLISH};
 use crate::chunker::RawChunk;
-use crate::context::{BadData, ChunkRecord, ChunkStatus, NewChunk, RecordBatch, Retried};
+use crate::context::{BadData, ChunkRecord, ChunkStatus, Keys, NewChunk, RecordBatch, Retried};
 use crate::error::DispatchError;
 use crate::progress::Snapshot;
 use crate::source::reread;
@@ -51,12 +51,12 @@ impl Dispatch<'_> {
                 ChunkStatus::InFlight | ChunkStatus::Pending => Some(self.message_for(&c).await?),
                 ChunkStatus::Done | ChunkStatus::Failed | ChunkStatus::Dead => continue,
             };
-            let republish = message.is_some();
+            let (seq, republish) = (c.seq, message.is_some());
             self.outstanding
-                .insert(c.seq, Outstanding::publishing(c, message));
+                .insert(seq, Outstanding::publishing(c, message));
             taken += 1;
             if republish {
-                self.publish(c.seq).await?;
+                self.publish(seq).await?;
             }
         }
         if taken > 0 {
@@ -68,7 +68,7 @@ impl Dispatch<'_> {
 
     /// A recorded chunk as a message again: its items read again from the source.
     async fn message_for(&self, c: &ChunkRecord) -> Result<(Arc<Vec<u8>>, Label), DispatchError> {
-        let (spec, limits, record) = (self.job.source.clone(), self.job.chunking, *c);
+        let (spec, limits, record) = (self.job.source.clone(), self.job.chunking, c.clone());
         let items = tokio::task::spawn_blocking(move || reread(&spec, limits, &record))
             .await
             .map_err(|e| DispatchError::Task {
@@ -81,6 +81,7 @@ impl Dispatch<'_> {
             seq: c.seq,
             attempt: c.attempts.max(1),
             position: c.position,
+            key: self.job.source.key().to_vec(),
             items,
         };
         Ok((Arc::new(codec::encode_chunk(&chunk)?), Label::chunk(&chunk)))
@@ -160,6 +161,9 @@ impl Dispatch<'_> {
             } else {
                 self.checkpoint.offset = raw.end.offset;
                 self.checkpoint.line = raw.end.lines;
+                if let Some(Keys::Range { last, .. }) = &raw.keys {
+                    self.checkpoint.key = Some(last.clone());
+                }
             }
             if raw.items.is_empty() {
                 continue;
@@ -172,6 +176,7 @@ impl Dispatch<'_> {
                 end_offset: raw.end.offset,
                 items: raw.items.len() as u64,
                 end_line: raw.end.lines,
+                keys: raw.keys,
             });
             chunks.push(Chunk {
                 job: job.clone(),
@@ -179,6 +184,7 @@ impl Dispatch<'_> {
                 seq,
                 attempt: 1,
                 position: raw.position,
+                key: self.job.source.key().to_vec(),
                 items: raw.items,
             });
         }
@@ -199,6 +205,7 @@ impl Dispatch<'_> {
                 items: record.items,
                 status: ChunkStatus::Pending,
                 attempts: 1,
+                keys: record.keys.clone(),
             };
             self.outstanding
                 .insert(record.seq, Outstanding::publishing(recorded, Some(message)));

@@ -6,7 +6,9 @@
 //! at the end of each record or chunk it read again, and seeks to the next one at its recorded
 //! offset plus that shift. It never scans the input from its start.
 //!
-//! [`plan`] decides what to read again; [`reader`] reads it from the fixed input.
+//! [`plan`] decides what to read again; [`reader`] reads it from the fixed input. A query's
+//! failures are read again by key instead ([`keyed`]): nothing in a database moves when a row
+//! is fixed.
 //!
 //! Invariants:
 //! - **Nothing done is sent again.** Only the lines of what failed are read: a failed chunk's
@@ -25,15 +27,18 @@ use tracing::info;
 
 use crate::carrier::drive;
 use crate::chunker::{Chunker, Chunks, Then};
+use crate::context::RunRecord;
 use crate::context::{ExecutionContext, RunId, RunState, StuckAfter};
 use crate::dispatch::{RunSummary, Start};
 use crate::error::DispatchError;
 use crate::options::RunOptions;
 use crate::owner::{find_run, refuse_if_alive};
 use crate::source::{self, Cursor, Fingerprint};
+use keyed::KeyedReader;
 use plan::Plan;
 use reader::RetryReader;
 
+mod keyed;
 mod plan;
 mod reader;
 #[cfg(test)]
@@ -76,6 +81,9 @@ pub async fn retry(
             })
         }
         RunState::Completed | RunState::CompletedWithFailures | RunState::Failed => {}
+    }
+    if !job.source.key().is_empty() {
+        return retry_keyed(job, context, record, opts, shutdown).await;
     }
     // A run stopped at the skip limit has not read all its input: once what failed is read
     // again, `retry` reads on from its checkpoint. That needs the input's size when the run
@@ -146,7 +154,7 @@ pub async fn retry(
         };
         info!(job = %job.name, run, offset = at.offset, line = at.lines + 1,
               "then reading on from where the run stopped");
-        let rest = source::open_at(&job.source, at, job.chunking.max_bytes)?;
+        let rest = source::open_at(&job.source, at, None, job.chunking.max_bytes)?;
         Box::new(Then::new(again, Box::new(Chunker::new(rest, job.chunking))))
     } else {
         again
@@ -155,6 +163,60 @@ pub async fn retry(
         record,
         chunks,
         size: reads_on.then_some(input.size()),
+    };
+    drive(job, start, context, opts, shutdown).await
+}
+
+/// [`retry`] of a run of a query: its failed chunks and rows read again by key, then, for a run
+/// stopped at the skip limit, the rest of the query after its checkpoint's key.
+async fn retry_keyed(
+    job: &Job,
+    context: &ExecutionContext,
+    record: RunRecord,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, DispatchError> {
+    let (store, run) = (context.store(), record.id);
+    let reads_on = !record.checkpoint.exhausted;
+    if reads_on && record.state != RunState::Failed {
+        return Err(DispatchError::NotRetryable {
+            run,
+            state: record.state,
+        });
+    }
+    source::check(&job.source).await?;
+    let again = KeyedReader::new(&job.source, job.chunking, &store.retryable(run).await?);
+    let open = store.open_chunks(run).await?;
+    if again.failures() == 0 && open.is_empty() && !reads_on {
+        info!(job = %job.name, run, state = %record.state, "nothing to retry");
+        let status = store.status(run, StuckAfter::for_job(job)).await?;
+        return Ok(RunSummary {
+            run,
+            state: record.state,
+            status,
+        });
+    }
+    info!(job = %job.name, run, failures = again.failures(), "retrying what failed, by key");
+    let chunks: Box<dyn Chunks> = if reads_on {
+        let at = Cursor {
+            offset: record.checkpoint.offset,
+            lines: record.checkpoint.line,
+        };
+        let after = record.checkpoint.key.clone();
+        info!(job = %job.name, run, after = after.as_deref().unwrap_or("the start"),
+              "then reading on from where the run stopped");
+        let rest = source::open_at(&job.source, at, after, job.chunking.max_bytes)?;
+        Box::new(Then::new(
+            Box::new(again),
+            Box::new(Chunker::new(rest, job.chunking)),
+        ))
+    } else {
+        Box::new(again)
+    };
+    let start = Start::Retry {
+        record,
+        chunks,
+        size: None,
     };
     drive(job, start, context, opts, shutdown).await
 }

@@ -48,6 +48,8 @@ impl RetryReader {
     pub(crate) fn new(spec: &SourceSpec, limits: Chunking, plan: &Plan) -> RetryReader {
         let path = match spec {
             SourceSpec::File { path, .. } => path.clone(),
+            // A query's failures are read again by key ([`super::keyed`]), never by offset.
+            SourceSpec::Postgres { .. } => PathBuf::new(),
         };
         RetryReader {
             spec: spec.clone(),
@@ -192,11 +194,12 @@ impl RetryReader {
                         items: Vec::new(),
                         bad: Vec::new(),
                         retry: Some(RetryOf::default()),
+                        keys: None,
                     });
                     chunk.end = after;
                     match read.record {
                         Record::Item(item) => match self.limits.too_large(&item) {
-                            Some(why) => chunk.bad.push(bad_data(read.start, after, why)),
+                            Some(why) => chunk.bad.push(bad_data(read.start, None, after, why)),
                             None => {
                                 if chunk.items.is_empty() {
                                     chunk.position = read.start;
@@ -206,7 +209,7 @@ impl RetryReader {
                             }
                         },
                         Record::Bad { reason, .. } => {
-                            chunk.bad.push(bad_data(read.start, after, reason))
+                            chunk.bad.push(bad_data(read.start, None, after, reason))
                         }
                     }
                     if let Some(of) = chunk.retry.as_mut() {
@@ -244,6 +247,7 @@ impl RetryReader {
                 items: Vec::new(),
                 bad: Vec::new(),
                 retry: Some(RetryOf::default()),
+                keys: None,
             });
             if let Some(of) = chunk.retry.as_mut() {
                 of.retried.extend(t.retried.iter().copied());

@@ -69,6 +69,7 @@ fn reads_only_what_failed_and_follows_the_fixes() {
             position: at(4),
             end_offset: offsets[6],
             end_line: 6,
+            keys: None,
         }],
         failures: vec![
             OpenFailure {
@@ -77,6 +78,7 @@ fn reads_only_what_failed_and_follows_the_fixes() {
                 line: 3,
                 class: FailureClass::BadData,
                 span: Some((at(3), offsets[3], 3)),
+                key: None,
             },
             OpenFailure {
                 id: 11,
@@ -84,6 +86,7 @@ fn reads_only_what_failed_and_follows_the_fixes() {
                 line: 8,
                 class: FailureClass::BadItem,
                 span: None,
+                key: None,
             },
         ],
         hosts: vec![FailedChunk {
@@ -91,6 +94,7 @@ fn reads_only_what_failed_and_follows_the_fixes() {
             position: at(7),
             end_offset: size_before,
             end_line: 9,
+            keys: None,
         }],
     };
     let plan = Plan::new(&failed);
@@ -161,6 +165,7 @@ fn an_edit_elsewhere_is_refused_before_anything_is_sent() {
             line: 2,
             class: FailureClass::BadData,
             span: Some((Position { line: 2, offset: 9 }, 14, 2)),
+            key: None,
         }],
         ..Retryable::default()
     };
@@ -185,6 +190,7 @@ fn a_stretch_larger_than_a_chunk_goes_out_in_pieces_taking_over_with_the_last() 
             position: Position { line: 1, offset: 0 },
             end_offset: text.len() as u64,
             end_line: 5,
+            keys: None,
         }],
         ..Retryable::default()
     };

@@ -7,6 +7,10 @@
 //!
 //! Cheap by design: 64 reads of 4 KiB whatever the size. A change of size is always seen; an
 //! edit that keeps the size is seen when it moves or changes a sampled block.
+//!
+//! A query is read on after a key, which means the same rows only for the same query and key:
+//! its fingerprint is a hash of those (`q1:HASH`); the rows themselves may change, as rows of a
+//! live database do.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -21,11 +25,13 @@ const SAMPLES: u64 = 64;
 /// Bytes per sampled block.
 const BLOCK: usize = 4096;
 
-/// An input's size and sampled hash, kept with its run as `v1:SIZE:HASH`.
+/// An input's size and sampled hash, kept with its run as `v1:SIZE:HASH`; or a query's hash,
+/// as `q1:HASH`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Fingerprint {
     size: u64,
     hash: u64,
+    query: bool,
 }
 
 impl Fingerprint {
@@ -36,6 +42,19 @@ impl Fingerprint {
     pub(crate) fn of(spec: &SourceSpec) -> Result<Fingerprint, SourceError> {
         match spec {
             SourceSpec::File { path, .. } => Fingerprint::of_file(path),
+            SourceSpec::Postgres { query, key, .. } => {
+                let mut hash = Fnv::new();
+                hash.write(query.as_bytes());
+                for k in key {
+                    hash.write(b"\0");
+                    hash.write(k.as_bytes());
+                }
+                Ok(Fingerprint {
+                    size: 0,
+                    hash: hash.0,
+                    query: true,
+                })
+            }
         }
     }
 
@@ -59,11 +78,18 @@ impl Fingerprint {
             let n = file.read_at(&mut block, at).map_err(open_err)?;
             hash.write(&block[..n]);
         }
-        Ok(Fingerprint { size, hash: hash.0 })
+        Ok(Fingerprint {
+            size,
+            hash: hash.0,
+            query: false,
+        })
     }
 
     /// What changed from `self` (the run's) to `now`, for people; `None` when nothing did.
     pub(crate) fn changes(&self, now: &Fingerprint) -> Option<String> {
+        if self.query || now.query {
+            return (self != now).then(|| "source.query or source.key changed".to_string());
+        }
         if self.size != now.size {
             Some(format!(
                 "it has {} bytes, {} when the run started reading it",
@@ -87,18 +113,30 @@ impl Fingerprint {
 
     /// Reads a fingerprint as kept with its run.
     pub(crate) fn parse(text: &str) -> Option<Fingerprint> {
+        if let Some(hash) = text.strip_prefix("q1:") {
+            return Some(Fingerprint {
+                size: 0,
+                hash: u64::from_str_radix(hash, 16).ok()?,
+                query: true,
+            });
+        }
         let rest = text.strip_prefix("v1:")?;
         let (size, hash) = rest.split_once(':')?;
         Some(Fingerprint {
             size: size.parse().ok()?,
             hash: u64::from_str_radix(hash, 16).ok()?,
+            query: false,
         })
     }
 }
 
 impl std::fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "v1:{}:{:016x}", self.size, self.hash)
+        if self.query {
+            write!(f, "q1:{:016x}", self.hash)
+        } else {
+            write!(f, "v1:{}:{:016x}", self.size, self.hash)
+        }
     }
 }
 

@@ -4,9 +4,15 @@
 //! data, skipped and reported with its line). Each read carries where it starts, so a chunk
 //! knows its position and the checkpoint after it is exact. Reading is blocking; the dispatcher
 //! runs a source on its own thread.
+//!
+//! Two kinds: a file ([`FileSource`]), whose records are found again by byte offset and line,
+//! and a PostgreSQL query ([`PostgresSource`]), whose rows are found again by key: each read of
+//! a keyed source carries its key, which chunks and failures record beside their line (for a
+//! query, the row's ordinal in the scan).
 
 mod file;
 mod fingerprint;
+mod postgres;
 mod reread;
 
 use hopper_common::job::SourceSpec;
@@ -14,6 +20,8 @@ use hopper_common::{Item, Position};
 
 pub use file::FileSource;
 pub(crate) use fingerprint::Fingerprint;
+pub(crate) use postgres::Bounds;
+pub use postgres::PostgresSource;
 pub(crate) use reread::reread;
 
 /// A source that cannot go on. At the start of a run this is bad input (exit 2); mid-run the
@@ -65,6 +73,38 @@ pub enum SourceError {
         /// What changed.
         detail: String,
     },
+    /// The source's query or key cannot be used (it does not prepare, a column cannot be
+    /// mapped, a key column is missing or holds NULLs). Nothing was sent.
+    #[error("field `{field}`: {message}")]
+    Query {
+        /// `source.query`, `source.key` or `source.url`.
+        field: &'static str,
+        /// What is wrong, with the database's own message.
+        message: String,
+    },
+    /// The source's database cannot be reached.
+    #[error("cannot connect to the source database at {place}: {message}")]
+    Unreachable {
+        /// Host and port (never the password).
+        place: String,
+        /// The driver's reason.
+        message: String,
+    },
+    /// Reading the query's rows failed part-way, after retries.
+    #[error("cannot read the rows of source.query after key {after}: {message}; `run --resume` reads on from the checkpoint")]
+    Fetch {
+        /// The key of the last row read.
+        after: String,
+        /// The database's reason.
+        message: String,
+    },
+    /// `run --resume` found the source's query or key changed since the run started: it reads
+    /// on after a key of the query as it was. Nothing was sent.
+    #[error("source.query or source.key changed since run {run} started reading: `run --resume` reads on after the last key it read, which only means something for the same query; put them back, or start a new run")]
+    QueryChanged {
+        /// The run.
+        run: u64,
+    },
     /// Reading failed part-way.
     #[error("cannot read input {path} at byte {offset}: {message}")]
     Read {
@@ -91,13 +131,31 @@ pub enum Record {
     },
 }
 
+impl SourceError {
+    /// True when trying again may work: the database went away.
+    pub(crate) fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Unreachable { .. } | SourceError::Fetch { .. } => true,
+            SourceError::Open { .. }
+            | SourceError::Moved { .. }
+            | SourceError::Changed { .. }
+            | SourceError::Edited { .. }
+            | SourceError::Query { .. }
+            | SourceError::QueryChanged { .. }
+            | SourceError::Read { .. } => false,
+        }
+    }
+}
+
 /// A record and where it starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Read {
     /// An item, or a record that could not be read.
     pub record: Record,
-    /// Its start: line number and byte offset.
+    /// Its start: line number and byte offset (for a query: its ordinal in the scan, for both).
     pub start: Position,
+    /// For a keyed source, the record's key as JSON: how it is found again.
+    pub key: Option<String>,
 }
 
 /// Where reading stands: the byte offset of the next record, and how many lines lie before it.
@@ -125,12 +183,31 @@ pub trait Source: Send {
 
     /// What this source reads, for people: `file data/x.jsonl (jsonl)`.
     fn describe(&self) -> String;
+
+    /// For a keyed source, the key of the last record read (before any: where reading
+    /// started); `None` for a file.
+    fn key(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Checks what the job reads before anything is sent: for a query, that the database answers
+/// and the query and its key can be used. A file is checked when it is opened.
+///
+/// # Errors
+/// [`SourceError::Query`] (exit 2), [`SourceError::Unreachable`] (exit 1).
+pub(crate) async fn check(spec: &SourceSpec) -> Result<(), SourceError> {
+    match spec {
+        SourceSpec::File { .. } => Ok(()),
+        SourceSpec::Postgres { url, query, key } => postgres::inspect(url, query, key).await,
+    }
 }
 
 /// The input a job names, for messages: the file's path.
 pub(crate) fn input_name(spec: &SourceSpec) -> String {
     match spec {
         SourceSpec::File { path, .. } => path.display().to_string(),
+        SourceSpec::Postgres { .. } => "source.query".to_string(),
     }
 }
 
@@ -141,22 +218,52 @@ pub(crate) fn input_name(spec: &SourceSpec) -> String {
 /// # Errors
 /// [`SourceError::Open`] when the input cannot be opened.
 pub fn open(spec: &SourceSpec, max_record: u64) -> Result<Box<dyn Source>, SourceError> {
-    open_at(spec, Cursor::default(), max_record)
+    open_at(spec, Cursor::default(), None, max_record)
 }
 
-/// Opens the source a job names, positioned at `at` (a checkpoint, or where a chunk starts).
+/// Opens the source a job names, positioned at `at` (a checkpoint, or where a chunk starts);
+/// a keyed source reads on after the key `after`.
 ///
 /// # Errors
 /// [`SourceError::Open`] when the input cannot be opened or positioned.
 pub fn open_at(
     spec: &SourceSpec,
     at: Cursor,
+    after: Option<String>,
     max_record: u64,
 ) -> Result<Box<dyn Source>, SourceError> {
     match spec {
         SourceSpec::File { path, format } => Ok(Box::new(
             FileSource::open_at(path, *format, at)?.with_max_record(max_record),
         )),
+        SourceSpec::Postgres { url, query, key } => Ok(Box::new(PostgresSource::open(
+            url,
+            query,
+            key,
+            Bounds::Scan { after },
+            at.lines,
+        )?)),
+    }
+}
+
+/// Opens a keyed source on `bounds` (a chunk's range, or rows by key), its first row numbered
+/// `rows + 1`.
+///
+/// # Errors
+/// [`SourceError::Query`] when the job's source has no keys (a file).
+pub(crate) fn open_keyed(
+    spec: &SourceSpec,
+    bounds: Bounds,
+    rows: u64,
+) -> Result<Box<dyn Source>, SourceError> {
+    match spec {
+        SourceSpec::Postgres { url, query, key } => Ok(Box::new(PostgresSource::open(
+            url, query, key, bounds, rows,
+        )?)),
+        SourceSpec::File { .. } => Err(SourceError::Query {
+            field: "source.kind",
+            message: "a file is not read by key".into(),
+        }),
     }
 }
 
@@ -175,5 +282,9 @@ pub fn open_span(
         SourceSpec::File { path, format } => Ok(Box::new(
             FileSource::open_span(path, *format, at, span)?.with_max_record(max_record),
         )),
+        SourceSpec::Postgres { .. } => Err(SourceError::Query {
+            field: "source.kind",
+            message: "a query is read again by key, not by byte offset".into(),
+        }),
     }
 }

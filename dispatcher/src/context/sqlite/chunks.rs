@@ -6,7 +6,7 @@ use rusqlite::{params, Connection, TransactionBehavior};
 
 use super::Fail;
 use crate::context::{
-    now_ms, BadData, Checkpoint, ChunkRecord, ChunkStatus, Fence, NewChunk, Retried, RunId,
+    now_ms, BadData, Checkpoint, ChunkRecord, ChunkStatus, Fence, Keys, NewChunk, Retried, RunId,
 };
 use hopper_common::Position;
 
@@ -34,8 +34,8 @@ pub(super) fn record(conn: &mut Connection, fence: &Fence, batch: Batch) -> Resu
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO chunks (run, seq, line, offset, end_offset, items, status,
-                                 end_line, retry)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8)",
+                                 end_line, retry, keys)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8, ?9)",
         )?;
         for c in &chunks {
             insert.execute(params![
@@ -46,13 +46,14 @@ pub(super) fn record(conn: &mut Connection, fence: &Fence, batch: Batch) -> Resu
                 c.end_offset as i64,
                 c.items as i64,
                 c.end_line as i64,
-                retry
+                retry,
+                c.keys.as_ref().map(Keys::to_text)
             ])?;
         }
         let mut insert = tx.prepare_cached(
             "INSERT INTO failures (run, seq, position, class, reason, offset, end_offset,
-                                   end_line, retry)
-             VALUES (?1, NULL, ?2, 'bad_data', ?3, ?4, ?5, ?6, ?7)",
+                                   end_line, retry, key)
+             VALUES (?1, NULL, ?2, 'bad_data', ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
         for b in &bad {
             insert.execute(params![
@@ -62,7 +63,8 @@ pub(super) fn record(conn: &mut Connection, fence: &Fence, batch: Batch) -> Resu
                 b.position.offset as i64,
                 b.end_offset as i64,
                 b.end_line as i64,
-                retry
+                retry,
+                b.key
             ])?;
         }
         let mut chunk = tx.prepare_cached(
@@ -91,7 +93,7 @@ pub(super) fn record(conn: &mut Connection, fence: &Fence, batch: Batch) -> Resu
     }
     tx.prepare_cached(
         "UPDATE runs SET ckpt_offset = ?2, ckpt_line = ?3, next_seq = ?4, exhausted = ?5,
-         heartbeat_at = ?6 WHERE id = ?1",
+         heartbeat_at = ?6, ckpt_key = ?7 WHERE id = ?1",
     )?
     .execute(params![
         run as i64,
@@ -99,7 +101,8 @@ pub(super) fn record(conn: &mut Connection, fence: &Fence, batch: Batch) -> Resu
         ckpt.line as i64,
         ckpt.next_seq as i64,
         ckpt.exhausted,
-        now
+        now,
+        ckpt.key
     ])?;
     tx.commit()?;
     Ok(())
@@ -129,7 +132,7 @@ pub(super) fn mark_in_flight(
 
 pub(super) fn open(conn: &mut Connection, run: RunId) -> Result<Vec<ChunkRecord>, Fail> {
     let mut stmt = conn.prepare(
-        "SELECT seq, line, offset, end_offset, items, status, attempts FROM chunks
+        "SELECT seq, line, offset, end_offset, items, status, attempts, keys FROM chunks
          WHERE run = ?1 AND status IN ('pending', 'in_flight') ORDER BY seq",
     )?;
     let rows = stmt.query_map(params![run as i64], |r| {
@@ -144,14 +147,21 @@ pub(super) fn open(conn: &mut Connection, run: RunId) -> Result<Vec<ChunkRecord>
                 items: r.get::<_, i64>(4)? as u64,
                 status: ChunkStatus::Pending,
                 attempts: r.get::<_, i64>(6)? as u32,
+                keys: None,
             },
             r.get::<_, String>(5)?,
+            r.get::<_, Option<String>>(7)?,
         ))
     })?;
     let mut open = Vec::new();
     for row in rows {
-        let (mut chunk, status) = row?;
+        let (mut chunk, status, keys) = row?;
         chunk.status = status.parse().map_err(Fail::Corrupt)?;
+        chunk.keys = keys
+            .as_deref()
+            .map(Keys::parse)
+            .transpose()
+            .map_err(Fail::Corrupt)?;
         open.push(chunk);
     }
     Ok(open)

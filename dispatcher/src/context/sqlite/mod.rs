@@ -196,7 +196,7 @@ impl ContextStore for SqliteStore {
         let fence = fence.clone();
         let batch = chunks::Batch {
             chunks: batch.chunks.to_vec(),
-            ckpt: *batch.checkpoint,
+            ckpt: batch.checkpoint.clone(),
             bad: batch.bad_data.to_vec(),
             retried: batch.retried.to_vec(),
             retry: batch.retry,

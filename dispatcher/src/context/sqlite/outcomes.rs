@@ -4,7 +4,9 @@
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::Fail;
-use crate::context::{now_ms, Applied, FailureClass, FailureRecord, Fence, RunId, CANCELLED_BY};
+use crate::context::{
+    now_ms, Applied, FailureClass, FailureRecord, Fence, Keys, RunId, CANCELLED_BY,
+};
 use hopper_common::{Outcome, Reply};
 
 fn insert_failures(
@@ -13,7 +15,8 @@ fn insert_failures(
     failures: &[FailureRecord],
 ) -> Result<(), Fail> {
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO failures (run, seq, position, class, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO failures (run, seq, position, class, reason, key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
     for f in failures {
         stmt.execute(params![
@@ -21,7 +24,8 @@ fn insert_failures(
             f.seq.map(|s| s as i64),
             f.position as i64,
             f.class.as_str(),
-            f.reason
+            f.reason,
+            f.key
         ])?;
     }
     Ok(())
@@ -63,15 +67,15 @@ fn decide(status: &str, attempts: i64, reply: &Reply) -> Applied {
 
 /// Applies one reply inside `tx`, as [`decide`] says.
 fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, Fail> {
-    let found: Option<(String, i64, i64)> = tx
+    let found: Option<(String, i64, i64, Option<String>)> = tx
         .query_row(
-            "SELECT c.status, c.attempts, c.line FROM chunks c JOIN runs r ON r.id = c.run
+            "SELECT c.status, c.attempts, c.line, c.keys FROM chunks c JOIN runs r ON r.id = c.run
              WHERE c.run = ?1 AND c.seq = ?2 AND r.job = ?3",
             params![reply.run as i64, reply.seq as i64, reply.job],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .optional()?;
-    let Some((status, attempts, line)) = found else {
+    let Some((status, attempts, line, keys)) = found else {
         return Ok(Applied::Unknown);
     };
     match decide(&status, attempts, reply) {
@@ -116,6 +120,7 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, F
                 .map(|b| FailureRecord {
                     seq: Some(reply.seq),
                     position: b.line,
+                    key: b.key.clone(),
                     class: FailureClass::BadItem,
                     reason: b.reason.clone(),
                 })
@@ -169,12 +174,19 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, F
                 _ => ("failed", format!("failed permanently: {error}")),
             };
             finish(tx, status, 0, Some(error))?;
+            let first_key = keys
+                .as_deref()
+                .map(Keys::parse)
+                .transpose()
+                .map_err(Fail::Corrupt)?
+                .and_then(|k| k.first().map(str::to_string));
             insert_failures(
                 tx,
                 reply.run,
                 &[FailureRecord {
                     seq: Some(reply.seq),
                     position: line as u64,
+                    key: first_key,
                     class: FailureClass::Chunk,
                     reason,
                 }],

@@ -4,41 +4,61 @@
 use rusqlite::{params, Connection, TransactionBehavior};
 
 use super::Fail;
-use crate::context::{FailedChunk, FailureClass, Moved, OpenFailure, Retried, Retryable, RunId};
+use crate::context::{
+    FailedChunk, FailureClass, Keys, Moved, OpenFailure, Retried, Retryable, RunId,
+};
 use hopper_common::Position;
 
 pub(super) fn retryable(conn: &mut Connection, run: RunId) -> Result<Retryable, Fail> {
-    let failed_chunk = |r: &rusqlite::Row<'_>| -> rusqlite::Result<FailedChunk> {
-        Ok(FailedChunk {
-            seq: r.get::<_, i64>(0)? as u64,
-            position: Position {
-                line: r.get::<_, i64>(1)? as u64,
-                offset: r.get::<_, i64>(2)? as u64,
+    let failed_chunk = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(FailedChunk, Option<String>)> {
+        Ok((
+            FailedChunk {
+                seq: r.get::<_, i64>(0)? as u64,
+                position: Position {
+                    line: r.get::<_, i64>(1)? as u64,
+                    offset: r.get::<_, i64>(2)? as u64,
+                },
+                end_offset: r.get::<_, i64>(3)? as u64,
+                end_line: r.get::<_, i64>(4)? as u64,
+                keys: None,
             },
-            end_offset: r.get::<_, i64>(3)? as u64,
-            end_line: r.get::<_, i64>(4)? as u64,
-        })
+            r.get(5)?,
+        ))
     };
-    let chunks = conn
-        .prepare(
-            "SELECT seq, line, offset, end_offset, end_line FROM chunks
+    let with_keys = |rows: Vec<(FailedChunk, Option<String>)>| -> Result<Vec<FailedChunk>, Fail> {
+        rows.into_iter()
+            .map(|(mut c, keys)| {
+                c.keys = keys
+                    .as_deref()
+                    .map(Keys::parse)
+                    .transpose()
+                    .map_err(Fail::Corrupt)?;
+                Ok(c)
+            })
+            .collect()
+    };
+    let chunks = with_keys(
+        conn.prepare(
+            "SELECT seq, line, offset, end_offset, end_line, keys FROM chunks
              WHERE run = ?1 AND status IN ('failed', 'dead') AND retried_at IS NULL
              ORDER BY seq",
         )?
         .query_map(params![run as i64], failed_chunk)?
-        .collect::<Result<Vec<_>, _>>()?;
-    let hosts = conn
-        .prepare(
-            "SELECT seq, line, offset, end_offset, end_line FROM chunks
+        .collect::<Result<Vec<_>, _>>()?,
+    )?;
+    let hosts = with_keys(
+        conn.prepare(
+            "SELECT seq, line, offset, end_offset, end_line, keys FROM chunks
              WHERE run = ?1 AND seq IN (SELECT seq FROM failures WHERE run = ?1
                AND class = 'bad_item' AND retried_at IS NULL)
              ORDER BY seq",
         )?
         .query_map(params![run as i64], failed_chunk)?
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?,
+    )?;
     let mut failures = Vec::new();
     let mut stmt = conn.prepare(
-        "SELECT rowid, seq, position, class, offset, end_offset, end_line FROM failures
+        "SELECT rowid, seq, position, class, offset, end_offset, end_line, key FROM failures
          WHERE run = ?1 AND class IN ('bad_data', 'bad_item') AND retried_at IS NULL
          ORDER BY position, rowid",
     )?;
@@ -64,10 +84,11 @@ pub(super) fn retryable(conn: &mut Connection, run: RunId) -> Result<Retryable, 
             line,
             r.get::<_, String>(3)?,
             span,
+            r.get::<_, Option<String>>(7)?,
         ))
     })?;
     for row in rows {
-        let (id, seq, line, class, span) = row?;
+        let (id, seq, line, class, span, key) = row?;
         let class: FailureClass = class.parse().map_err(Fail::Corrupt)?;
         if class == FailureClass::BadData && span.is_none() {
             return Err(Fail::Corrupt(format!(
@@ -80,6 +101,7 @@ pub(super) fn retryable(conn: &mut Connection, run: RunId) -> Result<Retryable, 
             line,
             class,
             span,
+            key,
         });
     }
     Ok(Retryable {

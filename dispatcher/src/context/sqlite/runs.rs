@@ -26,6 +26,7 @@ fn read_run(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
                 line: row.get::<_, i64>("ckpt_line")? as u64,
                 next_seq: row.get::<_, i64>("next_seq")? as u64,
                 exhausted: row.get::<_, i64>("exhausted")? != 0,
+                key: row.get("ckpt_key")?,
             },
             input: row.get("input")?,
             throttle: row

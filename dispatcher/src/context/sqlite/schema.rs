@@ -7,7 +7,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::Fail;
 
 /// Bumped with every change to [`SCHEMA`].
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// How a store of an earlier version is brought to the next one: (from version, statements).
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -15,6 +15,14 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, "ALTER TABLE runs ADD COLUMN input TEXT;"),
     // 6: a run's own throttle, set by `throttle` while it runs.
     (5, "ALTER TABLE runs ADD COLUMN throttle TEXT;"),
+    // 7: keys, for a source read by key (a query): the checkpoint's, each chunk's range, each
+    // failed row's.
+    (
+        6,
+        "ALTER TABLE runs ADD COLUMN ckpt_key TEXT;
+         ALTER TABLE chunks ADD COLUMN keys TEXT;
+         ALTER TABLE failures ADD COLUMN key TEXT;",
+    ),
 ];
 
 /// The whole schema of a new store.
@@ -34,7 +42,8 @@ CREATE TABLE IF NOT EXISTS runs (
     next_seq      INTEGER NOT NULL DEFAULT 1,
     exhausted     INTEGER NOT NULL DEFAULT 0,
     input         TEXT,
-    throttle      TEXT
+    throttle      TEXT,
+    ckpt_key      TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_job ON runs (job, id);
 CREATE TABLE IF NOT EXISTS chunks (
@@ -56,6 +65,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     retried_at    INTEGER,
     processing_since INTEGER,
     noted_at      INTEGER,
+    keys          TEXT,
     PRIMARY KEY (run, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS failures (
@@ -68,7 +78,8 @@ CREATE TABLE IF NOT EXISTS failures (
     end_offset INTEGER,
     end_line   INTEGER,
     retry      INTEGER NOT NULL DEFAULT 0,
-    retried_at INTEGER
+    retried_at INTEGER,
+    key        TEXT
 );
 CREATE INDEX IF NOT EXISTS failures_by_run ON failures (run, position);
 ";

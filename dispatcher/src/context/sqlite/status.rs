@@ -62,7 +62,7 @@ pub(super) fn status(
     )?;
     let mut failures = Vec::new();
     let mut stmt = conn.prepare(
-        "SELECT seq, position, class, reason, retried_at IS NOT NULL
+        "SELECT seq, position, class, reason, retried_at IS NOT NULL, key
          FROM failures WHERE run = ?1 ORDER BY position, seq",
     )?;
     let rows = stmt.query_map(params![run as i64], |r| {
@@ -72,10 +72,11 @@ pub(super) fn status(
             r.get::<_, String>(2)?,
             r.get::<_, String>(3)?,
             r.get::<_, bool>(4)?,
+            r.get::<_, Option<String>>(5)?,
         ))
     })?;
     for row in rows {
-        let (seq, position, class, reason, retried) = row?;
+        let (seq, position, class, reason, retried, key) = row?;
         let class: FailureClass = class.parse().map_err(Fail::Corrupt)?;
         match (class, retried) {
             // Bad records are read but never put in a chunk.
@@ -96,6 +97,7 @@ pub(super) fn status(
         failures.push(FailureRecord {
             seq: seq.map(|s| s as u64),
             position: position as u64,
+            key,
             class,
             reason,
         });

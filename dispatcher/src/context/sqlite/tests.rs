@@ -82,12 +82,14 @@ async fn store_with_two_chunks() -> (tempfile::TempDir, SqliteStore, RunId) {
             end_offset: seq * 100 + 99,
             items: 10,
             end_line: seq * 10 + 9,
+            keys: None,
         };
         let ckpt = Checkpoint {
             offset: seq * 100 + 99,
             line: seq * 10 + 9,
             next_seq: seq + 1,
             exhausted: seq == 2,
+            key: None,
         };
         let bad = [BadData {
             position: Position {
@@ -97,6 +99,7 @@ async fn store_with_two_chunks() -> (tempfile::TempDir, SqliteStore, RunId) {
             end_offset: 60,
             end_line: 5,
             reason: "not JSON".into(),
+            key: None,
         }];
         let bad: &[BadData] = if seq == 1 { &bad } else { &[] };
         store
@@ -131,6 +134,7 @@ async fn replies_apply_once() {
             bad_items: vec![BadItem {
                 line: 12,
                 reason: "no price".into(),
+                key: None,
             }],
         },
     );
@@ -283,6 +287,7 @@ async fn a_retry_takes_failures_over_in_the_transaction_that_records_it() {
         end_offset: 299,
         items: 10,
         end_line: 29,
+        keys: None,
     };
     store
         .record(
@@ -452,8 +457,8 @@ async fn opening_an_up_to_date_store_writes_nothing() {
     assert_eq!(data_version(&store), before, "another connection committed");
 }
 
-/// A store of an earlier schema (4: no input fingerprint, no run throttle) is brought up to
-/// date, step by step, and keeps its runs, which have neither.
+/// A store of an earlier schema (4: no input fingerprint, no run throttle, no keys) is brought
+/// up to date, step by step, and keeps its runs, which have none of them.
 #[tokio::test]
 async fn a_store_of_the_previous_schema_is_migrated() {
     let (dir, store, run) = store_with_two_chunks().await;
@@ -463,14 +468,18 @@ async fn a_store_of_the_previous_schema_is_migrated() {
         let conn = Connection::open(&path).expect("open");
         conn.execute_batch(
             "ALTER TABLE runs DROP COLUMN input; ALTER TABLE runs DROP COLUMN throttle;
-             PRAGMA user_version = 4;",
+             ALTER TABLE runs DROP COLUMN ckpt_key; ALTER TABLE chunks DROP COLUMN keys;
+             ALTER TABLE failures DROP COLUMN key; PRAGMA user_version = 4;",
         )
         .expect("back to schema 4");
     }
     let store = SqliteStore::open(&path).expect("migrated");
     let old = store.run("j", Some(run)).await.expect("run").expect("kept");
     assert_eq!((old.input, old.throttle), (None, None));
-    assert_eq!(store.open_chunks(run).await.expect("chunks").len(), 2);
+    assert_eq!(old.checkpoint.key, None);
+    let open = store.open_chunks(run).await.expect("chunks");
+    assert_eq!(open.len(), 2);
+    assert!(open.iter().all(|c| c.keys.is_none()));
 }
 
 #[tokio::test]

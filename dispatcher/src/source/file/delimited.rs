@@ -234,6 +234,7 @@ impl CsvRecords {
                 reason,
             },
             start,
+            key: None,
         }
     }
 
@@ -289,6 +290,7 @@ impl CsvRecords {
                             data: serde_json::Value::Object(object).to_string(),
                         }),
                         start,
+                        key: None,
                     }));
                 }
                 Err(e) => {

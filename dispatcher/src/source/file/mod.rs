@@ -252,6 +252,7 @@ impl Source for FileSource {
                             line,
                             offset: start.offset,
                         },
+                        key: None,
                     }));
                 }
                 let mut bytes: &[u8] = buf;
@@ -274,6 +275,7 @@ impl Source for FileSource {
                         line,
                         offset: start.offset,
                     },
+                    key: None,
                 }));
             },
             Inner::Csv(records) => records.next().map_err(|message| {

@@ -26,7 +26,8 @@ fn jsonl_keeps_lines_offsets_and_reports_bad_lines() {
                 line: 1,
                 data: "{\"id\":1}".into()
             }),
-            start: Position { line: 1, offset: 0 }
+            start: Position { line: 1, offset: 0 },
+            key: None,
         }
     );
     assert!(matches!(&reads[1].record, Record::Bad { line: 3, reason } if reason.contains("JSON")));
