@@ -67,6 +67,79 @@ pub async fn require_postgres() -> tokio_postgres::Client {
     }
 }
 
+/// A test's tables: created by the test, dropped (with the job's applied-chunk records) when it
+/// ends, whatever its outcome.
+pub struct Tables {
+    job: String,
+    names: Vec<String>,
+}
+
+impl Tables {
+    /// Runs `ddl`, which creates the tables `names` of job `t`, and drops them when the test
+    /// ends (the guard is taken first, so a half-made set is dropped too).
+    pub async fn create(
+        client: &tokio_postgres::Client,
+        t: &TestJob,
+        names: &[&str],
+        ddl: &str,
+    ) -> Tables {
+        let guard = Tables {
+            job: t.name.clone(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+        };
+        client.batch_execute(ddl).await.expect("create the tables");
+        guard
+    }
+
+    /// The table name `<job>_<suffix>` (see [`Tables::name`]), written into the job file
+    /// where it says `{TABLE}`.
+    pub fn name_in_job(t: &TestJob, suffix: &str) -> String {
+        let table = Tables::name(t, suffix);
+        let text = std::fs::read_to_string(t.file())
+            .expect("job")
+            .replace("{TABLE}", &table);
+        std::fs::write(t.file(), text).expect("job");
+        table
+    }
+
+    /// A table name of this test's own: `<job>_<suffix>`, as an SQL identifier.
+    pub fn name(t: &TestJob, suffix: &str) -> String {
+        format!("{}_{suffix}", t.name.replace('-', "_"))
+    }
+}
+
+impl Drop for Tables {
+    fn drop(&mut self) {
+        let (job, names) = (self.job.clone(), self.names.clone());
+        // Drop runs inside the test's runtime: clean up from a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok((client, conn)) =
+                    tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls).await
+                else {
+                    return;
+                };
+                tokio::spawn(conn);
+                for name in names {
+                    let _ = client
+                        .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+                        .await;
+                }
+                let _ = client
+                    .execute("DELETE FROM hopper.applied_chunks WHERE job = $1", &[&job])
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
 /// The path of a workspace binary, built (once per test process) if needed.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
