@@ -42,7 +42,13 @@ pub(crate) fn build_binaries() -> Result<PathBuf> {
     Ok(target.join("release"))
 }
 
-fn job_file(dir: &Path, name: &str, url: &str, input: &Path, window: usize) -> Result<PathBuf> {
+pub(crate) fn job_file(
+    dir: &Path,
+    name: &str,
+    url: &str,
+    input: &Path,
+    window: usize,
+) -> Result<PathBuf> {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(
         &path,
@@ -81,11 +87,23 @@ pub(crate) async fn hopper(
     shape: Shape,
 ) -> Result<HopperRun> {
     let job = job_file(dir, name, url, input, shape.window)?;
+    over_broker(bins, url, &job, name, shape).await
+}
+
+/// Starts consumers of the job file `job` (named `name`), runs its dispatcher to the end,
+/// stops the consumers and deletes the job's queues.
+pub(crate) async fn over_broker(
+    bins: &Path,
+    url: &str,
+    job: &Path,
+    name: &str,
+    shape: Shape,
+) -> Result<HopperRun> {
     let mut consumers = Vec::new();
     for _ in 0..CONSUMERS {
         consumers.push(
             tokio::process::Command::new(bins.join("hopper-consumer"))
-                .arg(&job)
+                .arg(job)
                 .args(["--concurrency", &shape.prefetch.to_string()])
                 .stderr(Stdio::null())
                 .kill_on_drop(true)
@@ -119,7 +137,7 @@ pub(crate) async fn hopper(
     let started = Instant::now();
     let mut child = std::process::Command::new(bins.join("hopper-dispatcher"))
         .arg("run")
-        .arg(&job)
+        .arg(job)
         .stderr(Stdio::null())
         .spawn()?;
     let pid = child.id();
@@ -173,10 +191,15 @@ pub(crate) async fn local(
 ) -> Result<Duration> {
     // Local mode contacts no broker: the URL is never used.
     let job = job_file(dir, name, "amqp://127.0.0.1:1/%2f", input, shape.window)?;
+    run_local(bins, &job, workers).await
+}
+
+/// Runs the job file `job` in local mode with `workers` worker tasks, to its end.
+pub(crate) async fn run_local(bins: &Path, job: &Path, workers: usize) -> Result<Duration> {
     let started = Instant::now();
     let status = tokio::process::Command::new(bins.join("hopper-dispatcher"))
         .arg("run")
-        .arg(&job)
+        .arg(job)
         .args(["--local", &workers.to_string()])
         .stderr(Stdio::null())
         .status()

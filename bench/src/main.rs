@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p hopper-bench -- [--records 1000000] [--width 200] [--rounds 5]
 //!     [--window 32] [--prefetch 4] [--memory-small 100000] [--memory-large 2000000]
-//!     [--only raw|hopper|local] [--bin-dir DIR]
+//!     [--only raw|hopper|local|pg] [--bin-dir DIR] [--pg-url URL] [--pg-rows 1000000]
 //! ```
 //!
 //! Both sides move the same input: `records` JSON lines of about `width` bytes, cut into
@@ -20,8 +20,12 @@
 //!
 //! Each round also runs the same job in local mode (`run --local N`, N = consumers x prefetch,
 //! the `noop` processor, no broker), and reports its items per second beside the broker's.
+//!
+//! `--only pg` runs the PostgreSQL comparisons instead ([`postgres`]): a table copied through
+//! Hopper against `INSERT ... SELECT`, and the source alone against `COPY ... TO STDOUT`.
 
 mod hopper;
+mod postgres;
 mod raw;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +58,8 @@ struct Args {
     only: Option<String>,
     url: String,
     bin_dir: Option<PathBuf>,
+    pg_url: String,
+    pg_rows: u64,
 }
 
 fn args() -> Result<Args> {
@@ -69,6 +75,9 @@ fn args() -> Result<Args> {
         url: std::env::var("AMQP_URL")
             .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()),
         bin_dir: None,
+        pg_url: std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string()),
+        pg_rows: 1_000_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -84,6 +93,8 @@ fn args() -> Result<Args> {
             "--prefetch" => a.prefetch = value()?.parse()?,
             "--url" => a.url = value()?,
             "--bin-dir" => a.bin_dir = Some(PathBuf::from(value()?)),
+            "--pg-url" => a.pg_url = value()?,
+            "--pg-rows" => a.pg_rows = value()?.parse()?,
             other => bail!("unknown argument {other}; see the top of bench/src/main.rs"),
         }
     }
@@ -108,7 +119,7 @@ fn write_input(path: &Path, n: u64, width: usize) -> Result<u64> {
     Ok(bytes)
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -122,6 +133,23 @@ async fn main() -> Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let pid = std::process::id();
+    let shape = Shape {
+        window: a.window,
+        prefetch: a.prefetch,
+    };
+    if a.only.as_deref() == Some("pg") {
+        let rounds = a.rounds.max(1);
+        return postgres::postgres(
+            &bins,
+            &a.url,
+            &a.pg_url,
+            dir.path(),
+            a.pg_rows,
+            rounds,
+            shape,
+        )
+        .await;
+    }
 
     let input = dir.path().join("input.jsonl");
     let bytes = write_input(&input, a.records, a.width)?;
@@ -133,10 +161,6 @@ async fn main() -> Result<()> {
         a.window,
         a.prefetch
     );
-    let shape = Shape {
-        window: a.window,
-        prefetch: a.prefetch,
-    };
 
     // Alternate the two sides, several rounds, and compare medians: single runs on a shared
     // machine swing by half their length.
@@ -164,7 +188,7 @@ async fn main() -> Result<()> {
                 println!("local: {:.2} s", l.as_secs_f64());
                 continue;
             }
-            Some(other) => bail!("--only takes raw, hopper or local, not {other}"),
+            Some(other) => bail!("--only takes raw, hopper, local or pg, not {other}"),
             None => {}
         }
         let r = raw(&a.url, &input, shape).await?;

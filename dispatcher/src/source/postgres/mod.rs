@@ -431,15 +431,15 @@ impl PostgresSource {
             }
             Bounds::Scan { .. } | Bounds::Range { .. } => self.done = rows.len() < PAGE,
         }
-        let mut key_of_last = None;
+        let mut size = 64;
         for row in &rows {
             self.rows += 1;
-            let (data, key) = render(shape, row).map_err(|why| SourceError::Fetch {
+            let (data, key) = render(shape, row, size).map_err(|why| SourceError::Fetch {
                 after: String::new(),
                 message: why,
             })?;
+            size = data.len();
             let line = self.rows;
-            key_of_last = Some(key.clone());
             self.page.push_back(Read {
                 record: Record::Item(Item { line, data }),
                 start: Position {
@@ -449,6 +449,7 @@ impl PostgresSource {
                 key: Some(key),
             });
         }
+        let key_of_last = self.page.back().and_then(|r| r.key.clone());
         if let (Some(k), Bounds::Scan { after } | Bounds::Range { after, .. }) =
             (key_of_last, &mut self.bounds)
         {
@@ -497,38 +498,61 @@ async fn query(
         })
 }
 
-/// A row as an item's JSON text, and its key's JSON.
-fn render(shape: &Shape, row: &tokio_postgres::Row) -> Result<(String, String), String> {
-    let mut data = String::with_capacity(128);
-    let mut spans = vec![(0, 0); shape.columns.len()];
+/// A row as an item's JSON text, and its key's JSON; `size` is a guess at the text's length
+/// (the previous row's), so that the text is allocated once.
+fn render(
+    shape: &Shape,
+    row: &tokio_postgres::Row,
+    size: usize,
+) -> Result<(String, String), String> {
+    let mut data = String::with_capacity(size + 16);
+    // Where each key column's JSON lies in `data`, in the key's order.
+    let mut spans = [(0usize, 0usize); 4];
+    let mut more_spans = Vec::new();
     data.push('{');
     for (i, (name, mapping)) in shape.columns.iter().enumerate() {
         if i > 0 {
             data.push(',');
         }
         data.push_str(name);
+        let column = || name.trim_end_matches(':');
         let raw: Raw<'_> = row
             .try_get(i)
-            .map_err(|e| format!("column {}: {e}", name.trim_end_matches(':')))?;
+            .map_err(|e| format!("column {}: {e}", column()))?;
         let start = data.len();
         mapping
             .write(raw.0, &mut data)
-            .map_err(|e| format!("column {}: {e}", name.trim_end_matches(':')))?;
-        spans[i] = (start, data.len());
+            .map_err(|e| format!("column {}: {e}", column()))?;
+        if let Some(k) = shape.key.iter().position(|&c| c == i) {
+            if &data[start..] == "null" {
+                return Err(format!(
+                    "its key column {} is NULL: the key must be not null",
+                    column()
+                ));
+            }
+            match spans.get_mut(k) {
+                Some(span) => *span = (start, data.len()),
+                None => more_spans.push((k, start, data.len())),
+            }
+        }
     }
     data.push('}');
-    let part = |i: usize| &data[spans[i].0..spans[i].1];
-    let key = if shape.key.len() == 1 {
-        part(shape.key[0]).to_string()
-    } else {
-        let parts: Vec<&str> = shape.key.iter().map(|&i| part(i)).collect();
-        format!("[{}]", parts.join(","))
+    let part = |k: usize| -> &str {
+        let (start, end) = spans.get(k).copied().unwrap_or_else(|| {
+            more_spans
+                .iter()
+                .find(|(at, _, _)| *at == k)
+                .map_or((0, 0), |&(_, s, e)| (s, e))
+        });
+        &data[start..end]
     };
-    if shape.key.iter().any(|&i| part(i) == "null") {
-        return Err(format!(
-            "its key {key} holds a NULL: the key must be not null"
-        ));
-    }
+    let key = match shape.key.len() {
+        1 => part(0).to_string(),
+        n => {
+            let parts: Vec<&str> = (0..n).map(part).collect();
+            format!("[{}]", parts.join(","))
+        }
+    };
     Ok((data, key))
 }
 

@@ -119,8 +119,9 @@ impl Mapping {
             Mapping::Float4 => float(out, f64::from(f32::from_be_bytes(be(b)?))),
             Mapping::Float8 => float(out, f64::from_be_bytes(be(b)?)),
             Mapping::Numeric => {
-                let text = numeric(b)?;
-                json_string(out, &text);
+                out.push('"');
+                numeric(b, out)?;
+                out.push('"');
             }
             Mapping::Text => json_string(out, utf8(b)?),
             Mapping::Bytea => {
@@ -213,10 +214,33 @@ fn push_display(out: &mut String, v: impl std::fmt::Display) {
     let _ = write!(out, "{v}");
 }
 
-fn json_string(out: &mut String, s: &str) {
-    // serde_json's escaping, written in place.
-    let quoted = serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\""));
-    out.push_str(&quoted);
+/// `s` as a JSON string, escaped as serde_json escapes it, written in place: the row loop
+/// allocates nothing per value.
+pub(super) fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    let mut plain = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[plain..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(escape);
+        }
+        plain = i + 1;
+    }
+    out.push_str(&s[plain..]);
+    out.push('"');
 }
 
 fn float(out: &mut String, v: f64) {
@@ -273,9 +297,9 @@ fn clock(out: &mut String, micros: i64) {
     }
 }
 
-/// The exact decimal text of a `numeric` in its binary form: base-10000 digits, a weight, a
-/// sign and a display scale.
-fn numeric(b: &[u8]) -> Result<String, String> {
+/// Writes the exact decimal text of a `numeric` in its binary form (base-10000 digits, a
+/// weight, a sign and a display scale) into `text`.
+fn numeric(b: &[u8], text: &mut String) -> Result<(), String> {
     let word = |i: usize| -> Result<i16, String> {
         b.get(i..i + 2)
             .map(|w| i16::from_be_bytes([w[0], w[1]]))
@@ -285,23 +309,27 @@ fn numeric(b: &[u8]) -> Result<String, String> {
     let weight = i64::from(word(2)?);
     let sign = word(4)? as u16;
     let dscale = usize::try_from(word(6)?).map_err(|_| "numeric with a negative scale")?;
-    match sign {
-        0xC000 => return Ok("NaN".into()),
-        0xD000 => return Ok("Infinity".into()),
-        0xF000 => return Ok("-Infinity".into()),
-        0x0000 | 0x4000 => {}
+    let special = match sign {
+        0xC000 => "NaN",
+        0xD000 => "Infinity",
+        0xF000 => "-Infinity",
+        0x0000 | 0x4000 => "",
         other => return Err(format!("numeric with sign {other:#x}")),
+    };
+    if !special.is_empty() {
+        text.push_str(special);
+        return Ok(());
     }
-    let digits = (0..ndigits)
-        .map(|i| word(8 + 2 * i))
-        .collect::<Result<Vec<i16>, String>>()?;
+    if b.len() < 8 + 2 * ndigits {
+        return Err("numeric cut short".into());
+    }
     let digit = |i: i64| -> i16 {
         usize::try_from(i)
             .ok()
-            .and_then(|i| digits.get(i).copied())
+            .filter(|&i| i < ndigits)
+            .and_then(|i| word(8 + 2 * i).ok())
             .unwrap_or(0)
     };
-    let mut text = String::new();
     if sign == 0x4000 {
         text.push('-');
     }
@@ -310,7 +338,7 @@ fn numeric(b: &[u8]) -> Result<String, String> {
     } else {
         for i in 0..=weight {
             if i == 0 {
-                push_display(&mut text, digit(i));
+                push_display(text, digit(i));
             } else {
                 let _ = write!(text, "{:04}", digit(i));
             }
@@ -318,16 +346,15 @@ fn numeric(b: &[u8]) -> Result<String, String> {
     }
     if dscale > 0 {
         text.push('.');
-        let mut frac = String::with_capacity(dscale + 4);
+        let start = text.len();
         let mut k = 1;
-        while frac.len() < dscale {
-            let _ = write!(frac, "{:04}", digit(weight + k));
+        while text.len() - start < dscale {
+            let _ = write!(text, "{:04}", digit(weight + k));
             k += 1;
         }
-        frac.truncate(dscale);
-        text.push_str(&frac);
+        text.truncate(start + dscale);
     }
-    Ok(text)
+    Ok(())
 }
 
 /// A binary array: dimensions, then the elements in row-major order, each with its length
@@ -397,6 +424,27 @@ mod tests {
             b.extend_from_slice(&d.to_be_bytes());
         }
         b
+    }
+
+    fn numeric(b: &[u8]) -> Result<String, String> {
+        let mut text = String::new();
+        super::numeric(b, &mut text).map(|()| text)
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        for s in [
+            "plain",
+            "q\"b\\s",
+            "tab\tnl\ncr\r",
+            "\u{1}\u{1f}\u{8}\u{c}",
+            "é😀",
+            "",
+        ] {
+            let mut out = String::new();
+            json_string(&mut out, s);
+            assert_eq!(out, serde_json::to_string(s).expect("json"), "{s:?}");
+        }
     }
 
     #[test]
