@@ -109,13 +109,7 @@ pub async fn retry(
     let plan = Plan::new(&failed);
     let open = store.open_chunks(run).await?;
     if plan.is_empty() && open.is_empty() && !reads_on {
-        info!(job = %job.name, run, state = %record.state, "nothing to retry");
-        let status = store.status(run, StuckAfter::for_job(job)).await?;
-        return Ok(RunSummary {
-            run,
-            state: record.state,
-            status,
-        });
+        return nothing_to_retry(job, context, &record).await;
     }
     let (spec, limits) = (job.source.clone(), job.chunking);
     let checked = plan.clone();
@@ -188,13 +182,7 @@ async fn retry_keyed(
     let again = KeyedReader::new(&job.source, job.chunking, &store.retryable(run).await?);
     let open = store.open_chunks(run).await?;
     if again.failures() == 0 && open.is_empty() && !reads_on {
-        info!(job = %job.name, run, state = %record.state, "nothing to retry");
-        let status = store.status(run, StuckAfter::for_job(job)).await?;
-        return Ok(RunSummary {
-            run,
-            state: record.state,
-            status,
-        });
+        return nothing_to_retry(job, context, &record).await;
     }
     info!(job = %job.name, run, failures = again.failures(), "retrying what failed, by key");
     let chunks: Box<dyn Chunks> = if reads_on {
@@ -219,4 +207,22 @@ async fn retry_keyed(
         size: None,
     };
     drive(job, start, context, opts, shutdown).await
+}
+
+/// What `retry` says of a run with nothing to dispatch again: the run as it stands.
+async fn nothing_to_retry(
+    job: &Job,
+    context: &ExecutionContext,
+    record: &RunRecord,
+) -> Result<RunSummary, DispatchError> {
+    info!(job = %job.name, run = record.id, state = %record.state, "nothing to retry");
+    let status = context
+        .store()
+        .status(record.id, StuckAfter::for_job(job))
+        .await?;
+    Ok(RunSummary {
+        run: record.id,
+        state: record.state,
+        status,
+    })
 }

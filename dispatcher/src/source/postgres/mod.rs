@@ -258,7 +258,7 @@ async fn shape(client: &Client, query: &str, key: &[String]) -> Result<Shape, So
 /// `source.key` with the database's own message (exit 2).
 pub(crate) async fn inspect(url: &str, query: &str, key: &[String]) -> Result<(), SourceError> {
     let client = connect(url).await?;
-    let shape = shape(&client, query, key).await?;
+    shape(&client, query, key).await?;
     // The page statement itself: ordering by the key must work.
     client
         .prepare(&page_sql(query, key, &compare(key, ">", 1), PAGE))
@@ -291,7 +291,6 @@ pub(crate) async fn inspect(url: &str, query: &str, key: &[String]) -> Result<()
             ),
         ));
     }
-    drop(shape);
     Ok(())
 }
 
