@@ -103,9 +103,10 @@ impl KeyedReader {
     }
 
     fn read_target(&mut self, t: Target) -> Result<(), SourceError> {
-        let wanted: Vec<(String, u64)> = match &t.bounds {
-            Bounds::Rows(rows) => rows.iter().cloned().collect(),
-            Bounds::Scan { .. } | Bounds::Range { .. } => Vec::new(),
+        // For rows read by key: each row's key, by its line.
+        let wanted: BTreeMap<u64, String> = match &t.bounds {
+            Bounds::Rows(rows) => rows.iter().map(|(k, line)| (*line, k.clone())).collect(),
+            Bounds::Scan { .. } | Bounds::Range { .. } => BTreeMap::new(),
         };
         let by_rows = !wanted.is_empty();
         let source = source::open_keyed(&self.spec, t.bounds, t.from_line)?;
@@ -114,19 +115,11 @@ impl KeyedReader {
         while let Some(mut chunk) = chunker.next_chunk()? {
             if by_rows {
                 // Rows apart from each other: the chunk is read again by its rows' keys.
-                let lines: Vec<u64> = chunk
-                    .items
-                    .iter()
-                    .map(|i| i.line)
-                    .chain(chunk.bad.iter().map(|b| b.position.line))
+                let mut rows: Vec<(String, u64)> = lines(&chunk)
+                    .filter_map(|l| wanted.get(&l).map(|k| (k.clone(), l)))
                     .collect();
-                chunk.keys = Some(Keys::Rows(
-                    wanted
-                        .iter()
-                        .filter(|(_, line)| lines.contains(line))
-                        .cloned()
-                        .collect(),
-                ));
+                rows.sort_by_key(|&(_, line)| line);
+                chunk.keys = Some(Keys::Rows(rows));
             }
             chunk.retry = Some(RetryOf::default());
             pieces.push(chunk);
@@ -145,12 +138,10 @@ impl KeyedReader {
             }
             Over::Rows(mut rows) => {
                 for piece in &mut pieces {
-                    let lines = piece
-                        .items
-                        .iter()
-                        .map(|i| i.line)
-                        .chain(piece.bad.iter().map(|b| b.position.line));
-                    let ids: Vec<i64> = lines.filter_map(|l| rows.remove(&l)).flatten().collect();
+                    let ids: Vec<i64> = lines(piece)
+                        .filter_map(|l| rows.remove(&l))
+                        .flatten()
+                        .collect();
                     if let Some(of) = piece.retry.as_mut() {
                         of.skipped += ids.len() as u64;
                         of.retried.extend(ids.into_iter().map(Retried::Failure));
@@ -172,6 +163,15 @@ impl KeyedReader {
         self.ready.extend(pieces);
         Ok(())
     }
+}
+
+/// The lines of a chunk's records: its items' and its bad records'.
+fn lines(chunk: &RawChunk) -> impl Iterator<Item = u64> + '_ {
+    chunk
+        .items
+        .iter()
+        .map(|i| i.line)
+        .chain(chunk.bad.iter().map(|b| b.position.line))
 }
 
 /// A chunk of nothing, there to take failures over.
