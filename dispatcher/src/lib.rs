@@ -13,7 +13,7 @@
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let job = Job::load("job.toml".as_ref())?;
-//! let context = ExecutionContext::open(&job)?;
+//! let context = ExecutionContext::open(&job).await?;
 //! let shutdown = tokio_util::sync::CancellationToken::new();
 //! let summary = run(&job, &context, RunOptions::default(), shutdown).await?;
 //! println!("run {}: {} ({} processed)", summary.run, summary.state, summary.status.items.processed);

@@ -190,12 +190,12 @@ fn main() -> ExitCode {
 
 /// The job file, validated, and its execution context; the exit code to leave with when either
 /// fails.
-fn open(path: &Path) -> Result<(Job, ExecutionContext), ExitCode> {
+async fn open(path: &Path) -> Result<(Job, ExecutionContext), ExitCode> {
     let job = Job::load(path).map_err(|e| {
         say_error!("{e}");
         ExitCode::from(2)
     })?;
-    let context = ExecutionContext::open(&job).map_err(|e| {
+    let context = ExecutionContext::open(&job).await.map_err(|e| {
         say_error!("{e}");
         ExitCode::from(e.exit_code())
     })?;
@@ -205,12 +205,12 @@ fn open(path: &Path) -> Result<(Job, ExecutionContext), ExitCode> {
 /// The job file, validated, and its execution context if the job was ever run (`None`, and
 /// nothing created, otherwise): what the commands that only read or control need. The exit
 /// code to leave with when either fails.
-fn open_read_only(path: &Path) -> Result<(Job, Option<ExecutionContext>), ExitCode> {
+async fn open_read_only(path: &Path) -> Result<(Job, Option<ExecutionContext>), ExitCode> {
     let job = Job::load(path).map_err(|e| {
         say_error!("{e}");
         ExitCode::from(2)
     })?;
-    let context = ExecutionContext::open_existing(&job).map_err(|e| {
+    let context = ExecutionContext::open_existing(&job).await.map_err(|e| {
         say_error!("{e}");
         ExitCode::from(e.exit_code())
     })?;
@@ -225,7 +225,7 @@ enum Start {
 }
 
 async fn run_job(path: PathBuf, start: Start, local: Option<u16>) -> ExitCode {
-    let (job, context) = match open(&path) {
+    let (job, context) = match open(&path).await {
         Ok(opened) => opened,
         Err(code) => return code,
     };
@@ -278,7 +278,7 @@ fn report(job: &Job, result: Result<RunSummary, DispatchError>) -> ExitCode {
 }
 
 async fn status(path: PathBuf, run: Option<u64>, json: bool, watch: bool) -> ExitCode {
-    let (job, context) = match open_read_only(&path) {
+    let (job, context) = match open_read_only(&path).await {
         Ok(opened) => opened,
         Err(code) => return code,
     };
@@ -340,7 +340,7 @@ async fn status(path: PathBuf, run: Option<u64>, json: bool, watch: bool) -> Exi
 }
 
 async fn runs(path: PathBuf, json: bool) -> ExitCode {
-    let (job, context) = match open_read_only(&path) {
+    let (job, context) = match open_read_only(&path).await {
         Ok(opened) => opened,
         Err(code) => return code,
     };
@@ -377,7 +377,7 @@ async fn clean(
     force: bool,
 ) -> ExitCode {
     // A job never run has no execution context: nothing to remove there, and none is made.
-    let (job, context) = match open_read_only(&path) {
+    let (job, context) = match open_read_only(&path).await {
         Ok(opened) => opened,
         Err(code) => return code,
     };
@@ -420,7 +420,7 @@ enum Control {
 }
 
 async fn control(target: ControlArgs, what: Control) -> ExitCode {
-    let (job, context) = match open_read_only(&target.job) {
+    let (job, context) = match open_read_only(&target.job).await {
         Ok(opened) => opened,
         Err(code) => return code,
     };

@@ -107,6 +107,14 @@ pub enum StateSpec {
         /// The database file, resolved against the job file's directory.
         path: PathBuf,
     },
+    /// Tables in a PostgreSQL database, shared by dispatchers on any host.
+    Postgres {
+        /// The database (`postgres://...`); its password is never logged.
+        url: String,
+        /// The schema that holds the tables (`hopper` by default): a plain lower-case SQL
+        /// identifier, so that it needs no quoting anywhere.
+        schema: String,
+    },
 }
 
 /// The input of a job.

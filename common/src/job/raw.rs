@@ -42,6 +42,7 @@ pub(super) struct RawBroker {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawState {
     pub(super) url: Option<String>,
+    pub(super) schema: Option<String>,
 }
 
 #[derive(Deserialize)]

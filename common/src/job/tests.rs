@@ -184,3 +184,27 @@ fn custom_options_are_read_into_the_processor_own_type_naming_a_bad_field() {
         other => panic!("expected a field error, got {other:?}"),
     }
 }
+
+#[test]
+fn a_postgres_state_store_gets_its_schema_and_a_bad_one_is_named() {
+    let with = |state: &str| format!("{GOOD}\n[state]\n{state}\n");
+    let job = parse(&with("url = \"postgres://u:pw@db/ops\"")).expect("valid");
+    assert_eq!(
+        job.state,
+        StateSpec::Postgres {
+            url: "postgres://u:pw@db/ops".into(),
+            schema: "hopper".into()
+        }
+    );
+    let job = parse(&with("url = \"postgresql://db/ops\"\nschema = \"ops_2\"")).expect("valid");
+    assert!(matches!(job.state, StateSpec::Postgres { ref schema, .. } if schema == "ops_2"));
+    for bad in ["Ops", "2ops", "pg_x", "a-b", "", "a;drop"] {
+        let text = with(&format!("url = \"postgres://db/ops\"\nschema = {bad:?}"));
+        assert_eq!(field_of(&text), "state.schema", "{bad:?}");
+    }
+    assert_eq!(
+        field_of(&with("url = \"sqlite://s.db\"\nschema = \"x\"")),
+        "state.schema"
+    );
+    assert_eq!(field_of(&with("url = \"mysql://db\"")), "state.url");
+}

@@ -86,12 +86,31 @@ fn state(raw: RawState, dir: &Path) -> FieldResult<StateSpec> {
         if p.is_empty() {
             return Err(("state.url", "sqlite:// needs a file path".to_string()));
         }
+        if raw.schema.is_some() {
+            return Err((
+                "state.schema",
+                "is for a postgres:// store; an SQLite file has no schemas".to_string(),
+            ));
+        }
         Ok(StateSpec::Sqlite { path: dir.join(p) })
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Err((
-            "state.url",
-            "the PostgreSQL state store is not available yet; use sqlite://FILE".to_string(),
-        ))
+        let schema = raw.schema.unwrap_or_else(|| "hopper".to_string());
+        let plain = schema.len() <= 63
+            && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && !schema.starts_with("pg_");
+        if !plain {
+            return Err((
+                "state.schema",
+                format!(
+                    "{schema:?} must be a plain SQL name: a-z, 0-9 and _, not starting with a \
+                     digit or pg_, at most 63 characters"
+                ),
+            ));
+        }
+        Ok(StateSpec::Postgres { url, schema })
     } else {
         Err((
             "state.url",

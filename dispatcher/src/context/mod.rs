@@ -10,12 +10,17 @@
 //!   for a chunk the store does not know is [`Applied::Unknown`]. Neither changes anything.
 //! - Counters are derived from the chunk and failure rows, never kept twice.
 //!
-//! [`model`] holds what is stored, [`report`] what `status` reads; [`sqlite`] is the embedded
-//! store. A library user holds an
+//! [`model`] holds what is stored, [`report`] what `status` reads, [`rules`] what every store
+//! decides the same way; [`sqlite`] is the embedded store, [`postgres`] the shared one. A
+//! library user holds an
 //! [`ExecutionContext`] and never sees the store behind it.
 
+#[cfg(test)]
+mod conformance;
 mod model;
+mod postgres;
 mod report;
+mod rules;
 mod sqlite;
 
 use std::sync::Arc;
@@ -29,6 +34,7 @@ pub(crate) use model::{
     NewChunk, OpenFailure, RecordBatch, Retried, Retryable, CANCELLED_BY,
 };
 pub use model::{Checkpoint, FailureClass, FailureRecord, RunId, RunRecord, RunState};
+use postgres::PostgresStore;
 pub(crate) use report::StuckAfter;
 pub use report::{ChunkCounts, InProgress, ItemCounts, RecentReading, RunStatus, StuckChunk};
 use sqlite::SqliteStore;
@@ -40,7 +46,7 @@ pub enum ContextError {
     /// The store could not be opened, read or written.
     #[error("execution context {store}: {source}")]
     Store {
-        /// Which store: the SQLite file.
+        /// Which store: the SQLite file, or the database (without its password) and schema.
         store: String,
         /// The database's error.
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -53,6 +59,15 @@ pub enum ContextError {
         store: String,
         /// The missing directory.
         directory: String,
+    },
+    /// The job's `[state]` cannot be used as written (a URL that does not parse): nothing was
+    /// sent (exit 2).
+    #[error("execution context {store}: {message}; correct state.url")]
+    Config {
+        /// Which store, without its password.
+        store: String,
+        /// What is wrong with it.
+        message: String,
     },
     /// Another dispatcher took the run over: this one must stop writing it (and does, at once).
     #[error("run {run} was taken over by the dispatcher {holder}; this one stops")]
@@ -77,7 +92,7 @@ impl ContextError {
     /// job file: nothing was sent), 1 when the store failed.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ContextError::NoDirectory { .. } => 2,
+            ContextError::NoDirectory { .. } | ContextError::Config { .. } => 2,
             ContextError::Store { .. }
             | ContextError::Fenced { .. }
             | ContextError::Corrupt { .. } => 1,
@@ -99,13 +114,17 @@ impl std::fmt::Debug for ExecutionContext {
 }
 
 impl ExecutionContext {
-    /// Opens (creating if needed) the execution context the job file's `[state]` names.
+    /// Opens (creating if needed) the execution context the job file's `[state]` names: an
+    /// SQLite file, or a schema in a PostgreSQL database (created on first use).
     ///
     /// # Errors
-    /// [`ContextError`] when the store cannot be opened or holds another schema.
-    pub fn open(job: &Job) -> Result<ExecutionContext, ContextError> {
+    /// [`ContextError`] when the store cannot be opened or reached, or holds another schema.
+    pub async fn open(job: &Job) -> Result<ExecutionContext, ContextError> {
         let store: Arc<dyn ContextStore> = match &job.state {
             StateSpec::Sqlite { path } => Arc::new(SqliteStore::open(path)?),
+            StateSpec::Postgres { url, schema } => {
+                Arc::new(PostgresStore::open(url, schema).await?)
+            }
         };
         Ok(ExecutionContext { store })
     }
@@ -114,11 +133,16 @@ impl ExecutionContext {
     /// without creating anything (`status` only reads).
     ///
     /// # Errors
-    /// [`ContextError`] when the store exists but cannot be opened or holds another schema.
-    pub fn open_existing(job: &Job) -> Result<Option<ExecutionContext>, ContextError> {
+    /// [`ContextError`] when the store exists but cannot be opened or holds another schema,
+    /// or its database cannot be reached.
+    pub async fn open_existing(job: &Job) -> Result<Option<ExecutionContext>, ContextError> {
         match &job.state {
             StateSpec::Sqlite { path } if !path.exists() => Ok(None),
-            StateSpec::Sqlite { .. } => ExecutionContext::open(job).map(Some),
+            StateSpec::Sqlite { .. } => ExecutionContext::open(job).await.map(Some),
+            StateSpec::Postgres { url, schema } => {
+                let store = PostgresStore::open_existing(url, schema).await?;
+                Ok(store.map(|s| ExecutionContext { store: Arc::new(s) }))
+            }
         }
     }
 
@@ -128,8 +152,8 @@ impl ExecutionContext {
     }
 }
 
-/// The execution context's storage. SQLite is the embedded default; a PostgreSQL store will
-/// share it between dispatcher hosts, behind this same trait.
+/// The execution context's storage: SQLite, the embedded default, or PostgreSQL, shared between
+/// dispatcher hosts. Both pass one conformance suite (`conformance`).
 #[async_trait]
 pub(crate) trait ContextStore: Send + Sync {
     /// Starts a run of `job` reading `source` (a description for people) whose input has the

@@ -187,6 +187,19 @@ pub(crate) enum ChunkStatus {
     Dead,
 }
 
+impl ChunkStatus {
+    /// The status as stored.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ChunkStatus::Pending => "pending",
+            ChunkStatus::InFlight => "in_flight",
+            ChunkStatus::Done => "done",
+            ChunkStatus::Failed => "failed",
+            ChunkStatus::Dead => "dead",
+        }
+    }
+}
+
 impl FromStr for ChunkStatus {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -80,7 +80,7 @@ fn consume(
 
 /// Runs the loop over `transport` to the end, within 30 s.
 async fn dispatch(job: &Job, transport: Arc<dyn Transport>) -> RunSummary {
-    let context = ExecutionContext::open(job).expect("context");
+    let context = ExecutionContext::open(job).await.expect("context");
     let start = Start::new(&job.source, job.chunking.max_bytes).expect("source");
     let run = run_on(
         job,
@@ -470,7 +470,7 @@ async fn recovery_is_bounded() {
         failed_reconnects: usize::MAX,
         ..Faulty::new(&broker, &[(0, Fault::PublishLost)])
     });
-    let context = ExecutionContext::open(&job).expect("context");
+    let context = ExecutionContext::open(&job).await.expect("context");
     let start = Start::new(&job.source, job.chunking.max_bytes).expect("source");
     let err = run_on(
         &job,
@@ -503,7 +503,7 @@ async fn a_dispatcher_that_lost_its_run_stops_at_its_next_write() {
         5 => vec![],
         _ => vec![reply_to(c, 1, done(c))],
     });
-    let context = ExecutionContext::open(&job).expect("context");
+    let context = ExecutionContext::open(&job).await.expect("context");
     let start = Start::new(&job.source, job.chunking.max_bytes).expect("source");
     let transport: Arc<dyn Transport> = Arc::new(broker.transport());
     let run = run_on(
@@ -515,7 +515,9 @@ async fn a_dispatcher_that_lost_its_run_stops_at_its_next_write() {
         CancellationToken::new(),
     );
     let takeover = async {
-        let other = ExecutionContext::open(&job).expect("a second dispatcher's context");
+        let other = ExecutionContext::open(&job)
+            .await
+            .expect("a second dispatcher's context");
         // Wait until the run exists, then take it over.
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -5,7 +5,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::Fail;
 use crate::context::{
-    now_ms, Applied, FailureClass, FailureRecord, Fence, Keys, RunId, CANCELLED_BY,
+    now_ms, rules, Applied, ChunkStatus, FailureClass, FailureRecord, Fence, Keys, RunId,
 };
 use hopper_common::{Outcome, Reply};
 
@@ -31,40 +31,6 @@ fn insert_failures(
     Ok(())
 }
 
-/// What `reply` does to a chunk that stands at `status` after `attempts` attempts:
-/// [`Applied::Recorded`] when it changes it.
-///
-/// Done is final: nothing changes a done chunk. An outcome of an older attempt never overrides
-/// a newer attempt's: a copy of attempt 1 that fails late (its consumer was slow, or the broker
-/// delivered it twice) is [`Applied::Stale`] once attempt 2 exists. A failed or dead chunk
-/// changes only for an outcome of a newer attempt, which proves the failure was not the last
-/// word.
-fn decide(status: &str, attempts: i64, reply: &Reply) -> Applied {
-    let attempt = i64::from(reply.attempt);
-    let change = match status {
-        "done" => false,
-        "failed" | "dead" => {
-            attempt > attempts && !matches!(reply.outcome, Outcome::Processing { .. })
-        }
-        _ => match &reply.outcome {
-            Outcome::Done { .. } => true,
-            Outcome::Processing { .. } => attempt >= attempts,
-            Outcome::Retrying { next_attempt, .. } => i64::from(*next_attempt) > attempts,
-            Outcome::Dead { .. } | Outcome::Failed { .. } => attempt >= attempts,
-        },
-    };
-    match (change, status) {
-        (true, _) => Applied::Recorded,
-        (false, "done" | "failed" | "dead") => Applied::Duplicate,
-        // A retry already applied is a duplicate; another outcome of an older attempt is stale.
-        (false, _) => match reply.outcome {
-            Outcome::Retrying { .. } => Applied::Duplicate,
-            _ if attempt < attempts => Applied::Stale,
-            _ => Applied::Duplicate,
-        },
-    }
-}
-
 /// Applies one reply inside `tx`, as [`decide`] says.
 fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, Fail> {
     let found: Option<(String, i64, i64, Option<String>)> = tx
@@ -78,54 +44,44 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, F
     let Some((status, attempts, line, keys)) = found else {
         return Ok(Applied::Unknown);
     };
-    match decide(&status, attempts, reply) {
+    let status: ChunkStatus = status.parse().map_err(Fail::Corrupt)?;
+    match rules::decide(status, attempts as u32, reply) {
         Applied::Recorded => {}
         other => return Ok(other),
     }
     let (run, seq, now) = (reply.run as i64, reply.seq as i64, now_ms() as i64);
     let attempt = i64::from(reply.attempt);
-    if matches!(status.as_str(), "failed" | "dead") {
+    if matches!(status, ChunkStatus::Failed | ChunkStatus::Dead) {
         // A newer attempt answered after an older one failed: that failure no longer stands.
         tx.execute(
             "DELETE FROM failures WHERE run = ?1 AND seq = ?2 AND class = 'chunk'",
             params![run, seq],
         )?;
     }
-    let finish =
-        |tx: &rusqlite::Transaction<'_>, status: &str, processed: u64, error: Option<&str>| {
-            tx.execute(
-                "UPDATE chunks SET status = ?3, processed = ?4, attempts = MAX(attempts, ?5),
+    let finish = |tx: &rusqlite::Transaction<'_>,
+                  status: ChunkStatus,
+                  processed: u64,
+                  error: Option<&str>| {
+        tx.execute(
+            "UPDATE chunks SET status = ?3, processed = ?4, attempts = MAX(attempts, ?5),
              finished_at = ?6, last_error = COALESCE(?7, last_error), consumer = ?8
              WHERE run = ?1 AND seq = ?2",
-                params![
-                    run,
-                    seq,
-                    status,
-                    processed as i64,
-                    attempt,
-                    now,
-                    error,
-                    reply.consumer
-                ],
-            )
-        };
+            params![
+                run,
+                seq,
+                status.as_str(),
+                processed as i64,
+                attempt,
+                now,
+                error,
+                reply.consumer
+            ],
+        )
+    };
     match &reply.outcome {
-        Outcome::Done {
-            processed,
-            bad_items,
-        } => {
-            finish(tx, "done", *processed, None)?;
-            let failures: Vec<FailureRecord> = bad_items
-                .iter()
-                .map(|b| FailureRecord {
-                    seq: Some(reply.seq),
-                    position: b.line,
-                    key: b.key.clone(),
-                    class: FailureClass::BadItem,
-                    reason: b.reason.clone(),
-                })
-                .collect();
-            insert_failures(tx, reply.run, &failures)?;
+        Outcome::Done { processed, .. } => {
+            finish(tx, ChunkStatus::Done, *processed, None)?;
+            insert_failures(tx, reply.run, &rules::bad_items(reply))?;
         }
         Outcome::Retrying {
             error,
@@ -161,17 +117,8 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, F
             )?;
         }
         Outcome::Dead { error } | Outcome::Failed { error } => {
-            let (status, reason) = match &reply.outcome {
-                // Taken back by `cancel`: never parked anywhere, the reason says what happened.
-                Outcome::Dead { .. } if reply.consumer == CANCELLED_BY => ("dead", error.clone()),
-                Outcome::Dead { .. } => (
-                    "dead",
-                    format!(
-                        "parked on the dead queue at attempt {}: {error}",
-                        reply.attempt
-                    ),
-                ),
-                _ => ("failed", format!("failed permanently: {error}")),
+            let Some((status, reason)) = rules::chunk_failure(reply) else {
+                return Ok(Applied::Recorded);
             };
             finish(tx, status, 0, Some(error))?;
             let first_key = keys

@@ -6,7 +6,9 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use super::Fail;
 use hopper_common::job::Throttle as ThrottleSpec;
 
-use crate::context::{now_ms, Alive, Checkpoint, Claimed, Fence, RunId, RunRecord, RunState};
+use crate::context::{
+    now_ms, rules, Alive, Checkpoint, Claimed, Fence, RunId, RunRecord, RunState,
+};
 
 fn read_run(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
     let state: String = row.get("state")?;
@@ -32,7 +34,7 @@ fn read_run(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String)> {
             throttle: row
                 .get::<_, Option<String>>("throttle")?
                 .as_deref()
-                .and_then(throttle_from_json),
+                .and_then(rules::throttle_from_json),
         },
         state,
     ))
@@ -83,25 +85,6 @@ pub(super) fn delete_ended(conn: &mut Connection, job: &str, before: u64) -> Res
     Ok(n as u64)
 }
 
-/// A run's throttle as stored: `{"window": N, "rate": R, "ramp_up_ms": MS}`.
-fn throttle_from_json(text: &str) -> Option<ThrottleSpec> {
-    let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    Some(ThrottleSpec {
-        window: usize::try_from(v["window"].as_u64()?).ok()?,
-        rate: v["rate"].as_f64()?,
-        ramp_up: std::time::Duration::from_millis(v["ramp_up_ms"].as_u64()?),
-    })
-}
-
-fn throttle_to_json(t: &ThrottleSpec) -> String {
-    serde_json::json!({
-        "window": t.window,
-        "rate": t.rate,
-        "ramp_up_ms": t.ramp_up.as_millis() as u64,
-    })
-    .to_string()
-}
-
 /// Sets what an operator controls of a run not ended: `state` (running or paused) and its own
 /// throttle. Returns false when the run has ended (nothing written).
 pub(super) fn control(
@@ -121,7 +104,7 @@ pub(super) fn control(
     if let Some(t) = throttle {
         changed += tx.execute(
             "UPDATE runs SET throttle = ?2 WHERE id = ?1 AND finished_at IS NULL",
-            params![run as i64, throttle_to_json(t)],
+            params![run as i64, rules::throttle_to_json(t)],
         )?;
     }
     tx.commit()?;

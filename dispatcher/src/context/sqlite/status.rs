@@ -6,14 +6,14 @@ use rusqlite::{params, Connection};
 use super::runs::run_by;
 use super::Fail;
 use crate::context::{
-    now_ms, ChunkCounts, FailureClass, FailureRecord, InProgress, ItemCounts, RecentReading, RunId,
-    RunStatus, StuckAfter, StuckChunk,
+    now_ms, rules, ChunkCounts, FailureClass, FailureRecord, InProgress, ItemCounts, RunId,
+    RunStatus, StuckAfter,
 };
 
 pub(super) fn status(
     conn: &mut Connection,
     run: RunId,
-    rules: StuckAfter,
+    stuck_after: StuckAfter,
 ) -> Result<RunStatus, Fail> {
     let job: String = conn.query_row(
         "SELECT job FROM runs WHERE id = ?1",
@@ -78,21 +78,8 @@ pub(super) fn status(
     for row in rows {
         let (seq, position, class, reason, retried, key) = row?;
         let class: FailureClass = class.parse().map_err(Fail::Corrupt)?;
-        match (class, retried) {
-            // Bad records are read but never put in a chunk.
-            (FailureClass::BadData, false) => items.read += 1,
-            // Its chunk still counts it, and so does the retry chunk that took it over.
-            (FailureClass::BadItem, true) => items.read = items.read.saturating_sub(1),
-            (FailureClass::BadData, true)
-            | (FailureClass::BadItem, false)
-            | (FailureClass::Chunk, _) => {}
-        }
-        if retried {
+        if !rules::count_failure(&mut items, class, retried) {
             continue;
-        }
-        match class {
-            FailureClass::BadData | FailureClass::BadItem => items.skipped += 1,
-            FailureClass::Chunk => {}
         }
         failures.push(FailureRecord {
             seq: seq.map(|s| s as u64),
@@ -118,35 +105,8 @@ pub(super) fn status(
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    let stuck = in_progress
-        .iter()
-        .filter_map(|c| {
-            let (silent, processing) =
-                (now.saturating_sub(c.noted_at), now.saturating_sub(c.since));
-            let reason = if silent > rules.silent.as_millis() as u64 {
-                format!(
-                    "its consumer sent no note for {}s (it notes every heartbeat while it works)",
-                    silent / 1000
-                )
-            } else if processing > rules.processing.as_millis() as u64 {
-                format!(
-                    "processed for {}s, past chunk_timeout ({}s), and not cancelled",
-                    processing / 1000,
-                    rules.processing.as_secs()
-                )
-            } else {
-                return None;
-            };
-            Some(StuckChunk {
-                seq: c.seq,
-                consumer: c.consumer.clone(),
-                since: c.since,
-                attempt: c.attempt,
-                reason,
-            })
-        })
-        .collect();
-    let since = now.saturating_sub(60_000) as i64;
+    let stuck = rules::stuck(&in_progress, stuck_after, now);
+    let since = now.saturating_sub(rules::RECENT_MS) as i64;
     let recent = conn.query_row(
         "SELECT MIN(offset), MAX(end_offset), MIN(dispatched_at) FROM chunks
              WHERE run = ?1 AND retry = 0 AND dispatched_at >= ?2",
@@ -159,13 +119,7 @@ pub(super) fn status(
             ))
         },
     )?;
-    let recent = match recent {
-        (Some(from), Some(to), Some(first)) if to > from => Some(RecentReading {
-            bytes: (to - from) as u64,
-            millis: now.saturating_sub(first as u64).max(1),
-        }),
-        _ => None,
-    };
+    let recent = rules::recent(recent.0, recent.1, recent.2, now);
     Ok(RunStatus {
         run: record,
         items,
