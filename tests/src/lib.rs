@@ -67,11 +67,12 @@ pub async fn require_postgres() -> tokio_postgres::Client {
     }
 }
 
-/// A test's tables: created by the test, dropped (with the job's applied-chunk records) when it
-/// ends, whatever its outcome.
+/// A test's tables: created by the test, dropped (with the job's applied-chunk records, and the
+/// schemas it names) when it ends, whatever its outcome.
 pub struct Tables {
     job: String,
     names: Vec<String>,
+    schemas: Vec<String>,
 }
 
 impl Tables {
@@ -86,9 +87,16 @@ impl Tables {
         let guard = Tables {
             job: t.name.clone(),
             names: names.iter().map(|n| n.to_string()).collect(),
+            schemas: Vec::new(),
         };
         client.batch_execute(ddl).await.expect("create the tables");
         guard
+    }
+
+    /// Also drops the schema `name` (an execution context in PostgreSQL) when the test ends.
+    pub fn with_schema(mut self, name: &str) -> Tables {
+        self.schemas.push(name.to_string());
+        self
     }
 
     /// The table name `<job>_<suffix>` (see [`Tables::name`]), written into the job file
@@ -110,7 +118,7 @@ impl Tables {
 
 impl Drop for Tables {
     fn drop(&mut self) {
-        let (job, names) = (self.job.clone(), self.names.clone());
+        let (job, names, schemas) = (self.job.clone(), self.names.clone(), self.schemas.clone());
         // Drop runs inside the test's runtime: clean up from a thread of its own.
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -134,6 +142,11 @@ impl Drop for Tables {
                 let _ = client
                     .execute("DELETE FROM hopper.applied_chunks WHERE job = $1", &[&job])
                     .await;
+                for schema in schemas {
+                    let _ = client
+                        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                        .await;
+                }
             });
         })
         .join();

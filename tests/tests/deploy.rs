@@ -47,7 +47,9 @@ fn the_manifests_name_what_hopper_uses() {
     let job = Job::load(&job_file).expect("the job file loads");
 
     // The volume is where the job keeps its execution context.
-    let StateSpec::Sqlite { path: state } = &job.state;
+    let StateSpec::Sqlite { path: state } = &job.state else {
+        panic!("the deployed job keeps its state in a file on the volume")
+    };
     let mount = dispatcher["volumeMounts"][0]["mountPath"]
         .as_str()
         .expect("a mount");

@@ -194,7 +194,9 @@ skip_limit = 100
     );
     write_jsonl(&t.path("input.jsonl"), 5_000, 60);
     let job = t.job();
-    let context = hopper_dispatcher::ExecutionContext::open(&job).expect("execution context");
+    let context = hopper_dispatcher::ExecutionContext::open(&job)
+        .await
+        .expect("execution context");
     let counts = Arc::new(Counts {
         done: AtomicU32::new(0),
     });
