@@ -3,10 +3,13 @@
 //!   processes with the `postgres` processor) against one `INSERT INTO dst SELECT ... FROM src`
 //!   (goal: at most 4x; Hopper commits per chunk, keeps an exactly-once record and crosses the
 //!   broker twice, the statement does none of that);
+//! - the same copy with the execution context in PostgreSQL too (`[state] url =
+//!   "postgres://..."`), against the copy with it in SQLite: what a shared state store costs;
 //! - the source alone (`noop` processor, local mode) against `COPY (query) TO STDOUT` of the
 //!   same rows (goal: at most 2x).
 //!
-//! The tables are the bench's own (`hopper_bench_<pid>_src`, `_dst`), dropped at the end.
+//! The tables and the state schema are the bench's own (`hopper_bench_<pid>_src`, `_dst`,
+//! `hopper_bench_<pid>_state`), dropped at the end.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -28,6 +31,14 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client> {
     Ok(client)
 }
 
+/// Where a bench job keeps its execution context.
+enum State<'a> {
+    Sqlite,
+    /// In this schema of the bench's database.
+    Postgres(&'a str),
+}
+
+#[allow(clippy::too_many_arguments)]
 fn job(
     dir: &Path,
     name: &str,
@@ -36,12 +47,17 @@ fn job(
     src: &str,
     processor: &str,
     window: usize,
+    state: State<'_>,
 ) -> Result<std::path::PathBuf> {
     let path = dir.join(format!("{name}.toml"));
+    let state = match state {
+        State::Sqlite => format!("url = \"sqlite://{name}.db\""),
+        State::Postgres(schema) => format!("url = \"{pg}\"\nschema = \"{schema}\""),
+    };
     std::fs::write(
         &path,
         format!(
-            "name = \"{name}\"\n[broker]\nurl = \"{amqp}\"\n[state]\nurl = \"sqlite://{name}.db\"\n\
+            "name = \"{name}\"\n[broker]\nurl = \"{amqp}\"\n[state]\n{state}\n\
              [source]\nkind = \"postgres\"\nurl = \"{pg}\"\nquery = \"SELECT {COLUMNS} FROM {src}\"\n\
              key = \"id\"\n[chunking]\nitems = {CHUNK_ITEMS}\n[throttle]\nwindow = {window}\n\
              {processor}"
@@ -89,6 +105,7 @@ pub(crate) async fn postgres(
     client
         .batch_execute(&format!(
             "DROP TABLE IF EXISTS {src}, {dst};
+             DROP SCHEMA IF EXISTS hopper_bench_{pid}_state CASCADE;
              DELETE FROM hopper.applied_chunks WHERE job LIKE 'bench-{pid}-pg%';"
         ))
         .await
@@ -115,6 +132,8 @@ async fn compare(
         shape.prefetch
     );
     let (mut statement, mut copied, mut copy_out, mut read) = (vec![], vec![], vec![], vec![]);
+    let mut shared = vec![];
+    let schema = format!("hopper_bench_{pid}_state");
     for round in 1..=rounds.max(1) {
         client.batch_execute(&format!("TRUNCATE {dst}")).await?;
         let started = Instant::now();
@@ -130,15 +149,33 @@ async fn compare(
              statement = \"INSERT INTO {dst} ({COLUMNS}) VALUES ($1, $2, $3, $4)\"\n\
              params = [\"id\", \"sku\", \"price\", \"name\"]\n"
         );
-        let file = job(dir, &name, amqp, pg, src, &processor, shape.window)?;
+        let file = job(
+            dir,
+            &name,
+            amqp,
+            pg,
+            src,
+            &processor,
+            shape.window,
+            State::Sqlite,
+        )?;
         let h = over_broker(bins, amqp, &file, &name, shape).await?.took;
-        let n: i64 = client
-            .query_one(&format!("SELECT count(*) FROM {dst}"), &[])
-            .await?
-            .get(0);
-        if n != rows as i64 {
-            bail!("the copy through Hopper holds {n} rows, not {rows}");
-        }
+        check_copy(client, dst, rows).await?;
+        client.batch_execute(&format!("TRUNCATE {dst}")).await?;
+
+        let name = format!("bench-{pid}-pgstate{round}");
+        let file = job(
+            dir,
+            &name,
+            amqp,
+            pg,
+            src,
+            &processor,
+            shape.window,
+            State::Postgres(&schema),
+        )?;
+        let p = over_broker(bins, amqp, &file, &name, shape).await?.took;
+        check_copy(client, dst, rows).await?;
 
         let started = Instant::now();
         let stream = client
@@ -160,15 +197,19 @@ async fn compare(
             src,
             "[processor]\nkind = \"noop\"\n",
             shape.window,
+            State::Sqlite,
         )?;
         let workers = CONSUMERS * usize::from(shape.prefetch);
         let r = run_local(bins, &file, workers).await?;
         println!(
-            "round {round}: INSERT SELECT {:>6.2} s, hopper copy {:>6.2} s ({:.2}x); \
+            "round {round}: INSERT SELECT {:>6.2} s, hopper copy {:>6.2} s ({:.2}x), with the \
+             state in postgres {:>6.2} s ({:.2}x); \
              COPY TO STDOUT {:>6.2} s ({:.0} MiB), hopper source {:>6.2} s ({:.2}x)",
             s.as_secs_f64(),
             h.as_secs_f64(),
             ratio(h, s),
+            p.as_secs_f64(),
+            ratio(p, s),
             c.as_secs_f64(),
             bytes as f64 / 1048576.0,
             r.as_secs_f64(),
@@ -176,21 +217,39 @@ async fn compare(
         );
         statement.push(s.as_secs_f64());
         copied.push(h.as_secs_f64());
+        shared.push(p.as_secs_f64());
         copy_out.push(c.as_secs_f64());
         read.push(r.as_secs_f64());
     }
     let (s, h) = (median(&mut statement), median(&mut copied));
     let (c, r) = (median(&mut copy_out), median(&mut read));
+    let p = median(&mut shared);
     println!(
         "copy  : hopper {h:.2} s ({:.0} rows/s) vs INSERT SELECT {s:.2} s: {:.2}x (goal: at most 4x)",
         rows as f64 / h,
         h / s
     );
     println!(
+        "state : the copy with its state in postgres {p:.2} s vs in sqlite {h:.2} s: {:.2}x",
+        p / h
+    );
+    println!(
         "source: hopper {r:.2} s ({:.0} rows/s) vs COPY TO STDOUT {c:.2} s: {:.2}x (goal: at most 2x)",
         rows as f64 / r,
         r / c
     );
+    Ok(())
+}
+
+/// Fails unless `dst` holds exactly `rows` rows.
+async fn check_copy(client: &tokio_postgres::Client, dst: &str, rows: u64) -> Result<()> {
+    let n: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {dst}"), &[])
+        .await?
+        .get(0);
+    if n != rows as i64 {
+        bail!("the copy through Hopper holds {n} rows, not {rows}");
+    }
     Ok(())
 }
 

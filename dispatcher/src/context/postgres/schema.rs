@@ -106,6 +106,19 @@ async fn version(
 /// Makes the store in `schema` ready: true when it is (created or migrated if `create`), false
 /// when there is none and `create` is false.
 pub(super) async fn prepare(client: &mut Object, schema: &str, create: bool) -> Result<bool, Fail> {
+    // The SQL names the tables plainly: refuse a connection whose search_path is not the
+    // store's (a pooler that drops the startup option), rather than write somewhere else.
+    let path: String = client
+        .query_one("SELECT current_setting('search_path')", &[])
+        .await?
+        .try_get(0)?;
+    if path != schema {
+        return Err(Fail::Corrupt(format!(
+            "the connection's search_path is {path:?}, not {schema:?}: something between \
+             Hopper and PostgreSQL (a connection pooler?) dropped the `options` startup \
+             parameter; connect to PostgreSQL directly, or let the pooler pass it"
+        )));
+    }
     match version(&*client, schema).await? {
         Some(VERSION) => return Ok(true),
         Some(v) if v > VERSION => return Err(newer(v)),
