@@ -16,9 +16,10 @@
 //!   failures, deadlocks, lock timeouts, cancellation and a restarting server are transient
 //!   (retried with backoff); a statement the database cannot run (class 42: a missing table, a
 //!   permission) is permanent.
-//! - **Fast path first.** The items of a chunk are sent pipelined in one transaction; only when
-//!   the database refuses one of them is the chunk done again item by item, each under a
-//!   savepoint, to find which.
+//! - **Fast path first.** The items of a chunk go as one statement ([`batch`]: the job's
+//!   statement as a temporary function, called once per item from one query over arrays), or,
+//!   where that cannot be used, pipelined; only when the database refuses one of them is the
+//!   chunk done again item by item, each under a savepoint, to find which.
 //!
 //! Parameters are sent in PostgreSQL's text format and converted by the database to the types
 //! the statement declares ([`hopper_common::postgres::text_for`] says how each JSON value goes).
@@ -38,6 +39,10 @@ use tokio_postgres::{Config, NoTls, Statement};
 
 use super::{BuildError, ProcessError, Processed, Processor};
 
+mod batch;
+
+use batch::Batch;
+
 /// Where each applied chunk is recorded, created on first use.
 const APPLIED: &str = "
 CREATE SCHEMA IF NOT EXISTS hopper;
@@ -55,6 +60,8 @@ pub struct PostgresProcessor {
     pool: Pool,
     statement: String,
     params: Vec<String>,
+    /// Batched execution, when the statement allows it and the database took it at start.
+    batch: Option<Batch>,
 }
 
 impl std::fmt::Debug for PostgresProcessor {
@@ -187,10 +194,27 @@ impl PostgresProcessor {
                 ),
             ));
         }
+        let batch = match Batch::new(statement, prepared.params()) {
+            Ok(batch) => match client.batch_execute(&batch.create).await {
+                Ok(()) => Some(batch),
+                Err(e) => {
+                    tracing::info!(
+                        why = %describe(&e),
+                        "items are pipelined one statement each: the statement cannot be batched"
+                    );
+                    None
+                }
+            },
+            Err(why) => {
+                tracing::info!(%why, "items are pipelined one statement each");
+                None
+            }
+        };
         Ok(PostgresProcessor {
             pool,
             statement: statement.to_string(),
             params,
+            batch,
         })
     }
 
@@ -277,6 +301,22 @@ async fn recorded(
     }))
 }
 
+/// The batched call on `client`, the function created first on a connection that has not got
+/// it; `None` (pipeline the items) if the connection will not take it.
+async fn batched(client: &deadpool_postgres::Object, batch: &Batch) -> Option<Statement> {
+    match client.prepare_cached(&batch.call).await {
+        Ok(call) => Some(call),
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_FUNCTION) => {
+            if let Err(e) = client.batch_execute(&batch.create).await {
+                tracing::debug!(why = %describe(&e), "batched execution refused on a connection");
+                return None;
+            }
+            client.prepare_cached(&batch.call).await.ok()
+        }
+        Err(_) => None,
+    }
+}
+
 impl PostgresProcessor {
     /// One attempt at the chunk in one transaction: `careful` puts each item under a savepoint
     /// and skips the ones the database refuses; otherwise the items go pipelined and the first
@@ -288,6 +328,10 @@ impl PostgresProcessor {
             Err(other) => return Err(Failure::Pool(other.to_string())),
         };
         let stmt: Statement = client.prepare_cached(&self.statement).await?;
+        let call = match (&self.batch, careful) {
+            (Some(batch), false) => batched(&client, batch).await,
+            (Some(_), true) | (None, _) => None,
+        };
         let key: (&str, i64, i64) = (&chunk.job, chunk.run as i64, chunk.seq as i64);
         let tx = client.transaction().await?;
         if let Some(done) = recorded(&tx, key).await? {
@@ -312,6 +356,16 @@ impl PostgresProcessor {
                         outcome
                             .bad_item(item, format!("the database refused it: {}", describe(&e)));
                     }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        } else if let Some(call) = call {
+            if !bound.is_empty() {
+                let rows: Vec<&[Text]> = bound.iter().map(|(_, p)| p.as_slice()).collect();
+                let arrays = Batch::arrays(&rows, stmt.params().len());
+                match tx.execute(&call, &as_params(&arrays)).await {
+                    Ok(_) => {}
+                    Err(e) if verdict(&e) == Verdict::BadItem => return Ok(Applied::Refused),
                     Err(e) => return Err(e.into()),
                 }
             }

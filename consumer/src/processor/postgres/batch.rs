@@ -1,0 +1,163 @@
+//! Batched execution: a chunk's items applied by one statement instead of one statement each.
+//!
+//! The job's statement becomes the body of a temporary SQL function of the connection
+//! (`pg_temp.hopper_item`, its parameters the statement's own types), and a chunk is one call
+//! per item from a single query over the items' parameters sent as arrays:
+//! `SELECT pg_temp.hopper_item(p1, p2) FROM unnest($1::t1[], $2::t2[]) AS u (p1, p2)`.
+//! The database runs the statement once per item, in order, each seeing the ones before (the
+//! function is volatile), within the chunk's transaction: the same effect as the statements
+//! one by one, without a protocol round of parse, bind and execute per item.
+//!
+//! Invariants:
+//! - Values go exactly as they would one by one: each parameter's text (as
+//!   [`hopper_common::postgres::text_for`] makes it) is an element of a text-format array
+//!   literal, quoted and escaped, parsed by the database with the same type's input function.
+//! - A refusal of one item's data fails the whole query: the caller then does the chunk item by
+//!   item, as for pipelined items, to find which. Nothing else changes in how failures are
+//!   classified.
+//! - Used only where it cannot change the meaning: no parameter of an array type (an array of
+//!   arrays is not the same thing), and the function must be created (a statement a SQL
+//!   function cannot hold, or no right to create temporary objects, leaves items pipelined).
+
+use hopper_common::postgres::Text;
+use tokio_postgres::types::{Kind, Type};
+
+/// The function's name, in the connection's temporary schema.
+const FUNCTION: &str = "pg_temp.hopper_item";
+
+/// The two statements of batched execution for one job statement.
+#[derive(Debug, Clone)]
+pub(super) struct Batch {
+    /// Creates the function on a connection that has not got it.
+    pub(super) create: String,
+    /// Applies a chunk: one array parameter per statement parameter.
+    pub(super) call: String,
+}
+
+impl Batch {
+    /// The batch for `statement` with parameters of `types`, or why it cannot be batched.
+    pub(super) fn new(statement: &str, types: &[Type]) -> Result<Batch, String> {
+        if types.is_empty() {
+            return Err("the statement takes no parameters".into());
+        }
+        if let Some(ty) = types.iter().find(|t| {
+            !matches!(
+                t.kind(),
+                Kind::Simple | Kind::Enum(_) | Kind::Domain(_) | Kind::Composite(_)
+            )
+        }) {
+            return Err(format!("a parameter is of type {ty}"));
+        }
+        let names: Vec<String> = types.iter().map(type_name).collect();
+        let mut tag = "hopper".to_string();
+        while statement.contains(&format!("${tag}$")) {
+            tag.push('_');
+        }
+        let create = format!(
+            "CREATE OR REPLACE FUNCTION {FUNCTION}({}) RETURNS void LANGUAGE sql VOLATILE \
+             AS ${tag}${statement}${tag}$",
+            names.join(", ")
+        );
+        let columns: Vec<String> = (1..=types.len()).map(|i| format!("p{i}")).collect();
+        let arrays: Vec<String> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| format!("${}::{name}[]", i + 1))
+            .collect();
+        let call = format!(
+            "SELECT {FUNCTION}({}) FROM unnest({}) AS u ({})",
+            columns.join(", "),
+            arrays.join(", "),
+            columns.join(", ")
+        );
+        Ok(Batch { create, call })
+    }
+
+    /// The array parameters for `rows` (each an item's parameters, in the statement's order):
+    /// one text-format array literal per statement parameter.
+    pub(super) fn arrays(rows: &[&[Text]], width: usize) -> Vec<Text> {
+        (0..width)
+            .map(|j| {
+                let mut literal = String::from("{");
+                for (i, row) in rows.iter().enumerate() {
+                    if i > 0 {
+                        literal.push(',');
+                    }
+                    match row.get(j).and_then(|t| t.0.as_deref()) {
+                        None => literal.push_str("NULL"),
+                        Some(text) => {
+                            literal.push('"');
+                            for c in text.chars() {
+                                if c == '"' || c == '\\' {
+                                    literal.push('\\');
+                                }
+                                literal.push(c);
+                            }
+                            literal.push('"');
+                        }
+                    }
+                }
+                literal.push('}');
+                Text(Some(literal))
+            })
+            .collect()
+    }
+}
+
+/// A type's name as SQL takes it, schema-qualified and quoted: `"pg_catalog"."int8"`.
+fn type_name(ty: &Type) -> String {
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    format!("{}.{}", quote(ty.schema()), quote(ty.name()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_statement_becomes_a_function_and_a_call_over_arrays() {
+        let b = Batch::new(
+            "INSERT INTO t (a, b) VALUES ($1, $2)",
+            &[Type::INT8, Type::TEXT],
+        )
+        .expect("batchable");
+        assert_eq!(
+            b.create,
+            "CREATE OR REPLACE FUNCTION pg_temp.hopper_item(\"pg_catalog\".\"int8\", \
+             \"pg_catalog\".\"text\") RETURNS void LANGUAGE sql VOLATILE \
+             AS $hopper$INSERT INTO t (a, b) VALUES ($1, $2)$hopper$"
+        );
+        assert_eq!(
+            b.call,
+            "SELECT pg_temp.hopper_item(p1, p2) FROM unnest($1::\"pg_catalog\".\"int8\"[], \
+             $2::\"pg_catalog\".\"text\"[]) AS u (p1, p2)"
+        );
+        // A statement that holds the tag gets another.
+        let b = Batch::new("SELECT $hopper$x$hopper$ || $1", &[Type::TEXT]).expect("batchable");
+        assert!(b.create.contains("$hopper_$SELECT"), "{}", b.create);
+    }
+
+    #[test]
+    fn array_parameters_and_none_at_all_stay_pipelined() {
+        assert!(Batch::new("SELECT $1", &[Type::INT4_ARRAY]).is_err());
+        assert!(Batch::new("SELECT 1", &[]).is_err());
+    }
+
+    #[test]
+    fn values_are_quoted_and_escaped_and_null_is_null() {
+        let rows: Vec<Vec<Text>> = vec![
+            vec![
+                Text(Some("1".into())),
+                Text(Some("a \"b\" \\c, {d}".into())),
+            ],
+            vec![Text(Some("2".into())), Text(None)],
+        ];
+        let rows: Vec<&[Text]> = rows.iter().map(Vec::as_slice).collect();
+        let arrays = Batch::arrays(&rows, 2);
+        assert_eq!(arrays[0].0.as_deref(), Some("{\"1\",\"2\"}"));
+        assert_eq!(
+            arrays[1].0.as_deref(),
+            Some("{\"a \\\"b\\\" \\\\c, {d}\",NULL}")
+        );
+    }
+}
