@@ -36,19 +36,22 @@
 //!   local mode ([`LocalBroker`]).
 //! - [`process`]: this process's identity, and how a binary starts (logs, runtime).
 //! - [`shutdown`]: stopping on SIGINT or SIGTERM.
+//! - [`metrics`]: a binary's Prometheus registry (`hopper_` prefix, `job` label), served at
+//!   `/metrics` when asked.
 //! - [`postgres`]: what the PostgreSQL source, processor and store share: values in the text
 //!   format, the database's errors as people read them.
 
 pub mod codec;
 pub mod job;
 pub mod message;
+pub mod metrics;
 pub mod postgres;
 pub mod process;
 pub mod shutdown;
 pub mod transport;
 
 pub use codec::{CodecError, SCHEMA_VERSION};
-pub use job::{FileFormat, Job, JobError, ProcessorSpec, SourceSpec, StateSpec};
+pub use job::{FileFormat, Job, JobError, MetricsSpec, ProcessorSpec, SourceSpec, StateSpec};
 pub use message::{BadItem, Chunk, Item, NoteTiming, Outcome, Position, Reply};
 pub use transport::{
     AmqpTransport, Incoming, Label, LocalBroker, LocalTransport, Route, Transport, TransportError,

@@ -39,13 +39,16 @@
 //!   (`exec`, `file`, `noop`), one file each.
 //! - `worker`: the loop that takes, processes, replies and acks ([`run()`] over RabbitMQ,
 //!   [`run_on`] over any transport, such as the dispatcher's local mode).
+//! - `metrics`: what a consumer counts for Prometheus ([`ConsumerMetrics`]).
 
+mod metrics;
 mod processor;
 mod worker;
 
 pub use async_trait::async_trait;
 pub use hopper_common::shutdown::{cancel_on_signal, stop_on_signals};
 pub use hopper_common::{BadItem, Chunk, Item, Job};
+pub use metrics::ConsumerMetrics;
 pub use processor::{
     build, BuildError, ExecProcessor, FileProcessor, NoopProcessor, PostgresProcessor,
     ProcessError, Processed, Processor,

@@ -8,10 +8,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use hopper_common::say_error;
-use hopper_consumer::{ConsumerOptions, Job};
+use hopper_consumer::{ConsumerMetrics, ConsumerOptions, Job};
 use tokio_util::sync::CancellationToken;
 
 /// Processes chunks of a Hopper job from RabbitMQ until stopped.
@@ -23,6 +24,10 @@ struct Cli {
     /// Chunks processed at once; also the prefetch.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1000))]
     concurrency: u16,
+    /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT; port 0 takes any free port,
+    /// logged at start; over the job file's `[metrics] consumer`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -43,7 +48,23 @@ fn main() -> ExitCode {
             }
         };
         let shutdown = CancellationToken::new();
-        let opts = ConsumerOptions::default().with_concurrency(cli.concurrency);
+        let mut opts = ConsumerOptions::default().with_concurrency(cli.concurrency);
+        if let Some(addr) = cli.metrics.or(job.metrics.consumer) {
+            let metrics = Arc::new(ConsumerMetrics::default());
+            let mut registry = hopper_common::metrics::registry(&job.name);
+            metrics.register(&mut registry);
+            let serving = hopper_common::metrics::serve(
+                addr,
+                Arc::new(registry),
+                None,
+                shutdown.child_token(),
+            );
+            if let Err(e) = serving.await {
+                say_error!("{e}; choose another address (--metrics, or [metrics] consumer)");
+                return ExitCode::from(2);
+            }
+            opts = opts.with_metrics(metrics);
+        }
         let consume = async {
             match hopper_consumer::run(&job, processor, opts, shutdown.clone()).await {
                 Ok(_) => ExitCode::SUCCESS,

@@ -36,7 +36,8 @@
 //!   `throttle` and `cancel`, written to the execution context and followed by the run's
 //!   dispatcher.
 //! - `options`, `error`, `progress`: how a run is started, why it stopped, what it shows;
-//!   `notify`: whom the job file says to tell when a run ends.
+//!   `notify`: whom the job file says to tell when a run ends; `metrics`: what a run counts
+//!   for Prometheus ([`DispatcherMetrics`]).
 
 mod carrier;
 mod chunker;
@@ -46,6 +47,7 @@ mod controls;
 mod dispatch;
 mod error;
 mod launch;
+mod metrics;
 mod notify;
 mod options;
 mod owner;
@@ -66,6 +68,7 @@ pub use dispatch::RunSummary;
 pub use error::DispatchError;
 pub use hopper_common::Job;
 pub use launch::{resume, run, run_or_continue};
+pub use metrics::DispatcherMetrics;
 pub use options::{Local, RunOptions};
 pub use retry::retry;
 pub use runs::{runs, RunLine};

@@ -7,11 +7,13 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use hopper_common::{say, say_error};
 use hopper_dispatcher::{
-    DispatchError, ExecutionContext, Job, Local, RunLine, RunOptions, RunSummary, StatusReport,
+    DispatchError, DispatcherMetrics, ExecutionContext, Job, Local, RunLine, RunOptions,
+    RunSummary, StatusReport,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -137,6 +139,10 @@ struct LocalArg {
     /// again.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     local: Option<u16>,
+    /// Serve Prometheus metrics at http://ADDR/metrics while the run goes (IP:PORT; over the
+    /// job file's `[metrics] dispatcher`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -154,11 +160,9 @@ fn main() -> ExitCode {
                 } else {
                     Start::Run(resume)
                 };
-                run_job(job, start, local.local).await
+                run_job(job, start, local).await
             }
-            Command::Retry { job, run, local } => {
-                run_job(job, Start::Retry(run), local.local).await
-            }
+            Command::Retry { job, run, local } => run_job(job, Start::Retry(run), local).await,
             Command::Status {
                 job,
                 run,
@@ -224,7 +228,7 @@ enum Start {
     Retry(u64),
 }
 
-async fn run_job(path: PathBuf, start: Start, local: Option<u16>) -> ExitCode {
+async fn run_job(path: PathBuf, start: Start, args: LocalArg) -> ExitCode {
     let (job, context) = match open(&path).await {
         Ok(opened) => opened,
         Err(code) => return code,
@@ -232,8 +236,24 @@ async fn run_job(path: PathBuf, start: Start, local: Option<u16>) -> ExitCode {
     let shutdown = CancellationToken::new();
     let mut opts = RunOptions::default()
         .with_progress_bar(std::io::stderr().is_terminal() && !hopper_common::process::json_logs());
-    if let Some(workers) = local {
+    if let Some(workers) = args.local {
         opts = opts.with_local(Local::new(workers));
+    }
+    // Served until the run ends (the token drops with this function).
+    let serving = CancellationToken::new();
+    let _stop_serving = serving.clone().drop_guard();
+    if let Some(addr) = args.metrics.or(job.metrics.dispatcher) {
+        let metrics = Arc::new(DispatcherMetrics::default());
+        let mut registry = hopper_common::metrics::registry(&job.name);
+        metrics.register(&mut registry);
+        let refresh = metrics.refresher();
+        if let Err(e) =
+            hopper_common::metrics::serve(addr, Arc::new(registry), Some(refresh), serving).await
+        {
+            say_error!("{e}; choose another address (--metrics, or [metrics] dispatcher)");
+            return ExitCode::from(2);
+        }
+        opts = opts.with_metrics(metrics);
     }
     let stop = shutdown.clone();
     let dispatch = async {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use hopper_consumer::Processor;
 
+use crate::metrics::DispatcherMetrics;
+
 /// How a run is started. Built from [`RunOptions::default`] with the `with_*` methods, so that
 /// new options can be added without breaking callers.
 #[derive(Debug, Clone)]
@@ -13,6 +15,7 @@ pub struct RunOptions {
     pub(crate) interactive: bool,
     pub(crate) log_every: Duration,
     pub(crate) local: Option<Local>,
+    pub(crate) metrics: Arc<DispatcherMetrics>,
 }
 
 impl Default for RunOptions {
@@ -21,6 +24,7 @@ impl Default for RunOptions {
             interactive: false,
             log_every: Duration::from_secs(10),
             local: None,
+            metrics: Arc::new(DispatcherMetrics::default()),
         }
     }
 }
@@ -43,6 +47,13 @@ impl RunOptions {
     /// RabbitMQ. The queue does not outlive the process.
     pub fn with_local(mut self, local: Local) -> RunOptions {
         self.local = Some(local);
+        self
+    }
+
+    /// The metrics the run updates: register them in a registry of one's own, or serve them
+    /// with [`hopper_common::metrics::serve`] (what `run --metrics ADDR` does).
+    pub fn with_metrics(mut self, metrics: Arc<DispatcherMetrics>) -> RunOptions {
+        self.metrics = metrics;
         self
     }
 }

@@ -97,6 +97,17 @@ pub struct Job {
     pub failures: Failures,
     /// `[notify]`: whom to tell when a run ends.
     pub notify: Notify,
+    /// `[metrics]`: where each binary serves its Prometheus metrics, if anywhere.
+    pub metrics: MetricsSpec,
+}
+
+/// Where the binaries serve Prometheus metrics (`GET /metrics`); `--metrics ADDR` overrides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MetricsSpec {
+    /// The dispatcher's address (`run`, `retry`).
+    pub dispatcher: Option<std::net::SocketAddr>,
+    /// Each consumer's address (port 0: any free port, logged at start).
+    pub consumer: Option<std::net::SocketAddr>,
 }
 
 /// Where the execution context is kept.

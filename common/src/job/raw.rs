@@ -22,6 +22,15 @@ pub(super) struct RawJob {
     pub(super) failures: RawFailures,
     #[serde(default)]
     pub(super) notify: RawNotify,
+    #[serde(default)]
+    pub(super) metrics: RawMetrics,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMetrics {
+    pub(super) dispatcher: Option<String>,
+    pub(super) consumer: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

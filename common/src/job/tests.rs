@@ -208,3 +208,28 @@ fn a_postgres_state_store_gets_its_schema_and_a_bad_one_is_named() {
     );
     assert_eq!(field_of(&with("url = \"mysql://db\"")), "state.url");
 }
+
+#[test]
+fn metrics_addresses_are_checked() {
+    let job = parse(&format!(
+        "{GOOD}\n[metrics]\ndispatcher = \"0.0.0.0:9464\"\nconsumer = \"127.0.0.1:0\"\n"
+    ))
+    .expect("valid");
+    assert_eq!(
+        job.metrics.dispatcher,
+        Some("0.0.0.0:9464".parse().expect("addr"))
+    );
+    assert_eq!(
+        job.metrics.consumer,
+        Some("127.0.0.1:0".parse().expect("addr"))
+    );
+    assert_eq!(parse(GOOD).expect("valid").metrics, MetricsSpec::default());
+    assert_eq!(
+        field_of(&format!("{GOOD}\n[metrics]\nconsumer = \"localhost\"\n")),
+        "metrics.consumer"
+    );
+    assert_eq!(
+        field_of(&format!("{GOOD}\n[metrics]\nport = 1\n")),
+        "metrics.port"
+    );
+}

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use super::expand::redact_url;
 use super::raw::{
-    RawChunking, RawFailures, RawJob, RawKey, RawNotify, RawProcessor, RawRetry, RawSource,
-    RawState, RawThrottle,
+    RawChunking, RawFailures, RawJob, RawKey, RawMetrics, RawNotify, RawProcessor, RawRetry,
+    RawSource, RawState, RawThrottle,
 };
 use super::{
-    Chunking, CustomOptions, Failures, FileFormat, Job, Notify, ProcessorSpec, RetryPolicy,
-    SourceSpec, StateSpec, Throttle, MAX_CHUNK_BYTES,
+    Chunking, CustomOptions, Failures, FileFormat, Job, MetricsSpec, Notify, ProcessorSpec,
+    RetryPolicy, SourceSpec, StateSpec, Throttle, MAX_CHUNK_BYTES,
 };
 
 /// A refused field: its dotted path and what is wrong with it.
@@ -30,6 +30,7 @@ pub(super) fn validate(raw: RawJob, file: &Path, dir: PathBuf) -> FieldResult<Jo
         retry: retry(raw.retry)?,
         failures: failures(raw.failures),
         notify: notify(raw.notify)?,
+        metrics: metrics(raw.metrics)?,
         file: file.to_path_buf(),
         dir,
     })
@@ -418,6 +419,25 @@ fn duration(field: &'static str, text: &str) -> FieldResult<Duration> {
             field,
             format!("{text:?} is not a duration such as \"30s\" or \"5m\": {e}"),
         )
+    })
+}
+
+fn metrics(raw: RawMetrics) -> FieldResult<MetricsSpec> {
+    let addr = |field: &'static str, value: Option<String>| -> FieldResult<_> {
+        value
+            .map(|v| {
+                v.parse::<std::net::SocketAddr>().map_err(|_| {
+                    (
+                        field,
+                        format!("{v:?} is not an IP:PORT to listen on (\"0.0.0.0:9464\")"),
+                    )
+                })
+            })
+            .transpose()
+    };
+    Ok(MetricsSpec {
+        dispatcher: addr("metrics.dispatcher", raw.dispatcher)?,
+        consumer: addr("metrics.consumer", raw.consumer)?,
     })
 }
 

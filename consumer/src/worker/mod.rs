@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::metrics::ConsumerMetrics;
 use crate::processor::{ProcessError, Processor};
 
 /// How a consumer runs. Built from [`ConsumerOptions::default`] with the `with_*` methods, so
@@ -41,11 +42,15 @@ use crate::processor::{ProcessError, Processor};
 #[non_exhaustive]
 pub struct ConsumerOptions {
     pub(crate) concurrency: u16,
+    pub(crate) metrics: Arc<ConsumerMetrics>,
 }
 
 impl Default for ConsumerOptions {
     fn default() -> Self {
-        ConsumerOptions { concurrency: 4 }
+        ConsumerOptions {
+            concurrency: 4,
+            metrics: Arc::new(ConsumerMetrics::default()),
+        }
     }
 }
 
@@ -54,6 +59,13 @@ impl ConsumerOptions {
     /// than it processes at once, so other consumers get the rest. At least 1; 4 by default.
     pub fn with_concurrency(mut self, concurrency: u16) -> ConsumerOptions {
         self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// The metrics the consumer updates: register them in a registry of one's own, or serve
+    /// them with [`hopper_common::metrics::serve`] (what `hopper-consumer --metrics` does).
+    pub fn with_metrics(mut self, metrics: Arc<ConsumerMetrics>) -> ConsumerOptions {
+        self.metrics = metrics;
         self
     }
 }
@@ -99,6 +111,7 @@ struct Context {
     chunks: AtomicU64,
     retried: AtomicU64,
     dead: AtomicU64,
+    metrics: Arc<ConsumerMetrics>,
 }
 
 /// Consumes `job`'s chunks from RabbitMQ with `processor` until `shutdown` is cancelled.
@@ -145,6 +158,7 @@ pub async fn run_on(
         chunks: AtomicU64::new(0),
         retried: AtomicU64::new(0),
         dead: AtomicU64::new(0),
+        metrics: Arc::clone(&opts.metrics),
     });
     let tracker = TaskTracker::new();
     let mut recoveries = Recoveries::default();
@@ -166,7 +180,10 @@ pub async fn run_on(
                 };
                 warn!(job = %job.name, error = %why, "lost the broker; reconnecting");
                 match reconnect(&transport, opts.concurrency, &mut recoveries, &shutdown).await {
-                    Ok(Some(again)) => inbox = again,
+                    Ok(Some(again)) => {
+                        inbox = again;
+                        ctx.metrics.reconnects.inc();
+                    }
                     // Stopped while reconnecting: nothing is in hand that could still be acked.
                     Ok(None) => break Ok(()),
                     Err(e) => break Err(e),
@@ -257,8 +274,13 @@ async fn handle(ctx: Arc<Context>, message: Incoming) {
         (Some(ctx.turns.read().await), None)
     };
     let started = std::time::Instant::now();
+    ctx.metrics.in_progress.inc();
     let result = attempt::process(&ctx, &chunk).await;
+    ctx.metrics.in_progress.dec();
     let processed_in = started.elapsed();
+    ctx.metrics
+        .processing_seconds
+        .observe(processed_in.as_secs_f64());
     let label = Label::chunk(&chunk);
     let outcome = match result {
         Ok(p) => {
@@ -296,6 +318,13 @@ async fn handle(ctx: Arc<Context>, message: Incoming) {
         }
     };
     let final_outcome = outcome.is_final();
+    let outcome_name = match &outcome {
+        Outcome::Done { .. } => "done",
+        Outcome::Retrying { .. } => "retrying",
+        Outcome::Dead { .. } => "dead",
+        Outcome::Failed { .. } => "failed",
+        Outcome::Processing { .. } => "processing",
+    };
     let reply = Reply {
         job: job.clone(),
         run,
@@ -319,6 +348,7 @@ async fn handle(ctx: Arc<Context>, message: Incoming) {
             if final_outcome {
                 ctx.chunks.fetch_add(1, Ordering::Relaxed);
             }
+            ctx.metrics.finished(outcome_name);
             debug!(job = %job, run, seq, attempt,
                    process_ms = processed_in.as_secs_f64() * 1000.0,
                    reply_ms = replied_in.as_secs_f64() * 1000.0, "chunk finished");
@@ -383,7 +413,9 @@ async fn park_poison(ctx: &Context, message: Incoming, why: String) {
     let label = message.label.clone().parked(&why);
     match park(ctx, &message.payload, label).await {
         Ok(()) => {
-            let _ = message.ack().await;
+            if message.ack().await.is_ok() {
+                ctx.metrics.finished("unreadable");
+            }
         }
         Err(e) => {
             // The quorum queue's delivery limit dead-letters it if this keeps happening.

@@ -51,7 +51,10 @@ impl Dispatch<'_> {
             })
             .collect();
         let applied = self.store.apply_replies(&self.fence, &replies).await?;
-        for (reply, applied) in replies.iter().zip(applied) {
+        for ((reply, applied), chunk) in replies.iter().zip(applied).zip(chunks) {
+            if applied == Applied::Recorded {
+                self.metrics.items_failed.inc_by(chunk.items);
+            }
             if applied != Applied::Stale {
                 self.outstanding.remove(&reply.seq);
             }

@@ -42,6 +42,7 @@ use crate::context::{
     StuckAfter,
 };
 use crate::error::DispatchError;
+use crate::metrics::DispatcherMetrics;
 use crate::options::RunOptions;
 use crate::owner::{beat, owner_alive, stopped_beating, won};
 use crate::progress::Progress;
@@ -108,6 +109,8 @@ struct Dispatch<'a> {
     /// Told to stop (`cancel`): nothing new is published, and the run ends `cancelled` once
     /// the chunks in hand have their outcomes.
     cancelling: bool,
+    /// What the run counts for Prometheus.
+    metrics: Arc<DispatcherMetrics>,
 }
 
 impl Dispatch<'_> {
@@ -283,7 +286,10 @@ pub(crate) async fn run_on(
         rereading: is_retry,
         paused: record.state == RunState::Paused,
         cancelling: false,
+        metrics: Arc::clone(&opts.metrics),
     };
+    d.metrics
+        .watch(Arc::clone(&store), run, StuckAfter::for_job(job));
     if d.paused {
         warn!(job = %job.name, run, "the run is paused: nothing new is published until `resume`");
     }
@@ -446,6 +452,8 @@ pub(crate) async fn run_on(
             _ = tick.tick() => {
                 d.follow_controls(started.elapsed()).await?;
                 progress.update(&d.snapshot());
+                d.metrics.window.set(d.throttle.spec().window as i64);
+                d.metrics.outstanding.set(d.outstanding.len() as i64);
             }
         }
         Ok(None)
@@ -463,6 +471,7 @@ pub(crate) async fn run_on(
                     Some(again) => replies = again,
                     None => break End::Interrupted,
                 }
+                d.metrics.reconnects.inc();
                 info!(job = %job.name, run, "reconnected to the broker");
             }
             Err(e) => return Err(e),

@@ -19,6 +19,9 @@ pub(super) struct Outstanding {
     pub(super) record: ChunkRecord,
     /// Since when it has been waiting for its final reply (reset by a retry).
     pub(super) since: Instant,
+    /// When it was first published (or taken over by this process): what its time to a final
+    /// outcome counts from.
+    pub(super) published: Instant,
     /// Kept until the broker confirms, to publish again on a nack.
     pub(super) message: Option<(Arc<Vec<u8>>, Label)>,
     /// Times the broker refused it so far.
@@ -34,6 +37,7 @@ impl Outstanding {
         Outstanding {
             record,
             since: Instant::now(),
+            published: Instant::now(),
             message,
             refusals: 0,
         }

@@ -197,6 +197,10 @@ impl Dispatch<'_> {
         }
         self.skipped += bad.len() as u64;
         self.record(&new, &bad, &retried, retry).await?;
+        self.metrics.items_skipped.inc_by(bad.len() as u64);
+        if !retry {
+            self.metrics.items_read.inc_by(bad.len() as u64);
+        }
         for (record, message) in new.iter().zip(messages) {
             let recorded = ChunkRecord {
                 seq: record.seq,
@@ -212,6 +216,7 @@ impl Dispatch<'_> {
             self.throttle.sent(record.items);
             if !retry {
                 self.read += record.items;
+                self.metrics.items_read.inc_by(record.items);
             }
         }
         for record in &new {

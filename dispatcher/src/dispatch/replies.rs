@@ -121,8 +121,22 @@ impl Dispatch<'_> {
         Ok(())
     }
 
+    /// The items of chunk `seq`, which failed for good, count as failed.
+    pub(super) fn count_failed(&self, seq: u64) {
+        if let Some(o) = self.outstanding.get(&seq) {
+            self.metrics.items_failed.inc_by(o.record.items);
+        }
+    }
+
     fn log_outcome(&mut self, reply: &Reply) {
         let (job, run, seq, attempt) = (&self.job.name, reply.run, reply.seq, reply.attempt);
+        if reply.outcome.is_final() {
+            if let Some(o) = self.outstanding.get(&seq) {
+                self.metrics
+                    .outcome_seconds
+                    .observe(o.published.elapsed().as_secs_f64());
+            }
+        }
         match &reply.outcome {
             Outcome::Done {
                 processed,
@@ -133,6 +147,8 @@ impl Dispatch<'_> {
                 }
                 self.processed += processed;
                 self.skipped += bad_items.len() as u64;
+                self.metrics.items_processed.inc_by(*processed);
+                self.metrics.items_skipped.inc_by(bad_items.len() as u64);
                 for b in bad_items {
                     warn!(job = %job, run, seq, line = b.line, reason = %b.reason, "item skipped by the processor");
                 }
@@ -153,10 +169,12 @@ impl Dispatch<'_> {
                        "chunk in progress")
             }
             Outcome::Dead { error } => {
+                self.count_failed(seq);
                 error!(job = %job, run, seq, attempt, error = %error,
                        "chunk failed on its last attempt; parked on the dead queue")
             }
             Outcome::Failed { error } => {
+                self.count_failed(seq);
                 error!(job = %job, run, seq, attempt, error = %error, "chunk failed permanently")
             }
         }
