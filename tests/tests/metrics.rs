@@ -143,7 +143,10 @@ consumer = "127.0.0.1:0"
         if value(&d, job, "hopper_chunks_outstanding", &[]) == 0.0 {
             break d;
         }
-        assert!(tokio::time::Instant::now() < deadline, "still outstanding:\n{d}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still outstanding:\n{d}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     for (metric, field) in [

@@ -260,3 +260,84 @@ async fn another_host_takes_over_a_stalled_owner_which_is_fenced_off_when_it_wak
     assert_eq!(copied(&client, &src, &dst).await, (n, 0));
     assert!(consumer.stop(LIMIT).await.success());
 }
+
+/// Waits (within [`LIMIT`]) until the file `log` of the job's directory says `text`.
+async fn await_log(t: &TestJob, log: &str, text: &str) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let now = std::fs::read_to_string(t.path(log)).unwrap_or_default();
+        if now.contains(text) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{log} never said {text:?}: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The operator's commands with the execution context in PostgreSQL, each from a process of
+/// its own: a second start held off (exit 3), `pause`, `throttle`, `resume` and `cancel`
+/// followed by the running dispatcher, `retry` of a cancelled run refused, `runs` and `clean`.
+#[tokio::test]
+async fn the_live_controls_runs_and_clean_work_with_the_state_in_postgres() {
+    let client = require_postgres().await;
+    let (t, _tables, _src, _dst) = copy_job(
+        &client,
+        "pgstate-ops",
+        true,
+        40_000,
+        "[throttle]\nrate = 4000",
+    )
+    .await;
+    let mut dispatcher = t.spawn_dispatcher(&["run", "--local", "2"], "run.log");
+    await_log(&t, "run.log", "run started").await;
+    let out = t
+        .dispatcher(&["run", "--continue", "--local", "2"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 3, "{}", out.stderr);
+
+    let out = t.dispatcher(&["pause"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    await_log(&t, "run.log", "paused: nothing new is published").await;
+    assert_eq!(t.status().await["state"], "paused");
+    let out = t
+        .dispatcher(&["throttle", "--window", "4", "--rate", "8000"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    await_log(&t, "run.log", "throttle changed").await;
+    let out = t.dispatcher(&["resume"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    await_log(&t, "run.log", "resumed: publishing again").await;
+    assert_eq!(t.status().await["state"], "running");
+
+    let out = t.dispatcher(&["cancel"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let ended = tokio::time::timeout(LIMIT, dispatcher.wait())
+        .await
+        .expect("the run ends")
+        .expect("wait");
+    assert_eq!(ended.code(), Some(1));
+    let s = t.status().await;
+    assert_eq!(s["state"], "cancelled", "{s}");
+    let items = &s["items"];
+    assert_eq!(
+        items["read"].as_u64(),
+        Some(items["processed"].as_u64().unwrap_or(0) + items["failed"].as_u64().unwrap_or(0)),
+        "{s}"
+    );
+    let out = t
+        .dispatcher(&["retry", "--run", "1", "--local", "2"], LIMIT)
+        .await;
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+
+    let out = t.dispatcher(&["runs", "--json"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(out.stdout.contains("cancelled"), "{}", out.stdout);
+    let out = t.dispatcher(&["clean", "--older-than", "0s"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(out.stderr.contains("removed 1 run(s)"), "{}", out.stderr);
+    let out = t.dispatcher(&["status"], LIMIT).await;
+    assert!(out.stderr.contains("has no runs yet"), "{}", out.stderr);
+}
