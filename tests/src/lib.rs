@@ -67,6 +67,33 @@ pub async fn require_postgres() -> tokio_postgres::Client {
     }
 }
 
+/// Rows in `table`, and distinct ids among them.
+pub async fn count(client: &tokio_postgres::Client, table: &str) -> (i64, i64) {
+    let row = client
+        .query_one(
+            &format!("SELECT count(*), count(DISTINCT id) FROM {table}"),
+            &[],
+        )
+        .await
+        .expect("count");
+    (row.get(0), row.get(1))
+}
+
+/// Rows of `src` missing from `dst` by id, or there more than once: 0 when the copy is exact.
+pub async fn misfits(client: &tokio_postgres::Client, src: &str, dst: &str) -> i64 {
+    client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM (SELECT id, count(*) AS n FROM {dst} GROUP BY id) d
+                 FULL JOIN {src} s USING (id) WHERE d.n IS DISTINCT FROM 1 OR s.id IS NULL"
+            ),
+            &[],
+        )
+        .await
+        .expect("compare")
+        .get(0)
+}
+
 /// A test's tables: created by the test, dropped (with the job's applied-chunk records, and the
 /// schemas it names) when it ends, whatever its outcome.
 pub struct Tables {
@@ -323,6 +350,44 @@ impl TestJob {
     /// Runs `hopper-dispatcher SUBCOMMAND JOB.toml OPTIONS...` to its end, within `limit`.
     pub async fn dispatcher(&self, args: &[&str], limit: Duration) -> Output {
         run(self.dispatcher_command(args), limit).await
+    }
+
+    /// Waits (at most 120 s) until the file `log` in the job's directory says `text`.
+    pub async fn await_log(&self, log: &str, text: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let now = std::fs::read_to_string(self.path(log)).unwrap_or_default();
+            if now.contains(text) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{log} never said {text:?}: {now}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (at most 120 s) until the latest run's `status --json` satisfies `ready`, and
+    /// returns it; the run may not exist yet.
+    pub async fn await_status(
+        &self,
+        what: &str,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let out = self
+                .dispatcher(&["status", "--json"], Duration::from_secs(30))
+                .await;
+            if let Ok(s) = serde_json::from_str::<serde_json::Value>(&out.stdout) {
+                if ready(&s) {
+                    return s;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// `status --json` of the latest run.

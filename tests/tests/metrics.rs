@@ -11,32 +11,13 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 /// The address a process logged it serves metrics at, waiting for the line.
 async fn metrics_addr(t: &TestJob, log: &str) -> String {
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        let text = std::fs::read_to_string(t.path(log)).unwrap_or_default();
-        if let Some(at) = text.find("serving Prometheus metrics at http://") {
-            let rest = &text[at + "serving Prometheus metrics at http://".len()..];
-            if let Some(end) = rest.find("/metrics") {
-                return rest[..end].to_string();
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{log} never said where its metrics are: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Records read so far by the job's latest run (0 before it has one).
-async fn read_now(t: &TestJob) -> u64 {
-    let out = t
-        .dispatcher(&["status", "--json"], Duration::from_secs(30))
-        .await;
-    serde_json::from_str::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|s| s["items"]["read"].as_u64())
-        .unwrap_or(0)
+    const SAYS: &str = "serving Prometheus metrics at http://";
+    t.await_log(log, SAYS).await;
+    let text = std::fs::read_to_string(t.path(log)).unwrap_or_default();
+    text.split_once(SAYS)
+        .and_then(|(_, rest)| rest.split_once("/metrics"))
+        .map(|(addr, _)| addr.to_string())
+        .unwrap_or_else(|| panic!("{log} does not say where its metrics are: {text}"))
 }
 
 /// `GET /metrics` at `addr`: the body, after checking the status and content type.
@@ -111,30 +92,22 @@ consumer = "127.0.0.1:0"
         metrics_addr(&t, "consumer-1.log").await,
     );
     // A few thousand records in, pause, and wait until every chunk in hand is answered.
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while read_now(&t).await < 4_000 {
-        assert!(tokio::time::Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    t.await_status("4,000 records read", |s| {
+        s["items"]["read"].as_u64() >= Some(4_000)
+    })
+    .await;
     let out = t.dispatcher(&["pause"], LIMIT).await;
     assert_eq!(out.code(), 0, "{}", out.stderr);
     // The dispatcher takes the pause up at its next tick; from then on nothing new goes out.
-    while !std::fs::read_to_string(t.path("run.log"))
-        .unwrap_or_default()
-        .contains("paused: nothing new is published")
-    {
-        assert!(tokio::time::Instant::now() < deadline, "never paused");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let s = loop {
-        let s = t.status().await;
-        let c = &s["chunks"];
-        if s["state"] == "paused" && c["pending"] == 0 && c["in_flight"] == 0 {
-            break s;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never quiet: {s}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    t.await_log("run.log", "paused: nothing new is published")
+        .await;
+    let s = t
+        .await_status("paused, and every chunk answered", |s| {
+            let c = &s["chunks"];
+            s["state"] == "paused" && c["pending"] == 0 && c["in_flight"] == 0
+        })
+        .await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
     let job = t.name.as_str();
     // The loop sets its gauges each tick: once it shows nothing outstanding, every reply it
     // applied is in its counters.

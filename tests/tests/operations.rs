@@ -410,22 +410,6 @@ async fn json_logs_are_one_object_per_line() {
     assert_eq!(error["level"], "ERROR");
 }
 
-/// Waits (bounded) until the file `log` in the job's directory says `text`.
-async fn await_log(t: &TestJob, log: &str, text: &str) {
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        let now = std::fs::read_to_string(t.path(log)).unwrap_or_default();
-        if now.contains(text) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{log} never said {text:?}: {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn read_so_far(s: &serde_json::Value) -> u64 {
     s["items"]["read"].as_u64().unwrap_or(0)
 }
@@ -473,7 +457,8 @@ dir = "out"
     let out = t.dispatcher(&["pause"], LIMIT).await;
     assert_eq!(out.code(), 0, "{}", out.stderr);
     assert!(out.stderr.contains("paused"), "{}", out.stderr);
-    await_log(&t, "first.log", "paused: nothing new is published").await;
+    t.await_log("first.log", "paused: nothing new is published")
+        .await;
     let s = t.status().await;
     assert_eq!(s["state"], "paused");
     let before = read_so_far(&s);
@@ -488,7 +473,7 @@ dir = "out"
     first.kill().await.expect("SIGKILL");
     let _ = first.wait().await;
     let mut second = t.spawn_dispatcher(&["run", "--resume", "--local", "1"], "second.log");
-    await_log(&t, "second.log", "the run is paused").await;
+    t.await_log("second.log", "the run is paused").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(read_so_far(&t.status().await), before);
 
@@ -554,21 +539,6 @@ kind = "exec"
 command = ["sh", "-c", "cat > /dev/null; sleep 0.3"]
 "#;
 
-/// Waits (bounded) until the run's status satisfies `ready`; the run may not exist yet.
-async fn await_status(t: &TestJob, what: &str, ready: impl Fn(&serde_json::Value) -> bool) {
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        let out = t.dispatcher(&["status", "--json"], LIMIT).await;
-        if let Ok(s) = serde_json::from_str::<serde_json::Value>(&out.stdout) {
-            if ready(&s) {
-                return;
-            }
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// `cancel`, in local mode and over the broker: the chunks still waiting are taken back and
 /// listed as cancelled, the one in hand finishes, the run ends `cancelled` (exit 1) with every
 /// record read accounted for; `--resume` and `retry` refuse it.
@@ -587,7 +557,7 @@ async fn cancel_takes_back_what_waits_and_ends_the_run_cancelled() {
             &["run", "--local", "1"]
         };
         let mut dispatcher = t.spawn_dispatcher(args, "dispatcher.log");
-        await_status(t, "two chunks done and some waiting", |s| {
+        t.await_status("two chunks done and some waiting", |s| {
             s["chunks"]["done"].as_u64() >= Some(2) && s["chunks"]["in_flight"].as_u64() >= Some(4)
         })
         .await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hopper_common::{Chunk, Item, Position};
 use hopper_consumer::{PostgresProcessor, Processor};
-use hopper_tests::{pg_url, require_broker, require_postgres, Tables, TestJob};
+use hopper_tests::{count, pg_url, require_broker, require_postgres, Tables, TestJob};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -48,17 +48,6 @@ fn write_prices(t: &TestJob, n: u64, bad: Option<u64>) {
         })
         .collect();
     std::fs::write(t.path("input.jsonl"), lines).expect("input");
-}
-
-async fn count(client: &tokio_postgres::Client, table: &str) -> (i64, i64) {
-    let row = client
-        .query_one(
-            &format!("SELECT count(*), count(DISTINCT id) FROM {table}"),
-            &[],
-        )
-        .await
-        .expect("count");
-    (row.get(0), row.get(1))
 }
 
 /// A chunk delivered again after it committed is recognised and not applied again: the table

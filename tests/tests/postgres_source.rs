@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use hopper_tests::{pg_url, require_broker, require_postgres, Tables, TestJob};
+use hopper_tests::{count, misfits, pg_url, require_broker, require_postgres, Tables, TestJob};
 
 const LIMIT: Duration = Duration::from_secs(180);
 
@@ -54,33 +54,6 @@ skip_limit = 10
         .replace("{DST}", &dst);
     std::fs::write(t.file(), text).expect("job");
     (t, src, dst)
-}
-
-/// Rows in `table`, and distinct ids among them.
-async fn count(client: &tokio_postgres::Client, table: &str) -> (i64, i64) {
-    let row = client
-        .query_one(
-            &format!("SELECT count(*), count(DISTINCT id) FROM {table}"),
-            &[],
-        )
-        .await
-        .expect("count");
-    (row.get(0), row.get(1))
-}
-
-/// Source rows missing from the target, or there more than once: 0 when the copy is exact.
-async fn misfits(client: &tokio_postgres::Client, src: &str, dst: &str) -> i64 {
-    client
-        .query_one(
-            &format!(
-                "SELECT count(*) FROM (SELECT id, count(*) AS n FROM {dst} GROUP BY id) d
-                 FULL JOIN {src} s USING (id) WHERE d.n IS DISTINCT FROM 1 OR s.id IS NULL"
-            ),
-            &[],
-        )
-        .await
-        .expect("compare")
-        .get(0)
 }
 
 /// 200,000 rows over the broker into a table with no unique key, consumers SIGKILLed twice

@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use hopper_tests::{bin, pg_url, require_broker, require_postgres, run, Output, Tables, TestJob};
+use hopper_tests::{
+    bin, count, misfits, pg_url, require_broker, require_postgres, run, Output, Tables, TestJob,
+};
 use tokio::process::Command;
 
 const LIMIT: Duration = Duration::from_secs(180);
@@ -73,23 +75,7 @@ params = ["id", "price"]
 
 /// Rows in the target, and source rows missing there or there more than once (0 when exact).
 async fn copied(client: &tokio_postgres::Client, src: &str, dst: &str) -> (i64, i64) {
-    let rows = client
-        .query_one(&format!("SELECT count(*) FROM {dst}"), &[])
-        .await
-        .expect("count")
-        .get(0);
-    let misfits = client
-        .query_one(
-            &format!(
-                "SELECT count(*) FROM (SELECT id, count(*) AS n FROM {dst} GROUP BY id) d
-                 FULL JOIN {src} s USING (id) WHERE d.n IS DISTINCT FROM 1 OR s.id IS NULL"
-            ),
-            &[],
-        )
-        .await
-        .expect("compare")
-        .get(0);
-    (rows, misfits)
+    (count(client, dst).await.0, misfits(client, src, dst).await)
 }
 
 /// `hopper-dispatcher ARGS...` on the job file `file`, on "another host": a UTS namespace of
@@ -191,21 +177,10 @@ async fn another_host_takes_over_a_stalled_owner_which_is_fenced_off_when_it_wak
     let consumer = t.start_consumer(1, 2);
     let mut owner = t.spawn_dispatcher(&["run"], "owner.log");
     let owner_pid = owner.id().expect("the owner runs");
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        assert!(tokio::time::Instant::now() < deadline, "no progress");
-        let out = t
-            .dispatcher(&["status", "--json"], Duration::from_secs(30))
-            .await;
-        let read = serde_json::from_str::<serde_json::Value>(&out.stdout)
-            .ok()
-            .and_then(|s| s["items"]["read"].as_u64())
-            .unwrap_or(0);
-        if read >= 3_000 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    t.await_status("3,000 rows read", |s| {
+        s["items"]["read"].as_u64() >= Some(3_000)
+    })
+    .await;
     // The owner lives: held off, naming it, and nothing changed.
     for args in [&["run"][..], &["run", "--resume"]] {
         let out = on_other_host(&t.file(), args, LIMIT).await;
@@ -261,22 +236,6 @@ async fn another_host_takes_over_a_stalled_owner_which_is_fenced_off_when_it_wak
     assert!(consumer.stop(LIMIT).await.success());
 }
 
-/// Waits (within [`LIMIT`]) until the file `log` of the job's directory says `text`.
-async fn await_log(t: &TestJob, log: &str, text: &str) {
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        let now = std::fs::read_to_string(t.path(log)).unwrap_or_default();
-        if now.contains(text) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{log} never said {text:?}: {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The operator's commands with the execution context in PostgreSQL, each from a process of
 /// its own: a second start held off (exit 3), `pause`, `throttle`, `resume` and `cancel`
 /// followed by the running dispatcher, `retry` of a cancelled run refused, `runs` and `clean`.
@@ -292,7 +251,7 @@ async fn the_live_controls_runs_and_clean_work_with_the_state_in_postgres() {
     )
     .await;
     let mut dispatcher = t.spawn_dispatcher(&["run", "--local", "2"], "run.log");
-    await_log(&t, "run.log", "run started").await;
+    t.await_log("run.log", "run started").await;
     let out = t
         .dispatcher(&["run", "--continue", "--local", "2"], LIMIT)
         .await;
@@ -300,16 +259,17 @@ async fn the_live_controls_runs_and_clean_work_with_the_state_in_postgres() {
 
     let out = t.dispatcher(&["pause"], LIMIT).await;
     assert_eq!(out.code(), 0, "{}", out.stderr);
-    await_log(&t, "run.log", "paused: nothing new is published").await;
+    t.await_log("run.log", "paused: nothing new is published")
+        .await;
     assert_eq!(t.status().await["state"], "paused");
     let out = t
         .dispatcher(&["throttle", "--window", "4", "--rate", "8000"], LIMIT)
         .await;
     assert_eq!(out.code(), 0, "{}", out.stderr);
-    await_log(&t, "run.log", "throttle changed").await;
+    t.await_log("run.log", "throttle changed").await;
     let out = t.dispatcher(&["resume"], LIMIT).await;
     assert_eq!(out.code(), 0, "{}", out.stderr);
-    await_log(&t, "run.log", "resumed: publishing again").await;
+    t.await_log("run.log", "resumed: publishing again").await;
     assert_eq!(t.status().await["state"], "running");
 
     let out = t.dispatcher(&["cancel"], LIMIT).await;

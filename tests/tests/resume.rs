@@ -117,14 +117,16 @@ path = "input.jsonl"
 items = 100
 [throttle]
 window = 2
-rate = 2000
+rate = 600
 [processor]
 kind = "noop"
 [failures]
 skip_limit = 1
 "#,
     );
-    // One bad line early, one late: two skips in all, one more than the limit.
+    // One bad line early, one late: two skips in all, one more than the limit. At 600 records
+    // a second the run lasts 10 s, so that a loaded machine's slow `status` calls still see it
+    // at 1,000 records and kill it long before the end.
     write_jsonl(&t.path("input.jsonl"), 6000, 40);
     let text = std::fs::read_to_string(t.path("input.jsonl")).expect("input");
     let mut lines: Vec<&str> = text.lines().collect();
