@@ -88,8 +88,8 @@ pub enum ContextError {
 }
 
 impl ContextError {
-    /// The exit code of the contract: 2 for a `state.url` that names a missing directory (bad
-    /// job file: nothing was sent), 1 when the store failed.
+    /// The exit code of the contract: 2 for a `state.url` that names a missing directory or
+    /// does not parse (bad job file: nothing was sent), 1 when the store failed.
     pub fn exit_code(&self) -> u8 {
         match self {
             ContextError::NoDirectory { .. } | ContextError::Config { .. } => 2,
