@@ -225,6 +225,10 @@ pub enum ProcessorSpec {
     Exec {
         /// Program and arguments.
         command: Vec<String>,
+        /// The consumer's environment variables the command gets, by name, beside `PATH`,
+        /// `HOME`, `LANG` and the chunk's `HOPPER_*`: nothing else of the consumer's
+        /// environment (its secrets) reaches it.
+        env: Vec<String>,
     },
     /// Write each chunk's items to `DIR/RUN/SEQ.jsonl`, atomically.
     File {

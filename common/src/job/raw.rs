@@ -98,6 +98,7 @@ pub(super) struct RawProcessor {
     pub(super) url: Option<String>,
     pub(super) statement: Option<String>,
     pub(super) params: Option<Vec<String>>,
+    pub(super) env: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]

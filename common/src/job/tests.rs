@@ -233,3 +233,32 @@ fn metrics_addresses_are_checked() {
         "metrics.port"
     );
 }
+
+#[test]
+fn an_exec_processor_names_the_variables_its_command_gets() {
+    let exec = |env: &str| {
+        GOOD.replace(
+            "kind = \"file\"\ndir = \"out\"",
+            &format!("kind = \"exec\"\ncommand = [\"true\"]\n{env}"),
+        )
+    };
+    let job = parse(&exec("env = [\"API_TOKEN\", \"_x1\"]")).expect("valid");
+    assert_eq!(
+        job.processor,
+        ProcessorSpec::Exec {
+            command: vec!["true".into()],
+            env: vec!["API_TOKEN".into(), "_x1".into()]
+        }
+    );
+    for bad in ["A-B", "1X", "", "A=B"] {
+        assert_eq!(
+            field_of(&exec(&format!("env = [{bad:?}]"))),
+            "processor.env",
+            "{bad:?}"
+        );
+    }
+    assert_eq!(
+        field_of(&GOOD.replace("dir = \"out\"", "dir = \"out\"\nenv = [\"X\"]")),
+        "processor.env"
+    );
+}

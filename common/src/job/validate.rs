@@ -290,8 +290,21 @@ fn processor(p: RawProcessor, file: &Path, dir: &Path) -> FieldResult<ProcessorS
         "exec" => {
             only("processor.dir", p.dir.is_some(), "exec")?;
             only("processor.options", p.options.is_some(), "exec")?;
+            let env = p.env.unwrap_or_default();
+            let name = |v: &str| {
+                v.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                    && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            };
+            if let Some(bad) = env.iter().find(|v| !name(v)) {
+                return Err((
+                    "processor.env",
+                    format!("{bad:?} is not an environment variable's name (A-Z, a-z, 0-9, _)"),
+                ));
+            }
             match p.command {
-                Some(c) if !c.is_empty() && !c[0].is_empty() => ProcessorSpec::Exec { command: c },
+                Some(c) if !c.is_empty() && !c[0].is_empty() => {
+                    ProcessorSpec::Exec { command: c, env }
+                }
                 Some(_) => return Err(("processor.command", "must name a program".to_string())),
                 None => {
                     return Err((
@@ -304,6 +317,7 @@ fn processor(p: RawProcessor, file: &Path, dir: &Path) -> FieldResult<ProcessorS
         }
         "file" => {
             only("processor.command", p.command.is_some(), "file")?;
+            only("processor.env", p.env.is_some(), "file")?;
             only("processor.options", p.options.is_some(), "file")?;
             match p.dir {
                 Some(d) if !d.is_empty() => ProcessorSpec::File { dir: dir.join(d) },
@@ -317,12 +331,14 @@ fn processor(p: RawProcessor, file: &Path, dir: &Path) -> FieldResult<ProcessorS
         }
         "noop" => {
             only("processor.command", p.command.is_some(), "noop")?;
+            only("processor.env", p.env.is_some(), "noop")?;
             only("processor.dir", p.dir.is_some(), "noop")?;
             only("processor.options", p.options.is_some(), "noop")?;
             ProcessorSpec::Noop
         }
         "custom" => {
             only("processor.command", p.command.is_some(), "custom")?;
+            only("processor.env", p.env.is_some(), "custom")?;
             only("processor.dir", p.dir.is_some(), "custom")?;
             ProcessorSpec::Custom {
                 options: CustomOptions {
@@ -333,6 +349,7 @@ fn processor(p: RawProcessor, file: &Path, dir: &Path) -> FieldResult<ProcessorS
         }
         "postgres" => {
             only("processor.command", p.command.is_some(), "postgres")?;
+            only("processor.env", p.env.is_some(), "postgres")?;
             only("processor.dir", p.dir.is_some(), "postgres")?;
             only("processor.options", p.options.is_some(), "postgres")?;
             let url = postgres_url("processor.url", p.url)?;

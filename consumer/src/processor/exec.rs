@@ -2,9 +2,12 @@
 //!
 //! The protocol, for the command's author:
 //! - **stdin**: the chunk's items, one JSON value per line, in source order.
-//! - **environment**: `HOPPER_JOB`, `HOPPER_RUN`, `HOPPER_SEQ`, `HOPPER_ATTEMPT` and
-//!   `HOPPER_FIRST_LINE` (the source line of the first item). `HOPPER_RUN`/`HOPPER_SEQ` identify
-//!   the chunk: use them to make the command's effect idempotent.
+//! - **environment**: a clean one, not the consumer's: `PATH`, `HOME` and `LANG` as the
+//!   consumer has them, the variables the job names (`[processor] env = ["API_TOKEN"]`), and
+//!   `HOPPER_JOB`, `HOPPER_RUN`, `HOPPER_SEQ`, `HOPPER_ATTEMPT` and `HOPPER_FIRST_LINE` (the
+//!   source line of the first item). Nothing else of the consumer's environment (its own
+//!   secrets: broker or database passwords) reaches the command. `HOPPER_RUN`/`HOPPER_SEQ`
+//!   identify the chunk: use them to make the command's effect idempotent.
 //! - **working directory**: the job file's directory.
 //! - **stdout**: to refuse one item as bad data, print one line
 //!   `{"index": N, "reason": "..."}`: a JSON object with exactly these two keys, `N` the 0-based
@@ -38,7 +41,13 @@ use super::{ProcessError, Processed, Processor};
 pub struct ExecProcessor {
     command: Vec<String>,
     dir: PathBuf,
+    /// The consumer's variables the command gets, by name.
+    env: Vec<String>,
 }
+
+/// The consumer's variables every command gets: what a program needs to find its tools, its
+/// home and its language.
+const INHERITED: [&str; 3] = ["PATH", "HOME", "LANG"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,7 +71,23 @@ impl ExecProcessor {
                 dir.display()
             ));
         }
-        Ok(ExecProcessor { command, dir })
+        Ok(ExecProcessor {
+            command,
+            dir,
+            env: Vec::new(),
+        })
+    }
+
+    /// Passes the consumer's variables `names` to the command too (those that are set); see
+    /// the module's protocol for what else it gets.
+    pub fn with_env(mut self, names: Vec<String>) -> ExecProcessor {
+        for name in &names {
+            if std::env::var_os(name).is_none() {
+                tracing::warn!(variable = %name, "processor.env names a variable the consumer does not have; the command will not get it");
+            }
+        }
+        self.env = names;
+        self
     }
 }
 
@@ -122,7 +147,18 @@ fn stdout_line(line: &str, items: usize) -> Result<Option<BadLine>, String> {
 impl Processor for ExecProcessor {
     async fn process(&self, chunk: &Chunk) -> Result<Processed, ProcessError> {
         let program = &self.command[0];
-        let mut child = Command::new(program)
+        let mut cmd = Command::new(program);
+        cmd.env_clear();
+        for name in INHERITED
+            .iter()
+            .copied()
+            .chain(self.env.iter().map(String::as_str))
+        {
+            if let Some(value) = std::env::var_os(name) {
+                cmd.env(name, value);
+            }
+        }
+        let mut child = cmd
             .args(&self.command[1..])
             .process_group(0)
             .current_dir(&self.dir)

@@ -185,9 +185,10 @@ impl BuildError {
 pub async fn build(job: &Job) -> Result<Arc<dyn Processor>, BuildError> {
     let file = job.file.display().to_string();
     match &job.processor {
-        ProcessorSpec::Exec { command } => {
+        ProcessorSpec::Exec { command, env } => {
             let p = ExecProcessor::new(command.clone(), job.dir.clone())
-                .map_err(|message| BuildError::Command { file, message })?;
+                .map_err(|message| BuildError::Command { file, message })?
+                .with_env(env.clone());
             Ok(Arc::new(p))
         }
         ProcessorSpec::File { dir } => Ok(Arc::new(FileProcessor::new(dir.clone()))),
