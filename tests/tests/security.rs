@@ -119,3 +119,192 @@ kind = "noop"
         other => panic!("expected the file source, got {other:?}"),
     }
 }
+
+/// A RabbitMQ user of the test's own, with a known password, removed when the test ends.
+struct BrokerUser {
+    name: String,
+}
+
+impl BrokerUser {
+    /// Creates `name` with `password` and every right on vhost `/` (`rabbitmqctl`, on the
+    /// machine that runs the broker).
+    fn create(name: &str, password: &str) -> BrokerUser {
+        let user = BrokerUser {
+            name: name.to_string(),
+        };
+        let ctl = |args: &[&str]| {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("this test needs rabbitmqctl beside the broker: {e}"));
+            assert!(
+                out.status.success(),
+                "rabbitmqctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ctl(&["add_user", name, password]);
+        ctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]);
+        user
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}
+
+/// A run over the broker with known passwords in every URL (broker, source, processor, state):
+/// no password in any output: the binaries' logs, `status` and `runs` as tables and as JSON,
+/// both metrics endpoints, the notification, and the error of a store that cannot be reached.
+#[tokio::test]
+async fn no_password_appears_in_any_output() {
+    let _conn = hopper_tests::require_broker().await;
+    let client = hopper_tests::require_postgres().await;
+    let pid = std::process::id();
+    let (amqp_pw, pg_pw) = (format!("amqp-s3cret-{pid}"), format!("pg-s3cret-{pid}"));
+    let user = BrokerUser::create(&format!("hopper-secrets-{pid}"), &amqp_pw);
+    // Trust authentication takes any password: the database's URL carries one all the same.
+    let pg = hopper_tests::pg_url().replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{pg_pw}@"),
+        1,
+    );
+    assert!(
+        pg.contains(&pg_pw),
+        "the test database URL is not postgres://postgres@...: {pg}"
+    );
+    let amqp = format!("amqp://{}:{amqp_pw}@127.0.0.1:5672/%2f", user.name);
+    let body = format!(
+        r#"
+[state]
+url = "{pg}"
+schema = "{{SCHEMA}}"
+[source]
+kind = "postgres"
+url = "{pg}"
+query = "SELECT id, price FROM {{SRC}}"
+key = "id"
+[chunking]
+items = 100
+[processor]
+kind = "postgres"
+url = "{pg}"
+statement = "INSERT INTO {{DST}} (id, price) VALUES ($1, $2)"
+params = ["id", "price"]
+[metrics]
+consumer = "127.0.0.1:0"
+[notify]
+command = ["sh", "-c", "cat > notified.json"]
+"#
+    );
+    let t = TestJob::new("secrets", &body);
+    // The job's own broker URL, with the test's user.
+    let text = std::fs::read_to_string(t.file()).expect("job");
+    let text = text.replacen(&hopper_tests::broker_url(), &amqp, 1);
+    let (src, dst, schema) = (
+        hopper_tests::Tables::name(&t, "src"),
+        hopper_tests::Tables::name(&t, "dst"),
+        hopper_tests::Tables::name(&t, "state"),
+    );
+    let text = text
+        .replace("{SRC}", &src)
+        .replace("{DST}", &dst)
+        .replace("{SCHEMA}", &schema);
+    assert!(
+        text.contains(&amqp_pw),
+        "the job does not use the test's broker user"
+    );
+    std::fs::write(t.file(), text).expect("job");
+    let _tables = hopper_tests::Tables::create(
+        &client,
+        &t,
+        &[&src, &dst],
+        &format!(
+            "CREATE TABLE {src} (id bigint PRIMARY KEY, price numeric(10,2));
+             INSERT INTO {src} SELECT i, i FROM generate_series(1, 2000) i;
+             CREATE TABLE {dst} (id bigint, price numeric(10,2));"
+        ),
+    )
+    .await
+    .with_schema(&schema);
+
+    let consumer = t.start_consumer(1, 2);
+    let mut outputs = Vec::new();
+    let run = t.spawn_dispatcher(&["run", "--metrics", "127.0.0.1:0"], "run.log");
+    let c_addr = {
+        t.await_log("consumer-1.log", "/metrics").await;
+        let log = std::fs::read_to_string(t.path("consumer-1.log")).expect("log");
+        log.split_once("at http://")
+            .and_then(|(_, rest)| rest.split_once("/metrics"))
+            .map(|(a, _)| a.to_string())
+            .expect("the consumer's metrics address")
+    };
+    t.await_log("run.log", "/metrics").await;
+    let log = std::fs::read_to_string(t.path("run.log")).expect("log");
+    let d_addr = log
+        .split_once("at http://")
+        .and_then(|(_, rest)| rest.split_once("/metrics"))
+        .map(|(a, _)| a.to_string())
+        .expect("the dispatcher's metrics address");
+    outputs.push(scrape(&d_addr).await);
+    outputs.push(scrape(&c_addr).await);
+    let out = tokio::time::timeout(LIMIT, run.wait_with_output())
+        .await
+        .expect("the run ends")
+        .expect("wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        std::fs::read_to_string(t.path("run.log")).unwrap_or_default()
+    );
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["runs"],
+        &["runs", "--json"],
+    ] {
+        let out = t.dispatcher(args, LIMIT).await;
+        assert_eq!(out.code(), 0, "{args:?}: {}", out.stderr);
+        outputs.push(format!("{}{}", out.stdout, out.stderr));
+    }
+    outputs.push(scrape(&c_addr).await);
+    assert!(consumer.stop(LIMIT).await.success());
+    t.await_status("the run completed", |s| s["state"] == "completed")
+        .await;
+    // The notification is told once the run has ended.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !t.path("notified.json").exists() {
+        assert!(tokio::time::Instant::now() < deadline, "never notified");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A store that does not answer: its error names the place, not the password.
+    let text = std::fs::read_to_string(t.file()).expect("job");
+    std::fs::write(t.file(), text.replacen("127.0.0.1:5432", "127.0.0.1:1", 1)).expect("job");
+    let out = t.dispatcher(&["status"], LIMIT).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr);
+    outputs.push(out.stderr);
+    for file in ["run.log", "consumer-1.log", "notified.json"] {
+        outputs.push(std::fs::read_to_string(t.path(file)).unwrap_or_default());
+    }
+    let all = outputs.join("\n");
+    assert!(all.contains("***"), "no URL was shown at all?");
+    for secret in [&amqp_pw, &pg_pw] {
+        assert!(!all.contains(secret.as_str()), "{secret} appeared:\n{all}");
+    }
+}
+
+/// `GET /metrics` at `addr`.
+async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        .await
+        .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}

@@ -80,15 +80,31 @@ pub fn expand(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String
     Ok(out)
 }
 
-/// The URL with its password replaced by `***`, for logs and messages.
+/// The URL with its password replaced by `***`, for logs and messages: the user's password,
+/// and a `password` (or `sslpassword`) query parameter, as libpq also takes it.
 pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut u) if u.password().is_some() => {
-            // Only fails for URLs that cannot have a password, and this one has one.
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparsable URL>".to_string(),
+    let Ok(mut u) = url::Url::parse(raw) else {
+        return "<unparsable URL>".to_string();
+    };
+    if u.password().is_some() {
+        // Only fails for URLs that cannot have a password, and this one has one.
+        let _ = u.set_password(Some("***"));
     }
+    let secret =
+        |k: &str| k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword");
+    if u.query_pairs().any(|(k, _)| secret(&k)) {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if secret(&k) {
+                    "***".to_string()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
 }

@@ -65,6 +65,56 @@ pub enum JobError {
     },
 }
 
+/// A URL that may hold a password. It dereferences to the URL itself (what a connection is made
+/// with), and prints, with `{}` and `{:?}` alike, with its password replaced by `***`
+/// ([`redact_url`]): a `Job` logged or shown in a panic never shows a password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// The URL itself, password included: for connecting, never for printing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for SecretUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", redact_url(&self.0))
+    }
+}
+
+impl std::fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl From<String> for SecretUrl {
+    fn from(url: String) -> Self {
+        SecretUrl(url)
+    }
+}
+
+impl From<&str> for SecretUrl {
+    fn from(url: &str) -> Self {
+        SecretUrl(url.to_string())
+    }
+}
+
+impl PartialEq<&str> for SecretUrl {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
 /// A validated job: everything the dispatcher and the consumers need to know.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -75,8 +125,8 @@ pub struct Job {
     /// The directory relative paths are resolved against (the job file's), so the same file
     /// works whatever directory a binary is started from.
     pub dir: PathBuf,
-    /// The broker's URL, possibly with a password; print it with [`redact_url`].
-    pub broker_url: String,
+    /// The broker's URL, possibly with a password (which it never prints).
+    pub broker_url: SecretUrl,
     /// `broker.heartbeat`: both sides' AMQP heartbeat. A consumer that freezes or vanishes
     /// loses its deliveries to the broker within about two of them; the same period paces a
     /// consumer's notes about chunks that run long ([`crate::message::NoteTiming`]).
@@ -121,7 +171,7 @@ pub enum StateSpec {
     /// Tables in a PostgreSQL database, shared by dispatchers on any host.
     Postgres {
         /// The database (`postgres://...`); its password is never logged.
-        url: String,
+        url: SecretUrl,
         /// The schema that holds the tables (`hopper` by default): a plain lower-case SQL
         /// identifier, so that it needs no quoting anywhere.
         schema: String,
@@ -141,7 +191,7 @@ pub enum SourceSpec {
     /// The rows of a query in a PostgreSQL database, read by key, one page at a time.
     Postgres {
         /// The database (`postgres://...`); its password is never logged.
-        url: String,
+        url: SecretUrl,
         /// The user's query; Hopper wraps it, so it has no `ORDER BY` or `LIMIT` of its own to
         /// keep.
         query: String,
@@ -241,7 +291,7 @@ pub enum ProcessorSpec {
     /// chunk, with a record of the applied chunk in the same transaction.
     Postgres {
         /// The database (`postgres://...`); its password is never logged.
-        url: String,
+        url: SecretUrl,
         /// The SQL statement, with `$1`, `$2`, ... for the parameters.
         statement: String,
         /// The item fields bound to `$1`, `$2`, ..., in order.

@@ -262,3 +262,42 @@ fn an_exec_processor_names_the_variables_its_command_gets() {
         "processor.env"
     );
 }
+
+#[test]
+fn a_job_never_prints_a_password_debug_or_display() {
+    let text = r#"
+name = "secrets"
+[broker]
+url = "amqp://app:broker-pw@rabbit:5672/%2f"
+[state]
+url = "postgres://ops:state-pw@db/ops"
+[source]
+kind = "postgres"
+url = "postgres://reader@db/app?password=source-pw&sslmode=disable"
+query = "SELECT id FROM t"
+key = "id"
+[processor]
+kind = "postgres"
+url = "postgres://writer:processor-pw@db/app"
+statement = "SELECT $1::bigint"
+params = ["id"]
+"#;
+    let job = parse(text).expect("valid");
+    let shown = format!(
+        "{job:?} {} {}",
+        job.broker_url,
+        redact_url("postgres://db/x?password=q-pw")
+    );
+    for secret in ["broker-pw", "state-pw", "source-pw", "processor-pw", "q-pw"] {
+        assert!(!shown.contains(secret), "{secret} shown: {shown}");
+    }
+    assert!(
+        shown.contains("***") && shown.contains("sslmode=disable"),
+        "{shown}"
+    );
+    // The URL itself is still there to connect with.
+    assert_eq!(
+        job.broker_url.expose(),
+        "amqp://app:broker-pw@rabbit:5672/%2f"
+    );
+}

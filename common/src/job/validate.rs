@@ -21,7 +21,7 @@ pub(super) fn validate(raw: RawJob, file: &Path, dir: PathBuf) -> FieldResult<Jo
     Ok(Job {
         name: name(raw.name)?,
         broker_heartbeat: heartbeat(raw.broker.heartbeat.as_deref())?,
-        broker_url: broker_url(raw.broker.url)?,
+        broker_url: broker_url(raw.broker.url)?.into(),
         state: state(raw.state, &dir)?,
         source: source(raw.source, &dir)?,
         chunking: chunking(raw.chunking)?,
@@ -111,7 +111,10 @@ fn state(raw: RawState, dir: &Path) -> FieldResult<StateSpec> {
                 ),
             ));
         }
-        Ok(StateSpec::Postgres { url, schema })
+        Ok(StateSpec::Postgres {
+            url: url.into(),
+            schema,
+        })
     } else {
         Err((
             "state.url",
@@ -206,7 +209,11 @@ fn postgres_source(s: RawSource) -> FieldResult<SourceSpec> {
             return Err(("source.key", format!("names column {k:?} twice")));
         }
     }
-    Ok(SourceSpec::Postgres { url, query, key })
+    Ok(SourceSpec::Postgres {
+        url: url.into(),
+        query,
+        key,
+    })
 }
 
 /// Refuses `field`, set but not used by this `kind`.
@@ -372,7 +379,7 @@ fn processor(p: RawProcessor, file: &Path, dir: &Path) -> FieldResult<ProcessorS
                 ));
             }
             ProcessorSpec::Postgres {
-                url,
+                url: url.into(),
                 statement,
                 params,
             }
