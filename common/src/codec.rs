@@ -250,4 +250,101 @@ mod tests {
             Err(CodecError::Decode { .. })
         ));
     }
+
+    mod hostile {
+        //! Hostile bytes on a queue: random ones, and valid messages mutated (bytes flipped,
+        //! cut short, lengths inflated). Decoding never panics and never allocates what a
+        //! length prefix claims before the bytes are there: it returns a message or a
+        //! classified error.
+        use super::*;
+        use proptest::prelude::*;
+
+        /// `bytes` with `edits` applied: (position, new byte), positions wrapped to its length.
+        fn mutate(mut bytes: Vec<u8>, edits: &[(usize, u8)], cut: usize) -> Vec<u8> {
+            for &(at, b) in edits {
+                if !bytes.is_empty() {
+                    let i = at % bytes.len();
+                    bytes[i] = b;
+                }
+            }
+            bytes.truncate(bytes.len().saturating_sub(cut));
+            bytes
+        }
+
+        fn classified(e: &CodecError) -> bool {
+            matches!(
+                e,
+                CodecError::Decode { .. } | CodecError::SchemaVersion { .. }
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn random_bytes_are_refused_not_panicked_on(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                if let Err(e) = decode_chunk(&bytes) {
+                    prop_assert!(classified(&e));
+                }
+                if let Err(e) = decode_reply(&bytes) {
+                    prop_assert!(classified(&e));
+                }
+            }
+
+            #[test]
+            fn mutated_chunks_decode_or_are_refused(
+                edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+                cut in 0usize..8,
+            ) {
+                let bytes = mutate(encode_chunk(&chunk()).expect("encode"), &edits, cut);
+                match decode_chunk(&bytes) {
+                    // Whatever decodes is a chunk that encodes again.
+                    Ok(c) => prop_assert!(encode_chunk(&c).is_ok()),
+                    Err(e) => prop_assert!(classified(&e)),
+                }
+            }
+
+            #[test]
+            fn mutated_replies_decode_or_are_refused(
+                edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+                cut in 0usize..8,
+            ) {
+                let reply = Reply {
+                    job: "j".into(),
+                    run: 1,
+                    seq: 2,
+                    attempt: 1,
+                    consumer: "h/1".into(),
+                    outcome: Outcome::Done {
+                        processed: 9,
+                        bad_items: vec![BadItem { line: 4, reason: "no price".into(), key: Some("7".into()) }],
+                    },
+                };
+                let bytes = mutate(encode_reply(&reply).expect("encode"), &edits, cut);
+                if let Err(e) = decode_reply(&bytes) {
+                    prop_assert!(classified(&e));
+                }
+            }
+        }
+
+        /// A length prefix claiming 4 GiB in a few bytes is refused at once, without trying
+        /// to allocate it.
+        #[test]
+        fn an_inflated_length_is_refused_without_allocating_it() {
+            let mut bytes = Vec::new();
+            rmp::encode::write_array_len(&mut bytes, 2).expect("envelope");
+            rmp::encode::write_uint(&mut bytes, u64::from(SCHEMA_VERSION)).expect("version");
+            rmp::encode::write_array_len(&mut bytes, u32::MAX).expect("a huge array");
+            rmp::encode::write_str_len(&mut bytes, u32::MAX).expect("a huge string");
+            bytes.extend_from_slice(b"abc");
+            assert!(matches!(
+                decode_chunk(&bytes),
+                Err(CodecError::Decode { .. })
+            ));
+            assert!(matches!(
+                decode_reply(&bytes),
+                Err(CodecError::Decode { .. })
+            ));
+        }
+    }
 }

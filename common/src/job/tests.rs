@@ -301,3 +301,46 @@ params = ["id"]
         "amqp://app:broker-pw@rabbit:5672/%2f"
     );
 }
+
+mod hostile {
+    //! Hostile job files: random text, and a good file with characters changed, cut or
+    //! inserted. Parsing never panics: a job, or an error naming the file.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn named(e: &JobError) -> bool {
+        e.to_string().contains("x.toml")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn random_text_is_a_job_or_a_named_error(text in "\\PC{0,400}") {
+            if let Err(e) = parse(&text) {
+                prop_assert!(named(&e), "{e}");
+            }
+        }
+
+        #[test]
+        fn a_mutated_good_file_is_a_job_or_a_named_error(
+            edits in proptest::collection::vec((any::<usize>(), any::<char>()), 1..5),
+            cut in 0usize..40,
+        ) {
+            let mut chars: Vec<char> = GOOD.chars().collect();
+            for (at, c) in edits {
+                let i = at % chars.len();
+                if at % 3 == 0 {
+                    chars.insert(i, c);
+                } else {
+                    chars[i] = c;
+                }
+            }
+            chars.truncate(chars.len().saturating_sub(cut));
+            let text: String = chars.into_iter().collect();
+            if let Err(e) = parse(&text) {
+                prop_assert!(named(&e), "{e}");
+            }
+        }
+    }
+}

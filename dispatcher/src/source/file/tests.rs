@@ -296,3 +296,73 @@ fn csv_header_with_a_quote_left_open_is_refused() {
         other => panic!("expected the header to be refused, got {other:?}"),
     }
 }
+
+mod hostile {
+    //! Hostile input files: random bytes (invalid UTF-8, stray quotes, lone carriage returns,
+    //! NULs) read as JSON Lines, CSV and lines. Reading never panics and never stops with an
+    //! error: every record is an item or bad data with its line, lines only go forward, and
+    //! every item is valid for its format. (A CSV header row that names no fields is refused
+    //! at open, as designed.)
+    use super::*;
+    use proptest::prelude::*;
+
+    fn check(format: FileFormat, bytes: &[u8]) -> Result<(), TestCaseError> {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(bytes).expect("write");
+        let mut s = match FileSource::open_at(f.path(), format, Cursor::default()) {
+            Ok(s) => s,
+            // A CSV file whose header row cannot name the fields is refused whole (exit 2).
+            Err(SourceError::Open { .. }) if format == FileFormat::Csv => return Ok(()),
+            Err(e) => return Err(TestCaseError::fail(format!("{format:?}: {e}"))),
+        };
+        // At most one line per line ending (a CSV file may end its lines with `\r` alone).
+        let newlines = bytes.iter().filter(|&&b| b == b'\n' || b == b'\r').count() as u64 + 1;
+        let mut last = 0u64;
+        loop {
+            let read = match s.next() {
+                Ok(Some(read)) => read,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(TestCaseError::fail(format!("{format:?}: {e}"))),
+            };
+            prop_assert!(read.start.line >= last && read.start.line <= newlines);
+            prop_assert!(read.start.offset <= bytes.len() as u64);
+            last = read.start.line;
+            match read.record {
+                Record::Item(item) => {
+                    if format == FileFormat::Jsonl {
+                        prop_assert!(serde_json::from_str::<IgnoredAny>(&item.data).is_ok());
+                    }
+                }
+                Record::Bad { line, reason } => {
+                    prop_assert!(line >= 1 && !reason.is_empty());
+                }
+            }
+        }
+    }
+
+    fn noisy() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            prop_oneof![
+                4 => any::<u8>(),
+                2 => Just(b'\n'),
+                1 => Just(b'\r'),
+                1 => Just(b'"'),
+                1 => Just(b','),
+                1 => Just(b'{'),
+                1 => Just(b'}'),
+            ],
+            0..600,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn any_bytes_read_as_items_or_bad_data(bytes in noisy()) {
+            for format in [FileFormat::Jsonl, FileFormat::Csv, FileFormat::Lines] {
+                check(format, &bytes)?;
+            }
+        }
+    }
+}
