@@ -162,12 +162,19 @@ impl PostgresStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        if config.get_application_name().is_none() {
+            // What an operator sees in pg_stat_activity.
+            config.application_name("hopper-dispatcher (execution context)");
+        }
         let address = describe_place(&config);
         let manager = Manager::from_config(
             config,
             NoTls,
+            // A pooled connection is tried before it is used again: one the database closed
+            // (a restart, a terminated backend) is replaced, not handed to a write that would
+            // fail on it and stop the run.
             ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
+                recycling_method: RecyclingMethod::Verified,
             },
         );
         let pool = Pool::builder(manager)

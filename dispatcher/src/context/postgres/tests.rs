@@ -122,3 +122,43 @@ async fn an_unreachable_database_is_named_without_its_password() {
     assert_eq!(err.exit_code(), 2, "{err}");
     assert!(!err.to_string().contains("s3cret"), "{err}");
 }
+
+/// The database closes the store's connections between two writes (a restart, or an operator's
+/// `pg_terminate_backend`): the next write gets a new connection and succeeds; the run goes on.
+#[tokio::test]
+async fn connections_the_database_closed_are_replaced_before_the_next_write() {
+    let schema = Schema::new("closed");
+    // A name of this test's own: other tests' stores run beside it and must not lose theirs.
+    let name = format!("hopper-closed-test-{}", std::process::id());
+    let url = pg_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let store = PostgresStore::open(&format!("{url}{sep}application_name={name}"), &schema.0)
+        .await
+        .expect("open");
+    let run = two_chunks(&store).await;
+    let (client, conn) = tokio_postgres::connect(&pg_url(), NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let killed: i64 = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&name],
+        )
+        .await
+        .expect("terminate")
+        .get(0);
+    assert!(killed >= 1, "no connection of the store was found");
+    // The pool tries each connection before handing it out again.
+    let fence = crate::context::Fence {
+        run,
+        token: "h/1#0#0".into(),
+    };
+    store
+        .mark_in_flight(&fence, &[1])
+        .await
+        .expect("a write after the connections were closed");
+    let s = store.status(run, LENIENT).await.expect("status");
+    assert_eq!(s.chunks.in_flight, 1);
+}
