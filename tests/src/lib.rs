@@ -67,6 +67,23 @@ pub async fn require_postgres() -> tokio_postgres::Client {
     }
 }
 
+/// `GET /metrics` at `addr` (within 120 s): the whole response, head and body.
+pub async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .expect("request");
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(120), s.read_to_string(&mut out))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    out
+}
+
 /// Rows in `table`, and distinct ids among them.
 pub async fn count(client: &tokio_postgres::Client, table: &str) -> (i64, i64) {
     let row = client
@@ -388,6 +405,17 @@ impl TestJob {
             assert!(tokio::time::Instant::now() < deadline, "never: {what}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The address a process of the job logged, in `log`, that it serves metrics at.
+    pub async fn metrics_addr(&self, log: &str) -> String {
+        const SAYS: &str = "serving Prometheus metrics at http://";
+        self.await_log(log, SAYS).await;
+        let text = std::fs::read_to_string(self.path(log)).unwrap_or_default();
+        text.split_once(SAYS)
+            .and_then(|(_, rest)| rest.split_once("/metrics"))
+            .map(|(addr, _)| addr.to_string())
+            .unwrap_or_else(|| panic!("{log} does not say where its metrics are: {text}"))
     }
 
     /// `status --json` of the latest run.

@@ -75,9 +75,16 @@ dir = "out"
         if read >= 5_000 {
             break;
         }
+        if let Some(status) = dispatcher.try_wait().expect("poll the dispatcher") {
+            panic!(
+                "the dispatcher ended before the broker was stopped: {status}; its log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the run made no progress"
+            "the run made no progress; the dispatcher's log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -5,32 +5,12 @@
 use std::time::Duration;
 
 use hopper_tests::{require_broker, write_jsonl, TestJob};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// The address a process logged it serves metrics at, waiting for the line.
-async fn metrics_addr(t: &TestJob, log: &str) -> String {
-    const SAYS: &str = "serving Prometheus metrics at http://";
-    t.await_log(log, SAYS).await;
-    let text = std::fs::read_to_string(t.path(log)).unwrap_or_default();
-    text.split_once(SAYS)
-        .and_then(|(_, rest)| rest.split_once("/metrics"))
-        .map(|(addr, _)| addr.to_string())
-        .unwrap_or_else(|| panic!("{log} does not say where its metrics are: {text}"))
-}
-
 /// `GET /metrics` at `addr`: the body, after checking the status and content type.
 async fn scrape(addr: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-        .await
-        .expect("request");
-    let mut out = String::new();
-    tokio::time::timeout(LIMIT, s.read_to_string(&mut out))
-        .await
-        .expect("an answer in time")
-        .expect("read");
+    let out = hopper_tests::scrape(addr).await;
     let (head, body) = out.split_once("\r\n\r\n").expect("a response");
     assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
     assert!(head.contains("application/openmetrics-text"), "{head}");
@@ -88,8 +68,8 @@ consumer = "127.0.0.1:0"
     let consumer = t.start_consumer(1, 4);
     let mut dispatcher = t.spawn_dispatcher(&["run", "--metrics", "127.0.0.1:0"], "run.log");
     let (d_addr, c_addr) = (
-        metrics_addr(&t, "run.log").await,
-        metrics_addr(&t, "consumer-1.log").await,
+        t.metrics_addr("run.log").await,
+        t.metrics_addr("consumer-1.log").await,
     );
     // A few thousand records in, pause, and wait until every chunk in hand is answered.
     t.await_status("4,000 records read", |s| {

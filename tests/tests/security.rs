@@ -235,23 +235,10 @@ command = ["sh", "-c", "cat > notified.json"]
     let consumer = t.start_consumer(1, 2);
     let mut outputs = Vec::new();
     let run = t.spawn_dispatcher(&["run", "--metrics", "127.0.0.1:0"], "run.log");
-    let c_addr = {
-        t.await_log("consumer-1.log", "/metrics").await;
-        let log = std::fs::read_to_string(t.path("consumer-1.log")).expect("log");
-        log.split_once("at http://")
-            .and_then(|(_, rest)| rest.split_once("/metrics"))
-            .map(|(a, _)| a.to_string())
-            .expect("the consumer's metrics address")
-    };
-    t.await_log("run.log", "/metrics").await;
-    let log = std::fs::read_to_string(t.path("run.log")).expect("log");
-    let d_addr = log
-        .split_once("at http://")
-        .and_then(|(_, rest)| rest.split_once("/metrics"))
-        .map(|(a, _)| a.to_string())
-        .expect("the dispatcher's metrics address");
-    outputs.push(scrape(&d_addr).await);
-    outputs.push(scrape(&c_addr).await);
+    let c_addr = t.metrics_addr("consumer-1.log").await;
+    let d_addr = t.metrics_addr("run.log").await;
+    outputs.push(hopper_tests::scrape(&d_addr).await);
+    outputs.push(hopper_tests::scrape(&c_addr).await);
     let out = tokio::time::timeout(LIMIT, run.wait_with_output())
         .await
         .expect("the run ends")
@@ -271,7 +258,7 @@ command = ["sh", "-c", "cat > notified.json"]
         assert_eq!(out.code(), 0, "{args:?}: {}", out.stderr);
         outputs.push(format!("{}{}", out.stdout, out.stderr));
     }
-    outputs.push(scrape(&c_addr).await);
+    outputs.push(hopper_tests::scrape(&c_addr).await);
     assert!(consumer.stop(LIMIT).await.success());
     t.await_status("the run completed", |s| s["state"] == "completed")
         .await;
@@ -295,16 +282,4 @@ command = ["sh", "-c", "cat > notified.json"]
     for secret in [&amqp_pw, &pg_pw] {
         assert!(!all.contains(secret.as_str()), "{secret} appeared:\n{all}");
     }
-}
-
-/// `GET /metrics` at `addr`.
-async fn scrape(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
-        .await
-        .expect("request");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
 }
