@@ -41,7 +41,7 @@ enum Command {
         #[arg(long = "continue", conflicts_with = "resume")]
         continue_: bool,
         #[command(flatten)]
-        local: LocalArg,
+        local: RunArgs,
     },
     /// Dispatch again only what a run failed on (failed and dead chunks, bad data, bad items),
     /// after the input was fixed in place: each failed record is read again from the byte
@@ -53,7 +53,7 @@ enum Command {
         #[arg(long)]
         run: u64,
         #[command(flatten)]
-        local: LocalArg,
+        local: RunArgs,
     },
     /// Show where a run stands (the latest run unless --run).
     Status {
@@ -128,9 +128,9 @@ struct ControlArgs {
     run: Option<u64>,
 }
 
-/// Local mode, for `run` and `retry`.
+/// What `run` and `retry` share: local mode, and metrics.
 #[derive(clap::Args)]
-struct LocalArg {
+struct RunArgs {
     /// Local mode: process the chunks in this process with N worker tasks running the job's own
     /// processor, over an in-process queue instead of RabbitMQ (no broker is contacted). The
     /// execution context, throttle, failure handling, `status`, `--resume` and `retry` work as
@@ -228,7 +228,7 @@ enum Start {
     Retry(u64),
 }
 
-async fn run_job(path: PathBuf, start: Start, args: LocalArg) -> ExitCode {
+async fn run_job(path: PathBuf, start: Start, args: RunArgs) -> ExitCode {
     let (job, context) = match open(&path).await {
         Ok(opened) => opened,
         Err(code) => return code,
