@@ -67,6 +67,14 @@ impl Fail {
     }
 }
 
+/// True for SQLite's "busy" and "locked" answers: another connection holds the lock now.
+fn busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and its schema.
     ///
@@ -90,7 +98,18 @@ impl SqliteStore {
             schema::prepare(&mut conn)?;
             Ok(conn)
         };
-        let conn = setup().map_err(|f| f.at(path))?;
+        // Two processes opening a new file together (two dispatchers, or `status` beside a
+        // starting one) can meet SQLite's busy answers that skip the busy handler (the switch
+        // to WAL, the WAL index being made): the open is tried again, within the busy timeout.
+        let started = std::time::Instant::now();
+        let conn = loop {
+            match setup() {
+                Err(Fail::Sql(e)) if busy(&e) && started.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other.map_err(|f| f.at(path))?,
+            }
+        };
         Ok(SqliteStore {
             path: path.to_path_buf(),
             conn: Arc::new(Mutex::new(conn)),

@@ -67,3 +67,24 @@ async fn a_store_of_another_schema_version_is_refused_with_what_to_do() {
         "{text}"
     );
 }
+
+/// Regression: two dispatchers started together on a new state file; one failed at once with
+/// "database is locked" (a busy answer of SQLite's that skips the busy handler) instead of
+/// opening the store and being told the other holds the job.
+#[test]
+fn processes_opening_a_new_file_together_all_open_it() {
+    for _ in 0..20 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        let opened: Vec<bool> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..6)
+                .map(|_| scope.spawn(|| SqliteStore::open(&path).is_ok()))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(false))
+                .collect()
+        });
+        assert!(opened.iter().all(|ok| *ok), "{opened:?}");
+    }
+}
