@@ -96,6 +96,33 @@ pub async fn count(client: &tokio_postgres::Client, table: &str) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
+/// Kills the job's consumer `first` with SIGKILL once `table` holds a quarter of `n` rows, and
+/// the next once it holds half, starting another after each (`--concurrency 4`); returns the
+/// last one started. Fails if a consumer stops by itself, or a quarter does not arrive within
+/// `limit`.
+pub async fn kill_consumers_at_quarters(
+    t: &TestJob,
+    client: &tokio_postgres::Client,
+    table: &str,
+    n: i64,
+    first: Consumer,
+    limit: Duration,
+) -> Consumer {
+    let mut doomed = first;
+    for round in 2..=3u32 {
+        let deadline = tokio::time::Instant::now() + limit;
+        let target = (i64::from(round) - 1) * n / 4;
+        while count(client, table).await.0 < target {
+            assert!(tokio::time::Instant::now() < deadline, "no progress");
+            assert!(!doomed.exited(), "the consumer stopped by itself");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        doomed.signal("KILL");
+        doomed = t.start_consumer(round, 4);
+    }
+    doomed
+}
+
 /// Rows of `src` missing from `dst` by id, or there more than once: 0 when the copy is exact.
 pub async fn misfits(client: &tokio_postgres::Client, src: &str, dst: &str) -> i64 {
     client

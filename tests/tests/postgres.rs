@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use hopper_common::{Chunk, Item, Position};
 use hopper_consumer::{PostgresProcessor, Processor};
-use hopper_tests::{count, pg_url, require_broker, require_postgres, Tables, TestJob};
+use hopper_tests::{
+    count, kill_consumers_at_quarters, pg_url, require_broker, require_postgres, Tables, TestJob,
+};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -152,20 +154,10 @@ params = ["id", "price"]
     )
     .await;
     write_prices(&t, n, None);
-    let mut doomed = t.start_consumer(1, 4);
+    let first = t.start_consumer(1, 4);
     let dispatcher = t.spawn_dispatcher(&["run"], "dispatcher.log");
     // Kill it twice in the middle of its work, each time starting another.
-    for round in 2..=3u32 {
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        let target = (round as i64 - 1) * n as i64 / 4;
-        while count(&client, &table).await.0 < target {
-            assert!(tokio::time::Instant::now() < deadline, "no progress");
-            assert!(!doomed.exited(), "the consumer stopped by itself");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        doomed.signal("KILL");
-        doomed = t.start_consumer(round, 4);
-    }
+    let last = kill_consumers_at_quarters(&t, &client, &table, n as i64, first, LIMIT).await;
     let status = tokio::time::timeout(LIMIT, dispatcher.wait_with_output())
         .await
         .expect("the run ends")
@@ -176,7 +168,7 @@ params = ["id", "price"]
         std::fs::read_to_string(t.path("dispatcher.log")).unwrap_or_default()
     );
     assert_eq!(count(&client, &table).await, (n as i64, n as i64));
-    assert!(doomed.stop(LIMIT).await.success());
+    assert!(last.stop(LIMIT).await.success());
 }
 
 /// A row the target's CHECK refuses is a bad item listed with its line and the database's

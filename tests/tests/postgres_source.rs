@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use hopper_tests::{count, misfits, pg_url, require_broker, require_postgres, Tables, TestJob};
+use hopper_tests::{
+    count, kill_consumers_at_quarters, misfits, pg_url, require_broker, require_postgres, Tables,
+    TestJob,
+};
 
 const LIMIT: Duration = Duration::from_secs(180);
 
@@ -83,19 +86,9 @@ async fn rows_reach_a_table_without_a_unique_key_exactly_once_through_killed_con
         ),
     )
     .await;
-    let mut doomed = t.start_consumer(1, 4);
+    let first = t.start_consumer(1, 4);
     let dispatcher = t.spawn_dispatcher(&["run"], "dispatcher.log");
-    for round in 2..=3u32 {
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        let target = (i64::from(round) - 1) * n / 4;
-        while count(&client, &dst).await.0 < target {
-            assert!(tokio::time::Instant::now() < deadline, "no progress");
-            assert!(!doomed.exited(), "the consumer stopped by itself");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        doomed.signal("KILL");
-        doomed = t.start_consumer(round, 4);
-    }
+    let last = kill_consumers_at_quarters(&t, &client, &dst, n, first, LIMIT).await;
     let out = tokio::time::timeout(LIMIT, dispatcher.wait_with_output())
         .await
         .expect("the run ends")
@@ -110,7 +103,7 @@ async fn rows_reach_a_table_without_a_unique_key_exactly_once_through_killed_con
     let s = t.status().await;
     assert_eq!(s["items"]["read"], n);
     assert_eq!(s["items"]["processed"], n);
-    assert!(doomed.stop(LIMIT).await.success());
+    assert!(last.stop(LIMIT).await.success());
 }
 
 /// A composite key; the dispatcher SIGKILLed mid-run; `--resume` refused while the query is

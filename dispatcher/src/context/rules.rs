@@ -47,26 +47,23 @@ pub(crate) fn decide(status: ChunkStatus, attempts: u32, reply: &Reply) -> Appli
     }
 }
 
-/// For a reply that ends its chunk without processing it (dead or failed): the status the
-/// chunk takes and the failure's reason, as `status` lists it. `None` for other outcomes.
-pub(crate) fn chunk_failure(reply: &Reply) -> Option<(ChunkStatus, String)> {
-    match &reply.outcome {
-        // Taken back by `cancel`: never parked anywhere, the reason says what happened.
-        Outcome::Dead { error } if reply.consumer == CANCELLED_BY => {
-            Some((ChunkStatus::Dead, error.clone()))
-        }
-        Outcome::Dead { error } => Some((
-            ChunkStatus::Dead,
-            format!(
-                "parked on the dead queue at attempt {}: {error}",
-                reply.attempt
-            ),
-        )),
-        Outcome::Failed { error } => {
-            Some((ChunkStatus::Failed, format!("failed permanently: {error}")))
-        }
-        Outcome::Done { .. } | Outcome::Retrying { .. } | Outcome::Processing { .. } => None,
+/// For a reply that ends its chunk without processing it (`Dead`, or `Failed`), with its
+/// `error`: the status the chunk takes and the failure's reason, as `status` lists it.
+pub(crate) fn chunk_failure(reply: &Reply, error: &str) -> (ChunkStatus, String) {
+    if let Outcome::Failed { .. } = reply.outcome {
+        return (ChunkStatus::Failed, format!("failed permanently: {error}"));
     }
+    if reply.consumer == CANCELLED_BY {
+        // Taken back by `cancel`: never parked anywhere, the reason says what happened.
+        return (ChunkStatus::Dead, error.to_string());
+    }
+    (
+        ChunkStatus::Dead,
+        format!(
+            "parked on the dead queue at attempt {}: {error}",
+            reply.attempt
+        ),
+    )
 }
 
 /// The failures a `Done` reply reports: its bad items, each with its line and key.

@@ -129,9 +129,7 @@ async fn apply_one(tx: &Tx<'_>, reply: &Reply) -> Result<Applied, Fail> {
             .await?;
         }
         Outcome::Dead { error } | Outcome::Failed { error } => {
-            let Some((status, reason)) = rules::chunk_failure(reply) else {
-                return Ok(Applied::Recorded);
-            };
+            let (status, reason) = rules::chunk_failure(reply, error);
             tx.execute(
                 &finish,
                 &[

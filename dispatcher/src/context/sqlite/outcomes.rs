@@ -117,9 +117,7 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, F
             )?;
         }
         Outcome::Dead { error } | Outcome::Failed { error } => {
-            let Some((status, reason)) = rules::chunk_failure(reply) else {
-                return Ok(Applied::Recorded);
-            };
+            let (status, reason) = rules::chunk_failure(reply, error);
             finish(tx, status, 0, Some(error))?;
             let first_key = keys
                 .as_deref()
