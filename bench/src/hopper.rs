@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 
+use crate::cpu::Cpu;
 use crate::{Shape, CHUNK_ITEMS, CONSUMERS};
 
 fn root() -> PathBuf {
@@ -75,6 +76,12 @@ fn peak_kib(pid: u32) -> Option<u64> {
 pub(crate) struct HopperRun {
     pub(crate) took: Duration,
     pub(crate) peak_kib: u64,
+    /// The broker's CPU seconds from the dispatcher's start to its end.
+    pub(crate) broker_cpu: f64,
+    /// The dispatcher's CPU seconds.
+    pub(crate) dispatcher_cpu: f64,
+    /// The consumer processes' CPU seconds, all of them together.
+    pub(crate) consumers_cpu: f64,
 }
 
 /// Starts consumers, runs the dispatcher to its end, stops the consumers.
@@ -134,7 +141,10 @@ pub(crate) async fn over_broker(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    let broker = crate::cpu::broker_pid();
+    crate::cpu::broker_quiet(broker.as_deref()).await;
     let started = Instant::now();
+    let cpu_start = Cpu::now(broker.as_deref());
     let mut child = std::process::Command::new(bins.join("hopper-dispatcher"))
         .arg("run")
         .arg(job)
@@ -152,6 +162,7 @@ pub(crate) async fn over_broker(
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let took = started.elapsed();
+    let cpu_run = Cpu::now(broker.as_deref()).since(cpu_start);
     if !status.success() {
         bail!("hopper-dispatcher failed: {status}");
     }
@@ -163,6 +174,7 @@ pub(crate) async fn over_broker(
         }
         let _ = tokio::time::timeout(Duration::from_secs(30), c.wait()).await;
     }
+    let consumers_cpu = Cpu::now(None).children - cpu_start.children - cpu_run.children;
     let ch = conn.create_channel().await?;
     for q in [
         "chunks", "replies", "dead", "retry.1s", "retry.2s", "retry.4s", "retry.8s",
@@ -177,6 +189,9 @@ pub(crate) async fn over_broker(
     Ok(HopperRun {
         took,
         peak_kib: peak,
+        broker_cpu: cpu_run.broker,
+        dispatcher_cpu: cpu_run.children,
+        consumers_cpu,
     })
 }
 

@@ -24,6 +24,7 @@
 //! `--only pg` runs the PostgreSQL comparisons instead ([`postgres`]): a table copied through
 //! Hopper against `INSERT ... SELECT`, and the source alone against `COPY ... TO STDOUT`.
 
+mod cpu;
 mod hopper;
 mod postgres;
 mod raw;
@@ -115,7 +116,9 @@ fn write_input(path: &Path, n: u64, width: usize) -> Result<u64> {
         bytes += line.len() as u64;
         w.write_all(line.as_bytes())?;
     }
-    w.flush()?;
+    // On disk before anything is timed: the kernel writing 200 MiB of dirty pages back in the
+    // middle of a round slows whichever side runs then.
+    w.into_inner()?.sync_all()?;
     Ok(bytes)
 }
 
@@ -167,19 +170,27 @@ async fn main() -> Result<()> {
     let mut raws = Vec::new();
     let mut hoppers = Vec::new();
     let mut locals = Vec::new();
+    // CPU seconds per round: raw (broker, clients), hopper (broker, dispatcher, consumers).
+    let mut cpus: [Vec<f64>; 5] = Default::default();
     let workers = CONSUMERS * usize::from(a.prefetch);
     for round in 1..=a.rounds.max(1) {
         // `--only raw|hopper` times one side alone, to look at it with other tools.
         match a.only.as_deref() {
             Some("raw") => {
                 let r = raw(&a.url, &input, shape).await?;
-                println!("raw lapin: {:.2} s", r.as_secs_f64());
+                println!("raw lapin: {:.2} s", r.took.as_secs_f64());
                 continue;
             }
             Some("hopper") => {
                 let name = format!("bench-{pid}-r{round}");
                 let h = hopper(&bins, &a.url, dir.path(), &name, &input, shape).await?;
-                println!("hopper: {:.2} s", h.took.as_secs_f64());
+                println!(
+                    "hopper: {:.2} s; CPU-s broker {:.2} dispatcher {:.2} consumers {:.2}",
+                    h.took.as_secs_f64(),
+                    h.broker_cpu,
+                    h.dispatcher_cpu,
+                    h.consumers_cpu
+                );
                 continue;
             }
             Some("local") => {
@@ -211,13 +222,28 @@ async fn main() -> Result<()> {
         )
         .await?;
         println!(
-            "round {round}: raw lapin {:>6.2} s, hopper {:>6.2} s, ratio {:.2}x; local mode {:>6.2} s",
-            r.as_secs_f64(),
+            "round {round}: raw lapin {:>6.2} s, hopper {:>6.2} s, ratio {:.2}x; local mode {:>6.2} s; \
+             CPU-s raw: broker {:.2} clients {:.2}, hopper: broker {:.2} dispatcher {:.2} consumers {:.2}",
+            r.took.as_secs_f64(),
             h.took.as_secs_f64(),
-            h.took.as_secs_f64() / r.as_secs_f64(),
-            l.as_secs_f64()
+            h.took.as_secs_f64() / r.took.as_secs_f64(),
+            l.as_secs_f64(),
+            r.cpu.broker,
+            r.cpu.own,
+            h.broker_cpu,
+            h.dispatcher_cpu,
+            h.consumers_cpu,
         );
-        raws.push(r.as_secs_f64());
+        for (v, x) in cpus.iter_mut().zip([
+            r.cpu.broker,
+            r.cpu.own,
+            h.broker_cpu,
+            h.dispatcher_cpu,
+            h.consumers_cpu,
+        ]) {
+            v.push(x);
+        }
+        raws.push(r.took.as_secs_f64());
         hoppers.push(h.took.as_secs_f64());
         locals.push(l.as_secs_f64());
     }
@@ -244,6 +270,16 @@ async fn main() -> Result<()> {
         "ratio     : {:.2}x the raw broker time (goal: at most 1.5x); local mode {:.2}x",
         hopper_s / raw_s,
         local_s / raw_s
+    );
+
+    let [rb, rc, hb, hd, hc] = &mut cpus;
+    println!(
+        "CPU-s     : raw lapin: broker {:.2}, clients {:.2}; hopper: broker {:.2}, dispatcher {:.2}, consumers {:.2} (medians)",
+        median(rb),
+        median(rc),
+        median(hb),
+        median(hd),
+        median(hc)
     );
 
     let mut peaks = Vec::new();

@@ -13,10 +13,18 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 
+use crate::cpu::Cpu;
 use crate::{Shape, CHUNK_ITEMS, CONSUMERS};
 
+/// One raw run: its wall time and the CPU the broker and the clients (this process) spent.
+pub(crate) struct RawRun {
+    pub(crate) took: Duration,
+    pub(crate) cpu: Cpu,
+}
+
 /// Raw lapin: the same lines, cut into the same messages, through a quorum queue.
-pub(crate) async fn raw(url: &str, input: &Path, shape: Shape) -> Result<Duration> {
+pub(crate) async fn raw(url: &str, input: &Path, shape: Shape) -> Result<RawRun> {
+    let broker = crate::cpu::broker_pid();
     let queue = format!("hopper-bench-raw-{}", std::process::id());
     let setup = lapin::Connection::connect(url, Default::default()).await?;
     let ch = setup.create_channel().await?;
@@ -35,7 +43,9 @@ pub(crate) async fn raw(url: &str, input: &Path, shape: Shape) -> Result<Duratio
         .collect();
     let messages = lines.len().div_ceil(CHUNK_ITEMS);
 
+    crate::cpu::broker_quiet(broker.as_deref()).await;
     let started = Instant::now();
+    let cpu_start = Cpu::now(broker.as_deref());
     let mut consumers = Vec::new();
     let per = messages; // each consumer stops when the shared count reaches `messages`
     let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -108,10 +118,11 @@ pub(crate) async fn raw(url: &str, input: &Path, shape: Shape) -> Result<Duratio
         .await
         .context("raw consumers did not finish")?;
     let took = started.elapsed();
+    let cpu = Cpu::now(broker.as_deref()).since(cpu_start);
     for c in consumers {
         c.abort();
     }
     ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
-    Ok(took)
+    Ok(RawRun { took, cpu })
 }
