@@ -15,6 +15,14 @@ use hopper_common::say_error;
 use hopper_consumer::{ConsumerMetrics, ConsumerOptions, Job};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc rather than the system allocator: every chunk allocates and frees thousands of
+/// small strings and a few buffers of hundreds of KiB, and glibc's malloc spent a tenth of the
+/// binaries' CPU on that (and on page faults for the large buffers it maps and unmaps again).
+/// Without transparent huge pages (the `no_thp` feature), which added 20 MiB to the
+/// dispatcher's peak memory for nothing measurable.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Processes chunks of a Hopper job from RabbitMQ until stopped.
 #[derive(Parser)]
 #[command(name = "hopper-consumer", version, about)]
