@@ -126,12 +126,10 @@ pub(super) fn all(conn: &Connection, job: &str) -> Result<Vec<RunRecord>, Fail> 
 /// Checks, inside the write's own transaction, that `fence` still holds its run: the compare
 /// of compare-and-set. Another dispatcher's token there means it took the run over.
 pub(super) fn check(conn: &Connection, fence: &Fence) -> Result<(), Fail> {
+    // Cached: every write of a run checks its fence first, hundreds of times a second.
     let token: Option<Option<String>> = conn
-        .query_row(
-            "SELECT owner_token FROM runs WHERE id = ?1",
-            params![fence.run as i64],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT owner_token FROM runs WHERE id = ?1")?
+        .query_row(params![fence.run as i64], |r| r.get(0))
         .optional()?;
     match token {
         Some(Some(t)) if t == fence.token => Ok(()),
