@@ -1,7 +1,7 @@
 //! CPU seconds per process, from `/proc`: the broker's, the bench's own (the raw side's clients
 //! run in it) and its waited-for children's (the Hopper binaries). On two cores shared by the
-//! broker and every client a run is CPU-bound in aggregate, so where the CPU goes says more
-//! than the wall time alone.
+//! broker and every client, where the CPU goes (and how much of the two cores a run leaves
+//! idle) says more than the wall time alone.
 
 /// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on every Linux the bench runs on).
 const TICKS: f64 = 100.0;

@@ -12,7 +12,9 @@
 //! outstanding onto a quorum queue, consumed by 2 consumers with a prefetch of 4 that ack each
 //! message. Hopper adds what the raw side does not do: validating every JSON line, MessagePack
 //! encoding, recording every chunk in SQLite, replying and applying replies. The machine is
-//! noisy, so the figure that matters is the ratio of the two times, measured in one run.
+//! noisy, so the figure that matters is the ratio of the two times, measured in one run. Each
+//! round prints the CPU seconds of the broker and of each side's processes ([`cpu`]), and each
+//! timed run starts on a quiet broker with a fresh quorum-queue WAL.
 //!
 //! `--bin-dir DIR` times the `hopper-dispatcher` and `hopper-consumer` found in DIR instead of
 //! building this tree's: to compare two builds on the same machine in one session, run the bench

@@ -33,8 +33,8 @@ fn insert_failures(
 
 /// Applies one reply inside `tx`, as [`decide`] says.
 fn apply_one(tx: &rusqlite::Transaction<'_>, reply: &Reply) -> Result<Applied, Fail> {
-    // The statements of every reply are cached: parsing them again for each took more of the
-    // dispatcher's time than running them.
+    // The statements of every reply are cached: parsing them again for each cost the
+    // dispatcher about as much as running them.
     let found: Option<(String, i64, i64, Option<String>)> = tx
         .prepare_cached(
             "SELECT c.status, c.attempts, c.line, c.keys FROM chunks c JOIN runs r ON r.id = c.run
