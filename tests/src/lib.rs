@@ -25,7 +25,7 @@ pub fn broker_url() -> String {
 /// never passes without one.
 pub async fn require_broker() -> lapin::Connection {
     let url = broker_url();
-    let connect = connect(&url, "hopper-tests");
+    let connect = connect(&url, "hopper-tests", &PLAIN);
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => panic!(
@@ -266,6 +266,12 @@ pub struct TestJob {
     uses_broker: bool,
 }
 
+/// The tests' own connections to the local broker are plain `amqp://`.
+const PLAIN: hopper_common::job::BrokerTls = hopper_common::job::BrokerTls {
+    ca: None,
+    identity: None,
+};
+
 /// A broker URL where no broker listens, for local-mode tests that must not contact one.
 pub const NO_BROKER: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
 
@@ -281,7 +287,9 @@ impl TestJob {
         TestJob::with_broker(prefix, NO_BROKER, body)
     }
 
-    fn with_broker(prefix: &str, url: &str, body: &str) -> TestJob {
+    /// A job named `<prefix>-<pid>-<n>` on the broker at `url` (a TLS endpoint of the test, say);
+    /// `body` is the job file after its `[broker]` url, so it may add to that section first.
+    pub fn with_broker(prefix: &str, url: &str, body: &str) -> TestJob {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "test-{prefix}-{}-{}",
@@ -520,7 +528,7 @@ impl Drop for TestJob {
                 return;
             };
             rt.block_on(async {
-                let connect = connect(&url, "hopper-tests cleanup");
+                let connect = connect(&url, "hopper-tests cleanup", &PLAIN);
                 if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(5), connect).await {
                     if let Ok(ch) = conn.create_channel().await {
                         let _ = topology.delete(&ch).await;

@@ -115,6 +115,30 @@ impl PartialEq<&str> for SecretUrl {
     }
 }
 
+/// What an `amqps://` connection trusts and presents, read from the job's files when the job is
+/// loaded (so that a missing or unreadable file is a bad job file, not a failed run).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct BrokerTls {
+    /// PEM certificates trusted besides the system's roots (`broker.ca_file`).
+    pub ca: Option<String>,
+    /// The client certificate chain and its private key, both PEM (`broker.cert_file`,
+    /// `broker.key_file`), for a broker that asks for one.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for BrokerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("BrokerTls")
+            .field("ca", &self.ca.as_ref().map(|_| "PEM"))
+            .field(
+                "identity",
+                &self.identity.as_ref().map(|_| "PEM, key redacted"),
+            )
+            .finish()
+    }
+}
+
 /// A validated job: everything the dispatcher and the consumers need to know.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -127,6 +151,9 @@ pub struct Job {
     pub dir: PathBuf,
     /// The broker's URL, possibly with a password (which it never prints).
     pub broker_url: SecretUrl,
+    /// `broker.ca_file`, `cert_file`, `key_file`: what an `amqps://` connection trusts besides
+    /// the system's roots, and the certificate it presents.
+    pub broker_tls: BrokerTls,
     /// `broker.heartbeat`: both sides' AMQP heartbeat. A consumer that freezes or vanishes
     /// loses its deliveries to the broker within about two of them; the same period paces a
     /// consumer's notes about chunks that run long ([`crate::message::NoteTiming`]).

@@ -45,6 +45,9 @@ pub(super) struct RawNotify {
 pub(super) struct RawBroker {
     pub(super) url: String,
     pub(super) heartbeat: Option<String>,
+    pub(super) ca_file: Option<String>,
+    pub(super) cert_file: Option<String>,
+    pub(super) key_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

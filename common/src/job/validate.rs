@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use super::expand::redact_url;
 use super::raw::{
-    RawChunking, RawFailures, RawJob, RawKey, RawMetrics, RawNotify, RawProcessor, RawRetry,
-    RawSource, RawState, RawThrottle,
+    RawBroker, RawChunking, RawFailures, RawJob, RawKey, RawMetrics, RawNotify, RawProcessor,
+    RawRetry, RawSource, RawState, RawThrottle,
 };
 use super::{
-    Chunking, CustomOptions, Failures, FileFormat, Job, MetricsSpec, Notify, ProcessorSpec,
-    RetryPolicy, SourceSpec, StateSpec, Throttle, MAX_CHUNK_BYTES,
+    BrokerTls, Chunking, CustomOptions, Failures, FileFormat, Job, MetricsSpec, Notify,
+    ProcessorSpec, RetryPolicy, SourceSpec, StateSpec, Throttle, MAX_CHUNK_BYTES,
 };
 
 /// A refused field: its dotted path and what is wrong with it.
@@ -21,6 +21,7 @@ pub(super) fn validate(raw: RawJob, file: &Path, dir: PathBuf) -> FieldResult<Jo
     Ok(Job {
         name: name(raw.name)?,
         broker_heartbeat: heartbeat(raw.broker.heartbeat.as_deref())?,
+        broker_tls: broker_tls(&raw.broker, &dir)?,
         broker_url: broker_url(raw.broker.url)?.into(),
         state: state(raw.state, &dir)?,
         source: source(raw.source, &dir)?,
@@ -61,6 +62,78 @@ fn broker_url(url: String) -> FieldResult<String> {
         ));
     }
     Ok(url)
+}
+
+/// `broker.ca_file`, `cert_file` and `key_file`, read and checked: only with `amqps://` (a CA
+/// file with a plain-text URL would be a promise of encryption not kept), a certificate with
+/// its key, each file holding what its name says.
+fn broker_tls(b: &RawBroker, dir: &Path) -> FieldResult<BrokerTls> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let tls_url = b.url.starts_with("amqps://");
+    let read = |field: &'static str, name: &Option<String>| -> FieldResult<Option<Vec<u8>>> {
+        let Some(name) = name else { return Ok(None) };
+        if !tls_url {
+            return Err((
+                field,
+                format!(
+                    "is set, but broker.url is not amqps:// ({}): the connection would not be \
+                     encrypted; use amqps://",
+                    redact_url(&b.url)
+                ),
+            ));
+        }
+        let path = dir.join(name);
+        std::fs::read(&path)
+            .map(Some)
+            .map_err(|e| (field, format!("cannot read {}: {e}", path.display())))
+    };
+    let certs = |field: &'static str, pem: &[u8]| -> FieldResult<()> {
+        let n = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| (field, format!("is not PEM certificates: {e}")))?
+            .len();
+        if n == 0 {
+            return Err((field, "holds no PEM certificate".to_string()));
+        }
+        Ok(())
+    };
+    let ca = match read("broker.ca_file", &b.ca_file)? {
+        Some(pem) => {
+            certs("broker.ca_file", &pem)?;
+            Some(
+                String::from_utf8(pem)
+                    .map_err(|_| ("broker.ca_file", "is not PEM text (not UTF-8)".to_string()))?,
+            )
+        }
+        None => None,
+    };
+    let identity = match (
+        read("broker.cert_file", &b.cert_file)?,
+        read("broker.key_file", &b.key_file)?,
+    ) {
+        (Some(cert), Some(key)) => {
+            certs("broker.cert_file", &cert)?;
+            PrivateKeyDer::from_pem_slice(&key)
+                .map_err(|e| ("broker.key_file", format!("holds no PEM private key: {e}")))?;
+            Some((cert, key))
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err((
+                "broker.key_file",
+                "is missing: broker.cert_file needs the key of its certificate".to_string(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err((
+                "broker.cert_file",
+                "is missing: broker.key_file is the key of a certificate named there".to_string(),
+            ))
+        }
+    };
+    Ok(BrokerTls { ca, identity })
 }
 
 /// The AMQP heartbeat: a frozen or vanished peer is noticed within about two of them, so its

@@ -24,7 +24,7 @@ pub struct QueueState {
 /// # Errors
 /// The broker cannot be reached, or refuses to answer.
 pub async fn inspect(job: &Job) -> Result<Vec<QueueState>, TransportError> {
-    let conn = connect(&job.broker_url, "hopper-admin").await?;
+    let conn = connect(&job.broker_url, "hopper-admin", &job.broker_tls).await?;
     let states = inspect_on(&conn, job).await;
     let _ = conn.close(200, "done".into()).await;
     states
@@ -71,7 +71,7 @@ async fn inspect_on(conn: &Connection, job: &Job) -> Result<Vec<QueueState>, Tra
 /// # Errors
 /// The broker cannot be reached, or refuses (a user without the configure right).
 pub async fn delete(job: &Job) -> Result<Vec<String>, TransportError> {
-    let conn = connect(&job.broker_url, "hopper-admin").await?;
+    let conn = connect(&job.broker_url, "hopper-admin", &job.broker_tls).await?;
     let present: Vec<String> = inspect_on(&conn, job)
         .await?
         .into_iter()

@@ -4,10 +4,11 @@
 //! memory or disk alarm (`connection.blocked`) stops every frame on it, acks included.
 
 use lapin::options::ConfirmSelectOptions;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Channel, Connection, ConnectionProperties};
 
 use super::topology::Topology;
-use crate::job::{redact_url, Job};
+use crate::job::{redact_url, BrokerTls, Job};
 use crate::transport::TransportError;
 
 /// The broker could not be reached or refused us.
@@ -25,20 +26,65 @@ pub struct ConnectError {
     pub refusal: Option<(u16, String)>,
 }
 
-/// Opens a connection named `name` (shown in the management UI's Connections tab).
+/// Opens a connection named `name` (shown in the management UI's Connections tab); an
+/// `amqps://` one verifies the broker's certificate against the system's roots and `tls.ca`,
+/// and presents `tls.identity` when the broker asks for a client certificate. A certificate
+/// that does not verify fails the connection: there is no fallback to plain text.
 ///
 /// # Errors
 /// [`ConnectError`], with the URL's password redacted.
-pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> {
+pub async fn connect(url: &str, name: &str, tls: &BrokerTls) -> Result<Connection, ConnectError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props)
-        .await
-        .map_err(|source| ConnectError {
+    let config = OwnedTLSConfig {
+        identity: tls
+            .identity
+            .as_ref()
+            .map(|(pem, key)| OwnedIdentity::PKCS8 {
+                pem: pem.clone(),
+                key: key.clone(),
+            }),
+        cert_chain: tls.ca.clone(),
+    };
+    let connected = match lapin::runtime::default_runtime() {
+        Ok(runtime) => Connection::connect_with_config(url, props, config, runtime).await,
+        Err(e) => Err(e),
+    };
+    connected.map_err(|source| {
+        let refusal = super::rejection(&source);
+        let text = source.to_string();
+        let source: Box<dyn std::error::Error + Send + Sync> = if tls_failure(&text) {
+            format!(
+                "the TLS handshake failed: {text}; the broker's certificate must verify \
+                 against the system's roots or broker.ca_file, for the host named in \
+                 broker.url (and a broker that asks for a client certificate needs \
+                 broker.cert_file and broker.key_file)"
+            )
+            .into()
+        } else {
+            Box::new(source)
+        };
+        ConnectError {
             url: redact_url(url),
             name: name.to_string(),
-            refusal: super::rejection(&source),
-            source: Box::new(source),
-        })
+            refusal,
+            source,
+        }
+    })
+}
+
+/// True when a connection error is about TLS (a certificate, the handshake), as rustls words
+/// it: the one place a person must act on the job's certificate settings.
+fn tls_failure(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    [
+        "certificate",
+        "handshake",
+        "tls",
+        "unknownissuer",
+        "notvalidforname",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
 }
 
 /// One side's link to the broker: a connection to publish on, with a channel in confirm mode,
@@ -67,8 +113,8 @@ impl Link {
         let step = |what: &'static str| super::broker(what, &topology.chunks);
         let name = |side: &str| format!("{role} {} {side} {me}", job.name);
         let url = with_heartbeat(&job.broker_url, job.broker_heartbeat);
-        let publish = connect(&url, &name("publish")).await?;
-        let consume = connect(&url, &name("consume")).await?;
+        let publish = connect(&url, &name("publish"), &job.broker_tls).await?;
+        let consume = connect(&url, &name("consume"), &job.broker_tls).await?;
         let channel = publish
             .create_channel()
             .await
