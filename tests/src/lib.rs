@@ -366,6 +366,20 @@ impl TestJob {
             .expect("start the dispatcher")
     }
 
+    /// Waits, at most `limit`, for a dispatcher started with [`TestJob::spawn_dispatcher`] to
+    /// end, and fails the test with its log (`log`) unless it succeeded.
+    pub async fn await_success(&self, dispatcher: Child, log: &str, limit: Duration) {
+        let out = tokio::time::timeout(limit, dispatcher.wait_with_output())
+            .await
+            .expect("the run ends")
+            .expect("wait for the dispatcher");
+        assert!(
+            out.status.success(),
+            "{}",
+            std::fs::read_to_string(self.path(log)).unwrap_or_default()
+        );
+    }
+
     /// Starts the dispatcher, waits until the run has read `beyond` more records than `read`, and
     /// kills it with SIGKILL. Returns how far the run had read.
     pub async fn kill_after_progress(&self, args: &[&str], read: u64, beyond: u64) -> u64 {

@@ -158,15 +158,7 @@ params = ["id", "price"]
     let dispatcher = t.spawn_dispatcher(&["run"], "dispatcher.log");
     // Kill it twice in the middle of its work, each time starting another.
     let last = kill_consumers_at_quarters(&t, &client, &table, n as i64, first, LIMIT).await;
-    let status = tokio::time::timeout(LIMIT, dispatcher.wait_with_output())
-        .await
-        .expect("the run ends")
-        .expect("dispatcher");
-    assert!(
-        status.status.success(),
-        "{}",
-        std::fs::read_to_string(t.path("dispatcher.log")).unwrap_or_default()
-    );
+    t.await_success(dispatcher, "dispatcher.log", LIMIT).await;
     assert_eq!(count(&client, &table).await, (n as i64, n as i64));
     assert!(last.stop(LIMIT).await.success());
 }
@@ -253,14 +245,12 @@ async fn a_lock_held_past_lock_timeout_is_retried_then_done() {
     lock.batch_execute(&format!("SELECT * FROM {gate} FOR UPDATE"))
         .await
         .expect("lock");
-    let run = t.dispatcher(&["run", "--local", "1"], LIMIT);
-    let release = async {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        lock.rollback().await.expect("unlock");
-    };
-    let (out, ()) = tokio::join!(run, release);
-    assert_eq!(out.code(), 0, "{}", out.stderr);
-    assert!(out.stderr.contains("55P03"), "{}", out.stderr);
+    let run = t.spawn_dispatcher(&["run", "--local", "1"], "run.log");
+    // The lock is let go once an attempt has failed on it, not after a guessed pause: on a
+    // loaded machine the first attempt can come later than any pause.
+    t.await_log("run.log", "55P03").await;
+    lock.rollback().await.expect("unlock");
+    t.await_success(run, "run.log", LIMIT).await;
     assert_eq!(count(&client, &table).await, (30, 30));
 }
 

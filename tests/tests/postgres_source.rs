@@ -89,15 +89,7 @@ async fn rows_reach_a_table_without_a_unique_key_exactly_once_through_killed_con
     let first = t.start_consumer(1, 4);
     let dispatcher = t.spawn_dispatcher(&["run"], "dispatcher.log");
     let last = kill_consumers_at_quarters(&t, &client, &dst, n, first, LIMIT).await;
-    let out = tokio::time::timeout(LIMIT, dispatcher.wait_with_output())
-        .await
-        .expect("the run ends")
-        .expect("dispatcher");
-    assert!(
-        out.status.success(),
-        "{}",
-        std::fs::read_to_string(t.path("dispatcher.log")).unwrap_or_default()
-    );
+    t.await_success(dispatcher, "dispatcher.log", LIMIT).await;
     assert_eq!(count(&client, &dst).await, (n, n));
     assert_eq!(misfits(&client, &src, &dst).await, 0);
     let s = t.status().await;

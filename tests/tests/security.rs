@@ -239,15 +239,7 @@ command = ["sh", "-c", "cat > notified.json"]
     let d_addr = t.metrics_addr("run.log").await;
     outputs.push(hopper_tests::scrape(&d_addr).await);
     outputs.push(hopper_tests::scrape(&c_addr).await);
-    let out = tokio::time::timeout(LIMIT, run.wait_with_output())
-        .await
-        .expect("the run ends")
-        .expect("wait");
-    assert!(
-        out.status.success(),
-        "{}",
-        std::fs::read_to_string(t.path("run.log")).unwrap_or_default()
-    );
+    t.await_success(run, "run.log", LIMIT).await;
     for args in [
         &["status"][..],
         &["status", "--json"],
