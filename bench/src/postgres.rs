@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
+use hopper_common::postgres::PgLink;
 
 use crate::hopper::{over_broker, run_local};
 use crate::{median, Shape, CHUNK_ITEMS, CONSUMERS};
@@ -23,12 +24,14 @@ use crate::{median, Shape, CHUNK_ITEMS, CONSUMERS};
 /// The rows both sides move: 4 columns, about 80 bytes of data a row.
 const COLUMNS: &str = "id, sku, price, name";
 
+/// Connects as Hopper does (the URL's `sslmode`, TLS by default when the server offers it), so
+/// that the references pay for the same link as Hopper's side.
 async fn connect(url: &str) -> Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let link = PgLink::parse(url).map_err(anyhow::Error::msg)?;
+    link.connect()
         .await
-        .with_context(|| format!("connecting to PostgreSQL at {url}"))?;
-    tokio::spawn(conn);
-    Ok(client)
+        .map_err(|e| anyhow::anyhow!(link.explain(&e)))
+        .with_context(|| format!("connecting to PostgreSQL at {}", link.place()))
 }
 
 /// Where a bench job keeps its execution context.

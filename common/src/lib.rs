@@ -39,7 +39,8 @@
 //! - [`metrics`]: a binary's Prometheus registry (`hopper_` prefix, `job` label), served at
 //!   `/metrics` when asked.
 //! - [`postgres`]: what the PostgreSQL source, processor and store share: values in the text
-//!   format, the database's errors as people read them.
+//!   format, the database's errors as people read them, and connections made as the URL's
+//!   `sslmode` asks ([`postgres::PgLink`]).
 
 pub mod codec;
 pub mod job;

@@ -6,100 +6,14 @@
 //! and a message that names the broker and says what to check, never falling back to plain
 //! text.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use hopper_tests::{output_ids, require_broker, write_jsonl, TestJob};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
+
+mod support;
+use support::tls::{amqp_endpoint as tls_endpoint, pki};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// A CA, a server certificate for `localhost` and a client certificate, all issued by it.
-struct Pki {
-    ca_pem: String,
-    ca_der: CertificateDer<'static>,
-    server: (CertificateDer<'static>, PrivateKeyDer<'static>),
-    client_pem: String,
-    client_key_pem: String,
-}
-
-fn pki() -> Pki {
-    let ca_key = KeyPair::generate().expect("a CA key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // A name of its own: a certificate of another CA is then of an unknown issuer.
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    ca.distinguished_name
-        .push(DnType::CommonName, format!("Hopper test CA {n}"));
-    let ca_cert = ca.self_signed(&ca_key).expect("the CA certificate");
-    let issue = |names: Vec<String>| {
-        let key = KeyPair::generate().expect("a key");
-        let cert = CertificateParams::new(names)
-            .expect("params")
-            .signed_by(&key, &ca_cert, &ca_key)
-            .expect("a certificate");
-        (cert, key)
-    };
-    let (server, server_key) = issue(vec!["localhost".to_string()]);
-    let (client, client_key) = issue(vec!["hopper-client".to_string()]);
-    Pki {
-        ca_pem: ca_cert.pem(),
-        ca_der: ca_cert.der().clone(),
-        server: (
-            server.der().clone(),
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
-        ),
-        client_pem: client.pem(),
-        client_key_pem: client_key.serialize_pem(),
-    }
-}
-
-/// Starts a TLS endpoint on a free port of 127.0.0.1 in front of the local RabbitMQ, with the
-/// server certificate of `pki`; with `client_auth`, it wants a client certificate of `pki`'s CA.
-async fn tls_endpoint(pki: &Pki, client_auth: bool) -> u16 {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions");
-    let builder = if client_auth {
-        let mut roots = RootCertStore::empty();
-        roots.add(pki.ca_der.clone()).expect("the CA as a root");
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()
-            .expect("a client verifier");
-        builder.with_client_cert_verifier(verifier)
-    } else {
-        builder.with_no_client_auth()
-    };
-    let config = builder
-        .with_single_cert(vec![pki.server.0.clone()], pki.server.1.clone_key())
-        .expect("the server certificate");
-    let acceptor = TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
-    let port = listener.local_addr().expect("its address").port();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                // A client that refuses the certificate ends here: nothing reaches the broker.
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await else {
-                    return;
-                };
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
-            });
-        }
-    });
-    port
-}
 
 const BODY: &str = r#"
 [state]

@@ -168,6 +168,7 @@ fn state(raw: RawState, dir: &Path) -> FieldResult<StateSpec> {
         }
         Ok(StateSpec::Sqlite { path: dir.join(p) })
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let url = postgres_url("state.url", Some(url), dir)?;
         let schema = raw.schema.unwrap_or_else(|| "hopper".to_string());
         let plain = schema.len() <= 63
             && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
@@ -206,7 +207,7 @@ fn source(s: RawSource, dir: &Path) -> FieldResult<SourceSpec> {
             only("source.query", s.query.is_some(), "file")?;
             only("source.key", s.key.is_some(), "file")?;
         }
-        "postgres" => return postgres_source(s),
+        "postgres" => return postgres_source(s, dir),
         other => {
             return Err((
                 "source.kind",
@@ -245,10 +246,10 @@ fn source(s: RawSource, dir: &Path) -> FieldResult<SourceSpec> {
     })
 }
 
-fn postgres_source(s: RawSource) -> FieldResult<SourceSpec> {
+fn postgres_source(s: RawSource, dir: &Path) -> FieldResult<SourceSpec> {
     only("source.path", s.path.is_some(), "postgres")?;
     only("source.format", s.format.is_some(), "postgres")?;
-    let url = postgres_url("source.url", s.url)?;
+    let url = postgres_url("source.url", s.url, dir)?;
     let query = match s.query {
         Some(q) if !q.trim().is_empty() => q.trim().trim_end_matches(';').trim_end().to_string(),
         _ => {
@@ -298,10 +299,13 @@ fn only(field: &'static str, set: bool, kind: &str) -> FieldResult<()> {
     }
 }
 
-/// A `postgres://` URL in `field`, required.
-fn postgres_url(field: &'static str, url: Option<String>) -> FieldResult<String> {
+/// A `postgres://` URL in `field`, required, with its TLS settings checked and the relative
+/// paths of its certificate files made relative to the job file's directory.
+fn postgres_url(field: &'static str, url: Option<String>, dir: &Path) -> FieldResult<String> {
     match url {
-        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => Ok(u),
+        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+            crate::postgres::link::resolve(&u, dir).map_err(|e| (field, e))
+        }
         Some(u) => Err((
             field,
             format!("{} is not a postgres:// URL", redact_url(&u)),
@@ -432,7 +436,7 @@ fn processor(p: RawProcessor, file: &Path, dir: &Path) -> FieldResult<ProcessorS
             only("processor.env", p.env.is_some(), "postgres")?;
             only("processor.dir", p.dir.is_some(), "postgres")?;
             only("processor.options", p.options.is_some(), "postgres")?;
-            let url = postgres_url("processor.url", p.url)?;
+            let url = postgres_url("processor.url", p.url, dir)?;
             let statement = match p.statement {
                 Some(s) if !s.trim().is_empty() => s,
                 _ => {

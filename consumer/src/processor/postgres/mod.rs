@@ -24,18 +24,15 @@
 //! Parameters are sent in PostgreSQL's text format and converted by the database to the types
 //! the statement declares ([`hopper_common::postgres::text_for`] says how each JSON value goes).
 
-use std::str::FromStr;
-
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::future::join_all;
-use hopper_common::job::redact_url;
-use hopper_common::postgres::{describe, describe_place, text_for, Text};
+use hopper_common::postgres::{describe, text_for, PgLink, Text};
 use hopper_common::{Chunk, Item};
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Config, NoTls, Statement};
+use tokio_postgres::Statement;
 
 use super::{BuildError, ProcessError, Processed, Processor};
 
@@ -133,12 +130,11 @@ impl PostgresProcessor {
             unreachable,
             message,
         };
-        let config = Config::from_str(url)
-            .map_err(|e| fail("processor.url", false, format!("{}: {e}", redact_url(url))))?;
-        let place = describe_place(&config);
+        let link = PgLink::parse(url).map_err(|e| fail("processor.url", false, e))?;
+        let place = link.place();
         let manager = Manager::from_config(
-            config,
-            NoTls,
+            link.config().clone(),
+            link.tls(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -149,10 +145,14 @@ impl PostgresProcessor {
             .build()
             .map_err(|e| fail("processor.url", false, e.to_string()))?;
         let mut client = pool.get().await.map_err(|e| {
+            let why = match e {
+                deadpool_postgres::PoolError::Backend(e) => link.explain(&e),
+                other => other.to_string(),
+            };
             fail(
                 "processor.url",
                 true,
-                format!("cannot connect to PostgreSQL at {place}: {e}"),
+                format!("cannot connect to PostgreSQL at {place}: {why}"),
             )
         })?;
         // Consumers starting together must not race on creating the table.

@@ -27,15 +27,13 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use hopper_common::job::redact_url;
-use hopper_common::postgres::{describe, describe_place};
+use hopper_common::postgres::{describe, PgLink};
 use hopper_common::Reply;
-use tokio_postgres::{Config, NoTls};
 
 use super::{
     Alive, Applied, ChunkRecord, Claimed, ContextError, ContextStore, Fence, Moved, RecordBatch,
@@ -58,6 +56,8 @@ pub(crate) struct PostgresStore {
     pool: Pool,
     /// Where it is, for messages: the URL without its password, and the schema.
     place: String,
+    /// How connections are made, to say why one could not be.
+    link: PgLink,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -149,10 +149,11 @@ impl PostgresStore {
         create: bool,
     ) -> Result<Option<PostgresStore>, ContextError> {
         let place = format!("{} (schema {schema})", redact_url(url));
-        let mut config = Config::from_str(url).map_err(|e| ContextError::Config {
+        let mut link = PgLink::parse(url).map_err(|message| ContextError::Config {
             store: place.clone(),
-            message: describe(&e),
+            message,
         })?;
+        let config = link.config_mut();
         // The schema is a plain identifier (the job file's validation): no quoting needed.
         let options = match config.get_options() {
             Some(given) => format!("{given} -c search_path={schema}"),
@@ -166,10 +167,10 @@ impl PostgresStore {
             // What an operator sees in pg_stat_activity.
             config.application_name("hopper-dispatcher (execution context)");
         }
-        let address = describe_place(&config);
+        let address = link.place();
         let manager = Manager::from_config(
-            config,
-            NoTls,
+            link.config().clone(),
+            link.tls(),
             // A pooled connection is tried before it is used again: one the database closed
             // (a restart, a terminated backend) is replaced, not handed to a write that would
             // fail on it and stop the run.
@@ -187,7 +188,7 @@ impl PostgresStore {
                 store: place.clone(),
                 message: e.to_string(),
             })?;
-        let store = PostgresStore { pool, place };
+        let store = PostgresStore { pool, place, link };
         let mut client = store.client().await.map_err(|e| match e {
             ContextError::Store { store, source } => ContextError::Store {
                 store,
@@ -205,7 +206,7 @@ impl PostgresStore {
     async fn client(&self) -> Result<Object, ContextError> {
         self.pool.get().await.map_err(|e| {
             let message = match e {
-                deadpool_postgres::PoolError::Backend(e) => describe(&e),
+                deadpool_postgres::PoolError::Backend(e) => self.link.explain(&e),
                 other => other.to_string(),
             };
             ContextError::Store {

@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::context::conformance::{drop_schema, pg_url, two_chunks, LENIENT};
+use tokio_postgres::NoTls;
 
 /// A schema name of this test's own, dropped when the guard goes.
 struct Schema(String);

@@ -25,16 +25,15 @@
 mod values;
 
 use std::collections::VecDeque;
-use std::str::FromStr;
 use std::time::Duration;
 
 use hopper_common::job::redact_url;
-use hopper_common::postgres::{describe, describe_place, text_for, Text};
+use hopper_common::postgres::{describe, text_for, PgLink, Text};
 use hopper_common::{Item, Position};
 use serde_json::Value;
 use tokio::runtime::Handle;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Config, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 use tracing::warn;
 
 use super::{Cursor, Read, Record, Source, SourceError};
@@ -150,34 +149,17 @@ fn compare(key: &[String], op: &str, first: usize) -> String {
     format!("({}) {op} ({})", cols.join(", "), params.join(", "))
 }
 
-fn unreachable(url: &str, e: &tokio_postgres::Error) -> SourceError {
-    let place = Config::from_str(url)
-        .map(|c| describe_place(&c))
-        .unwrap_or_else(|_| redact_url(url));
-    SourceError::Unreachable {
-        place,
-        message: describe(e),
-    }
-}
-
 fn query_error(field: &'static str, message: String) -> SourceError {
     SourceError::Query { field, message }
 }
 
-/// Connects to `url`; the connection is driven on the runtime of `handle`.
+/// Connects to `url` as its `sslmode` asks; the connection is driven on a task of its own.
 async fn connect(url: &str) -> Result<Client, SourceError> {
-    let config = Config::from_str(url)
-        .map_err(|e| query_error("source.url", format!("{}: {e}", redact_url(url))))?;
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| unreachable(url, &e))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            warn!(error = %e, "the connection to the source database ended");
-        }
-    });
-    Ok(client)
+    let link = PgLink::parse(url).map_err(|e| query_error("source.url", e))?;
+    link.connect().await.map_err(|e| SourceError::Unreachable {
+        place: link.place(),
+        message: link.explain(&e),
+    })
 }
 
 /// Learns the query's shape on `client`: its columns (each must have a mapping, and no two the
@@ -587,8 +569,8 @@ impl Source for PostgresSource {
     }
 
     fn describe(&self) -> String {
-        let url = Config::from_str(&self.url)
-            .map(|c| describe_place(&c))
+        let url = PgLink::parse(&self.url)
+            .map(|l| l.place())
             .unwrap_or_else(|_| redact_url(&self.url));
         format!("postgres {url} (key {})", self.key.join(", "))
     }

@@ -1,12 +1,17 @@
 //! What every part of Hopper that talks to PostgreSQL shares: values sent in the text format
 //! (converted by the database to the parameter's type), the database's errors as a person reads
-//! them, and where a connection goes, without its password.
+//! them, where a connection goes, without its password, and how it is made ([`link`]: the URL
+//! read as libpq reads it, `sslmode` and the certificate settings with rustls).
 //!
 //! Values go in PostgreSQL's text format and the database converts them to the types the
 //! statement declares (numeric exactly, dates, uuid, arrays...): a JSON string as is, a number
 //! as written, a boolean as `true`/`false`, `null` as NULL; an array for an array parameter as
 //! an array literal; any value for a `json`/`jsonb` parameter as its JSON text; a string for a
 //! `bytea` parameter as base64 (as the PostgreSQL source writes it).
+
+pub mod link;
+
+pub use link::{PgLink, TlsMode};
 
 use std::error::Error as StdError;
 
