@@ -186,6 +186,12 @@ pub(crate) async fn over_broker(
             )
             .await;
     }
+    let _ = ch
+        .exchange_delete(
+            format!("hopper.{name}.exchange").as_str().into(),
+            Default::default(),
+        )
+        .await;
     Ok(HopperRun {
         took,
         peak_kib: peak,

@@ -323,21 +323,39 @@ impl TestJob {
 
     /// Starts a `hopper-consumer` on this job; its stderr goes to `consumer-<n>.log`.
     pub fn start_consumer(&self, n: u32, concurrency: u16) -> Consumer {
-        self.start_program(
+        self.start_consumer_with(n, concurrency, &[])
+    }
+
+    /// [`TestJob::start_consumer`] with these environment variables besides the test's (a
+    /// broker URL of its own, say).
+    pub fn start_consumer_with(&self, n: u32, concurrency: u16, env: &[(&str, &str)]) -> Consumer {
+        self.spawn_consumer(
             &bin("hopper-consumer"),
             &["--concurrency", &concurrency.to_string()],
             n,
+            env,
         )
     }
 
     /// Starts `program JOB.toml ARGS...` (a consumer of one's own, such as an example built on
     /// the library); its stderr goes to `consumer-<n>.log`.
     pub fn start_program(&self, program: &Path, args: &[&str], n: u32) -> Consumer {
+        self.spawn_consumer(program, args, n, &[])
+    }
+
+    fn spawn_consumer(
+        &self,
+        program: &Path,
+        args: &[&str],
+        n: u32,
+        env: &[(&str, &str)],
+    ) -> Consumer {
         let log = self.path(&format!("consumer-{n}.log"));
         let err = std::fs::File::create(&log).expect("consumer log");
         let child = Command::new(program)
             .arg(self.file())
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(err)
             .kill_on_drop(true)

@@ -108,7 +108,7 @@ pub enum TransportError {
     /// The broker failed a step.
     #[error("RabbitMQ: {what} ({queue}): {source}")]
     Broker {
-        /// The step that failed (`publish`, `declare queues`...), for the operator.
+        /// The step that failed (`publish`, `declare the queue`...), for the operator.
         what: &'static str,
         /// The queue involved.
         queue: String,
@@ -156,7 +156,34 @@ fn rejected_hint(what: &str, code: u16, text: &str) -> &'static str {
         403 if what == "connect" => {
             "; check the user and password in broker.url, and the user's access to its vhost"
         }
-        403 => "; give the user that right on the job's queues (hopper.<job>.*)",
+        // RabbitMQ names the exchange or queue but not the right: the step tells which.
+        403 => match what {
+            "consume" | "set prefetch" => {
+                "; the user needs the read right on that queue (config/rabbitmq/hopper-users.sh \
+                 sets each side's rights)"
+            }
+            "publish" | "confirm" => {
+                "; the user needs the write right on the job's exchange, hopper.<job>.exchange \
+                 (config/rabbitmq/hopper-users.sh sets each side's rights)"
+            }
+            "declare the exchange" => {
+                "; the user needs the configure right on it (config/rabbitmq/hopper-users.sh \
+                 sets each side's rights)"
+            }
+            "declare the queue" => {
+                "; the user needs the configure right on it, and for a queue that dead-letters \
+                 (chunks, retry.*) the read right on it and the write right on the job's \
+                 exchange (config/rabbitmq/hopper-users.sh sets each side's rights)"
+            }
+            "bind the queue" => {
+                "; the user needs the write right on the queue and the read right on the job's \
+                 exchange (config/rabbitmq/hopper-users.sh sets each side's rights)"
+            }
+            _ => {
+                "; give the user that right on the job's exchange and queues (hopper.<job>.*; \
+                 config/rabbitmq/hopper-users.sh sets each side's rights)"
+            }
+        },
         406 if text.contains("inequivalent arg") => {
             "; the queue was declared by another version of Hopper with other arguments: delete \
              the job's queues once (they must be empty), and both sides declare them again"

@@ -1,9 +1,12 @@
 //! The operator's view of a job's queues, without the management plugin: how many messages and
-//! consumers each holds (a passive declare tells), and deleting them all (`clean --queues`).
+//! consumers each holds (a passive declare tells), and deleting them all with the job's exchange
+//! (`clean --queues`).
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
-use lapin::Connection;
+use lapin::{Connection, ExchangeKind};
 
 use super::{broker, connect, Topology};
 use crate::{Job, TransportError};
@@ -66,13 +69,14 @@ async fn inspect_on(conn: &Connection, job: &Job) -> Result<Vec<QueueState>, Tra
     Ok(states)
 }
 
-/// Deletes every queue of `job` that exists, messages included; returns the names deleted.
+/// Deletes every queue of `job` that exists, messages included, and the job's exchange;
+/// returns the names deleted.
 ///
 /// # Errors
 /// The broker cannot be reached, or refuses (a user without the configure right).
 pub async fn delete(job: &Job) -> Result<Vec<String>, TransportError> {
     let conn = connect(&job.broker_url, "hopper-admin", &job.broker_tls).await?;
-    let present: Vec<String> = inspect_on(&conn, job)
+    let mut present: Vec<String> = inspect_on(&conn, job)
         .await?
         .into_iter()
         .filter(|q| q.messages.is_some())
@@ -88,6 +92,42 @@ pub async fn delete(job: &Job) -> Result<Vec<String>, TransportError> {
             .await
             .map_err(broker("delete the queue", name))?;
     }
+    let exchange = Topology::for_job(job).exchange;
+    if exchange_exists(&conn, &exchange).await? {
+        channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .map_err(broker("delete the exchange", &exchange))?;
+        present.push(exchange);
+    }
     let _ = conn.close(200, "done".into()).await;
     Ok(present)
+}
+
+/// Whether `exchange` exists (a passive declare, on a channel of its own: a missing one
+/// closes it).
+async fn exchange_exists(conn: &Connection, exchange: &str) -> Result<bool, TransportError> {
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(broker("open a channel", exchange))?;
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    match channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Direct,
+            passive,
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(()) => Ok(true),
+        Err(e) => match broker("look at the exchange", exchange)(e) {
+            TransportError::Rejected { code: 404, .. } => Ok(false),
+            other => Err(other),
+        },
+    }
 }

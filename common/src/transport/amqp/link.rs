@@ -119,10 +119,7 @@ impl Link {
             .create_channel()
             .await
             .map_err(step("open channel"))?;
-        topology
-            .declare(&channel)
-            .await
-            .map_err(step("declare queues"))?;
+        topology.declare(&channel).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await

@@ -185,7 +185,7 @@ impl Transport for AmqpTransport {
         let confirm = link
             .channel
             .basic_publish(
-                "".into(),
+                self.topology.exchange.as_str().into(),
                 queue.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
@@ -260,10 +260,7 @@ impl Transport for AmqpTransport {
     }
 
     async fn repair(&self) -> Result<(), TransportError> {
-        self.topology
-            .declare(&self.link().channel)
-            .await
-            .map_err(broker("declare queues", &self.topology.chunks))
+        self.topology.declare(&self.link().channel).await
     }
 
     async fn reconnect(&self) -> Result<(), TransportError> {

@@ -1,7 +1,8 @@
-//! The queues of one job, by name, and how they are declared.
+//! The exchange and queues of one job, by name, and how they are declared.
 //!
-//! | queue | what |
+//! | name | what |
 //! |---|---|
+//! | `hopper.<job>.exchange` | direct exchange every message of the job is published to, routed by queue name; each queue below is bound to it by its own name |
 //! | `hopper.<job>.chunks` | quorum queue the consumers read; a chunk past its delivery limit is dead-lettered to `replies` |
 //! | `hopper.<job>.retry.<delay>` | one quorum delay queue per backoff delay (per-queue TTL), dead-lettering back to `chunks` |
 //! | `hopper.<job>.replies` | quorum queue the dispatcher reads: replies, and chunks the broker dead-lettered |
@@ -12,6 +13,11 @@
 //!
 //! Dead-lettering is at least once (RabbitMQ 3.10+), so no chunk is lost moving between queues.
 //!
+//! Everything goes through the job's own exchange, never the default one: RabbitMQ grants
+//! publishing per exchange, and a right to write to `amq.default` is a right to write to every
+//! queue of the virtual host. With the exchange, a user whose rights stop at `hopper.<job>.`
+//! can run the job and nothing else (`config/rabbitmq/hopper-users.sh`).
+//!
 //! Declaring is idempotent and both sides do it, so dispatcher and consumers can start in any
 //! order. The queue arguments depend on nothing in the job file but the delays, which name their
 //! queues: RabbitMQ refuses a re-declaration whose arguments differ, and a changed job file must
@@ -19,11 +25,16 @@
 
 use std::time::Duration;
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::Channel;
+use lapin::{Channel, ExchangeKind};
 
+use super::broker;
 use crate::job::Job;
+use crate::TransportError;
 
 /// Deliveries of one chunk message (crashes of the consumers holding it) before the quorum queue
 /// dead-letters it, so a message that kills consumers cannot loop forever. Set explicitly because
@@ -40,9 +51,12 @@ pub struct DelayQueue {
     pub queue: String,
 }
 
-/// The names of one job's queues.
+/// The names of one job's exchange and queues.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
+    /// `hopper.<job>.exchange`, which every message is published to, with its queue's name as
+    /// the routing key.
+    pub exchange: String,
     /// `hopper.<job>.chunks`, which the consumers read.
     pub chunks: String,
     /// `hopper.<job>.replies`, which the dispatcher reads.
@@ -68,6 +82,7 @@ impl Topology {
             }
         }
         Topology {
+            exchange: format!("{base}.exchange"),
             chunks: format!("{base}.chunks"),
             replies: format!("{base}.replies"),
             dead: format!("{base}.dead"),
@@ -95,41 +110,87 @@ impl Topology {
         names
     }
 
-    /// Declares every queue (idempotent).
+    /// Declares the exchange and every queue, each bound to the exchange by its own name
+    /// (idempotent).
     ///
     /// # Errors
-    /// The broker's error, for example a queue of the same name declared with other arguments.
-    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+    /// The broker's error at the step that failed, naming its exchange or queue: for example a
+    /// queue of the same name declared with other arguments, or a user without a right the step
+    /// needs ([`TransportError::Rejected`], whose message says which right).
+    pub async fn declare(&self, channel: &Channel) -> Result<(), TransportError> {
+        channel
+            .exchange_declare(
+                self.exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(broker("declare the exchange", &self.exchange))?;
         let durable = QueueDeclareOptions::durable();
         // A chunk past its delivery limit (it killed or outlived every consumer that took it) is
         // dead-lettered to the replies queue: the dispatcher records it dead, with why, and
         // parks it on the dead queue for people. Without this it would hold its run open.
-        let mut chunk_args = dead_letter_to(&self.replies);
+        let mut chunk_args = self.dead_letter_to(&self.replies);
         chunk_args.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(DELIVERY_LIMIT),
         );
+        let declare = "declare the queue";
         channel
             .queue_declare(self.chunks.as_str().into(), durable, chunk_args)
-            .await?;
+            .await
+            .map_err(broker(declare, &self.chunks))?;
         channel
             .queue_declare(self.replies.as_str().into(), durable, quorum())
-            .await?;
+            .await
+            .map_err(broker(declare, &self.replies))?;
         channel
             .queue_declare(self.dead.as_str().into(), durable, quorum())
-            .await?;
+            .await
+            .map_err(broker(declare, &self.dead))?;
         for tier in &self.delays {
-            let mut args = dead_letter_to(&self.chunks);
+            let mut args = self.dead_letter_to(&self.chunks);
             let ttl = i64::try_from(tier.delay.as_millis()).unwrap_or(i64::MAX);
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
             channel
                 .queue_declare(tier.queue.as_str().into(), durable, args)
-                .await?;
+                .await
+                .map_err(broker(declare, &tier.queue))?;
+        }
+        for queue in self.all_queues() {
+            channel
+                .queue_bind(
+                    queue.into(),
+                    self.exchange.as_str().into(),
+                    queue.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(broker("bind the queue", queue))?;
         }
         Ok(())
     }
 
-    /// Deletes every queue of the job, messages included. For tests and clean-up.
+    /// A quorum queue whose dead letters go to `target` through the job's exchange, at least
+    /// once: RabbitMQ's default (at most once) can drop a message moving between queues when a
+    /// broker node fails, and a chunk lost between queues would hold its run open for ever.
+    /// At-least-once dead-lettering needs `reject-publish` overflow.
+    fn dead_letter_to(&self, target: &str) -> FieldTable {
+        let mut args = quorum();
+        args.insert("x-dead-letter-exchange".into(), string(&self.exchange));
+        args.insert("x-dead-letter-routing-key".into(), string(target));
+        args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+        args.insert("x-overflow".into(), string("reject-publish"));
+        args
+    }
+
+    /// Deletes every queue of the job, messages included, and its exchange. For tests and
+    /// clean-up.
     ///
     /// # Errors
     /// The broker's error.
@@ -139,21 +200,13 @@ impl Topology {
                 .queue_delete(q.into(), QueueDeleteOptions::default())
                 .await?;
         }
-        Ok(())
+        channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await
     }
-}
-
-/// A quorum queue whose dead letters go to `target`, at least once: RabbitMQ's default
-/// (at most once) can drop a message moving between queues when a broker node fails, and a chunk
-/// lost between queues would hold its run open for ever. At-least-once dead-lettering needs
-/// `reject-publish` overflow.
-fn dead_letter_to(target: &str) -> FieldTable {
-    let mut args = quorum();
-    args.insert("x-dead-letter-exchange".into(), string(""));
-    args.insert("x-dead-letter-routing-key".into(), string(target));
-    args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
-    args.insert("x-overflow".into(), string("reject-publish"));
-    args
 }
 
 fn quorum() -> FieldTable {
@@ -210,5 +263,6 @@ backoff = "500ms..2s"
         assert_eq!(t.delay_queue(&job, 2), Some("hopper.t.retry.500ms"));
         assert_eq!(t.delay_queue(&job, 6), Some("hopper.t.retry.2s"));
         assert_eq!(t.chunks, "hopper.t.chunks");
+        assert_eq!(t.exchange, "hopper.t.exchange");
     }
 }
