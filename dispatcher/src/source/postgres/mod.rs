@@ -25,6 +25,7 @@
 mod values;
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hopper_common::job::redact_url;
@@ -87,6 +88,10 @@ pub struct PostgresSource {
     key: Vec<String>,
     bounds: Bounds,
     conn: Option<Conn>,
+    /// The next page of a scan, asked for before this one is turned into items, so that the
+    /// database reads and sends it while the dispatcher works (the pages then cost about the
+    /// larger of the two, not their sum).
+    ahead: Option<Ahead>,
     page: VecDeque<Read>,
     /// The key of the last row handed out (or where reading started).
     last_key: Option<String>,
@@ -106,9 +111,23 @@ impl std::fmt::Debug for PostgresSource {
     }
 }
 
+/// A page asked for ahead: the rows after `after` (a key's JSON), on their way.
+struct Ahead {
+    after: String,
+    rows: tokio::task::JoinHandle<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        // Not wanted any more (the scan ended, or the connection is being replaced).
+        self.rows.abort();
+    }
+}
+
 /// A connection, with the query's shape and its page statements prepared on it.
 struct Conn {
-    client: Client,
+    /// Shared with the task that reads the next page ahead.
+    client: Arc<Client>,
     shape: Shape,
     /// From the first row; after a key; up to a key; after and up to; one row by key.
     first: Statement,
@@ -306,6 +325,7 @@ impl PostgresSource {
             key: key.to_vec(),
             bounds,
             conn: None,
+            ahead: None,
             page: VecDeque::new(),
             last_key,
             rows,
@@ -342,7 +362,7 @@ impl PostgresSource {
         .await?;
         let one = prepare(page_sql(q, k, &compare(k, "=", 1), 1)).await?;
         Ok(Conn {
-            client,
+            client: Arc::new(client),
             shape,
             first,
             after,
@@ -365,6 +385,7 @@ impl PostgresSource {
                 Err(e) if attempt < ATTEMPTS && e.is_transient() => {
                     warn!(source = %self.describe(), attempt, error = %e,
                           "reading the source failed; connecting again");
+                    self.ahead = None;
                     self.conn = None;
                     std::thread::sleep(Duration::from_millis(500 << attempt));
                 }
@@ -405,12 +426,37 @@ impl PostgresSource {
                 (&conn.between, p)
             }
         };
-        let rows = query(conn, statement, &params).await?;
+        let ahead = self.ahead.take();
+        let rows = match (ahead, &self.bounds) {
+            (
+                Some(mut ahead),
+                Bounds::Scan { after: Some(a) } | Bounds::Range { after: Some(a), .. },
+            ) if ahead.after == *a => (&mut ahead.rows)
+                .await
+                .map_err(|e| SourceError::Fetch {
+                    after: String::new(),
+                    message: format!("the page read ahead was lost: {e}"),
+                })?
+                .map_err(|e| SourceError::Fetch {
+                    after: String::new(),
+                    message: describe(&e),
+                })?,
+            _ => query(conn, statement, &params).await?,
+        };
         match &mut self.bounds {
             Bounds::Rows(keys) => {
                 keys.pop_front();
             }
             Bounds::Scan { .. } | Bounds::Range { .. } => self.done = rows.len() < PAGE,
+        }
+        if !self.done {
+            if let Some(last) = rows.last() {
+                let (_, key) = render(shape, last, 64).map_err(|why| SourceError::Fetch {
+                    after: String::new(),
+                    message: why,
+                })?;
+                self.ahead = read_ahead(conn, &self.bounds, key)?;
+            }
         }
         let mut size = 64;
         for row in &rows {
@@ -439,6 +485,27 @@ impl PostgresSource {
         }
         Ok(())
     }
+}
+
+/// Starts reading the page after `key` (the last row of the page in hand) on its own task, for a
+/// scan or a range; `None` for rows read one by one.
+fn read_ahead(conn: &Conn, bounds: &Bounds, key: String) -> Result<Option<Ahead>, SourceError> {
+    let (statement, params) = match bounds {
+        Bounds::Scan { .. } => (conn.after.clone(), bind(&conn.shape, &key)?),
+        Bounds::Range { last, .. } => {
+            let mut p = bind(&conn.shape, &key)?;
+            p.extend(bind(&conn.shape, last)?);
+            (conn.between.clone(), p)
+        }
+        Bounds::Rows(_) => return Ok(None),
+    };
+    let client = Arc::clone(&conn.client);
+    let rows = tokio::spawn(async move {
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        client.query(&statement, &refs).await
+    });
+    Ok(Some(Ahead { after: key, rows }))
 }
 
 /// The text parameters that bind `key` (its JSON) to the key columns.
