@@ -71,6 +71,29 @@ params = ["id", "price"]
     (t, src, dst)
 }
 
+/// The job's two tables, `n` rows in the source; dropped at the end with the job's state
+/// schema (if it made one).
+async fn tables(
+    client: &tokio_postgres::Client,
+    t: &TestJob,
+    src: &str,
+    dst: &str,
+    n: i64,
+) -> Tables {
+    Tables::create(
+        client,
+        t,
+        &[src, dst],
+        &format!(
+            "CREATE TABLE {src} (id bigint PRIMARY KEY, price numeric(12,2));
+             INSERT INTO {src} SELECT i, i * 1.25 FROM generate_series(1, {n}) i;
+             CREATE TABLE {dst} (id bigint, price numeric(12,2));"
+        ),
+    )
+    .await
+    .with_schema(&Tables::name(t, "state"))
+}
+
 /// Source and execution context verified in full (`localhost`), the processor verified to the
 /// CA only (reached as 127.0.0.1, which the certificate does not name) and presenting a client
 /// certificate the endpoint requires: 2,000 rows copied exactly once, `status` read over TLS
@@ -93,18 +116,7 @@ async fn a_postgres_run_completes_through_verified_tls() {
     std::fs::write(t.path("client.pem"), &pki.client_pem).expect("write the certificate");
     std::fs::write(t.path("client.key"), &pki.client_key_pem).expect("write the key");
     let n = 2_000i64;
-    let _tables = Tables::create(
-        &client,
-        &t,
-        &[&src, &dst],
-        &format!(
-            "CREATE TABLE {src} (id bigint PRIMARY KEY, price numeric(12,2));
-             INSERT INTO {src} SELECT i, i * 1.25 FROM generate_series(1, {n}) i;
-             CREATE TABLE {dst} (id bigint, price numeric(12,2));"
-        ),
-    )
-    .await
-    .with_schema(&Tables::name(&t, "state"));
+    let _tables = tables(&client, &t, &src, &dst, n).await;
 
     let out = t.dispatcher(&["run", "--local", "2"], LIMIT).await;
     assert_eq!(out.code(), 0, "the run failed: {}", out.stderr);
@@ -156,16 +168,7 @@ async fn a_wrong_ca_another_host_name_or_no_tls_fails_at_once() {
         let text = std::fs::read_to_string(t.file()).expect("job");
         std::fs::write(t.file(), text.replace("schema = ", "# schema = ")).expect("job");
         std::fs::write(t.path("ca.pem"), ca).expect("write the CA");
-        let _tables = Tables::create(
-            &client,
-            &t,
-            &[&src, &dst],
-            &format!(
-                "CREATE TABLE {src} (id bigint PRIMARY KEY, price numeric(12,2));
-                 CREATE TABLE {dst} (id bigint, price numeric(12,2));"
-            ),
-        )
-        .await;
+        let _tables = tables(&client, &t, &src, &dst, 0).await;
 
         let started = std::time::Instant::now();
         let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
@@ -232,16 +235,7 @@ async fn tls_settings_that_cannot_hold_are_a_bad_job_file() {
         let text = std::fs::read_to_string(t.file()).expect("job");
         std::fs::write(t.file(), text.replace("schema = ", "# schema = ")).expect("job");
         std::fs::write(t.path("junk.pem"), "not a certificate").expect("junk");
-        let _tables = Tables::create(
-            &client,
-            &t,
-            &[&src, &dst],
-            &format!(
-                "CREATE TABLE {src} (id bigint PRIMARY KEY, price numeric(12,2));
-                 CREATE TABLE {dst} (id bigint, price numeric(12,2));"
-            ),
-        )
-        .await;
+        let _tables = tables(&client, &t, &src, &dst, 0).await;
         let out = t.dispatcher(&["run", "--local", "1"], LIMIT).await;
         assert_eq!(out.code(), 2, "{field} {why}: {}", out.stderr);
         for needed in [field, why] {

@@ -189,7 +189,10 @@ fn replace_param(url: &str, name: &str, encoded: &str) -> String {
     let pairs: Vec<String> = query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((k, _)) if k == name => format!("{k}={encoded}"),
+            // Compared decoded, as split() reads the keys.
+            Some((k, _)) if percent_encoding::percent_decode_str(k).decode_utf8_lossy() == name => {
+                format!("{k}={encoded}")
+            }
             _ => pair.to_string(),
         })
         .collect();
