@@ -8,6 +8,15 @@
 //! function is volatile), within the chunk's transaction: the same effect as the statements
 //! one by one, without a protocol round of parse, bind and execute per item.
 //!
+//! A plain `INSERT INTO target (columns) VALUES ($1, ..., $n)` (with `ON CONFLICT ... DO NOTHING`
+//! or `RETURNING` after it, or nothing) goes further: one set-based statement,
+//! `INSERT INTO target (columns) SELECT u.p1, ..., u.pn FROM unnest(...) AS u (p1, ..., pn)`,
+//! which the database plans and executes once per chunk instead of once per item. Rows go in
+//! the same order, each row trigger fires as before and sees the rows before it; a statement
+//! trigger fires once per chunk instead of once per item. Any other shape (a `$` after
+//! `VALUES`, `DO UPDATE`, which one statement may not apply twice to a row, an expression in the
+//! values) takes the function.
+//!
 //! Invariants:
 //! - Values go exactly as they would one by one: each parameter's text (as
 //!   [`hopper_common::postgres::text_for`] makes it) is an element of a text-format array
@@ -25,13 +34,17 @@ use tokio_postgres::types::{Kind, Type};
 /// The function's name, in the connection's temporary schema.
 const FUNCTION: &str = "pg_temp.hopper_item";
 
-/// The two statements of batched execution for one job statement.
+/// The statements of batched execution for one job statement.
 #[derive(Debug, Clone)]
 pub(super) struct Batch {
-    /// Creates the function on a connection that has not got it.
-    pub(super) create: String,
+    /// Creates the function on a connection that has not got it; `None` once the set-based
+    /// insert is in use, which needs none.
+    pub(super) create: Option<String>,
     /// Applies a chunk: one array parameter per statement parameter.
     pub(super) call: String,
+    /// The set-based form of a plain `INSERT ... VALUES`, to use instead of `call` if the
+    /// database prepares it ([`Batch::prefer_insert`]).
+    pub(super) insert: Option<String>,
 }
 
 impl Batch {
@@ -64,13 +77,26 @@ impl Batch {
             .enumerate()
             .map(|(i, name)| format!("${}::{name}[]", i + 1))
             .collect();
-        let call = format!(
-            "SELECT {FUNCTION}({}) FROM unnest({}) AS u ({})",
-            columns.join(", "),
+        let from = format!(
+            "FROM unnest({}) AS u ({})",
             arrays.join(", "),
             columns.join(", ")
         );
-        Ok(Batch { create, call })
+        let call = format!("SELECT {FUNCTION}({}) {from}", columns.join(", "));
+        let insert = set_insert(statement, types.len(), &from);
+        Ok(Batch {
+            create: Some(create),
+            call,
+            insert,
+        })
+    }
+
+    /// Uses the set-based insert from now on (it needs no function).
+    pub(super) fn prefer_insert(&mut self) {
+        if let Some(insert) = self.insert.take() {
+            self.call = insert;
+            self.create = None;
+        }
     }
 
     /// The array parameters for `rows` (each an item's parameters, in the statement's order):
@@ -104,6 +130,61 @@ impl Batch {
     }
 }
 
+/// The set-based form of `statement` when it is `INSERT ... VALUES ($i, ...)` with only
+/// parameters in its values and nothing after them but `ON CONFLICT ... DO NOTHING` or
+/// `RETURNING ...` without parameters; `from` is the `FROM unnest(...)` clause.
+fn set_insert(statement: &str, params: usize, from: &str) -> Option<String> {
+    let s = statement.trim().trim_end_matches(';').trim_end();
+    let upper = s.to_ascii_uppercase();
+    if !upper.starts_with("INSERT") {
+        return None;
+    }
+    // One VALUES, as a word, and no parameter, quote or comment before it that could hide one.
+    let word = |at: usize| {
+        let before = upper[..at].chars().next_back();
+        let after = upper[at + 6..].chars().next();
+        let edge = |c: Option<char>| c.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
+        edge(before) && edge(after)
+    };
+    let found: Vec<usize> = upper
+        .match_indices("VALUES")
+        .map(|(at, _)| at)
+        .filter(|&at| word(at))
+        .collect();
+    let [at] = found[..] else {
+        return None;
+    };
+    let (head, tail) = (&s[..at], s[at + 6..].trim_start());
+    if head.contains(['$', '\'', '-', '/']) {
+        return None;
+    }
+    let inner = tail.strip_prefix('(')?;
+    let close = inner.find(')')?;
+    let (list, rest) = (&inner[..close], inner[close + 1..].trim());
+    let mut picks = Vec::new();
+    for part in list.split(',') {
+        let n: usize = part.trim().strip_prefix('$')?.parse().ok()?;
+        if n == 0 || n > params {
+            return None;
+        }
+        picks.push(format!("u.p{n}"));
+    }
+    let rest_upper = rest.to_ascii_uppercase();
+    let plain_rest = rest.is_empty()
+        || ((rest_upper.starts_with("ON CONFLICT") && !rest_upper.contains("DO UPDATE"))
+            || rest_upper.starts_with("RETURNING"))
+            && !rest.contains(['$', '\'', ';', '-', '/']);
+    if !plain_rest {
+        return None;
+    }
+    let mut sql = format!("{}SELECT {} {from}", head, picks.join(", "));
+    if !rest.is_empty() {
+        sql.push(' ');
+        sql.push_str(rest);
+    }
+    Some(sql)
+}
+
 /// A type's name as SQL takes it, schema-qualified and quoted: `"pg_catalog"."int8"`.
 fn type_name(ty: &Type) -> String {
     let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
@@ -122,7 +203,7 @@ mod tests {
         )
         .expect("batchable");
         assert_eq!(
-            b.create,
+            b.create.as_deref().expect("a function"),
             "CREATE OR REPLACE FUNCTION pg_temp.hopper_item(\"pg_catalog\".\"int8\", \
              \"pg_catalog\".\"text\") RETURNS void LANGUAGE sql VOLATILE \
              AS $hopper$INSERT INTO t (a, b) VALUES ($1, $2)$hopper$"
@@ -132,9 +213,45 @@ mod tests {
             "SELECT pg_temp.hopper_item(p1, p2) FROM unnest($1::\"pg_catalog\".\"int8\"[], \
              $2::\"pg_catalog\".\"text\"[]) AS u (p1, p2)"
         );
+        assert_eq!(
+            b.insert.as_deref(),
+            Some(
+                "INSERT INTO t (a, b) SELECT u.p1, u.p2 FROM unnest($1::\"pg_catalog\".\"int8\"[], \
+                 $2::\"pg_catalog\".\"text\"[]) AS u (p1, p2)"
+            )
+        );
         // A statement that holds the tag gets another.
         let b = Batch::new("SELECT $hopper$x$hopper$ || $1", &[Type::TEXT]).expect("batchable");
-        assert!(b.create.contains("$hopper_$SELECT"), "{}", b.create);
+        let create = b.create.expect("a function");
+        assert!(create.contains("$hopper_$SELECT"), "{create}");
+    }
+
+    #[test]
+    fn only_plain_inserts_of_parameters_go_set_based() {
+        let from = "FROM x";
+        let set = |s: &str| set_insert(s, 2, from);
+        assert_eq!(
+            set("insert into t(b, a)values($2,$1) on conflict do nothing;").as_deref(),
+            Some("insert into t(b, a)SELECT u.p2, u.p1 FROM x on conflict do nothing")
+        );
+        assert_eq!(
+            set("INSERT INTO t VALUES ($1, $2) RETURNING id").as_deref(),
+            Some("INSERT INTO t SELECT u.p1, u.p2 FROM x RETURNING id")
+        );
+        for other in [
+            "UPDATE t SET a = $2 WHERE id = $1",
+            "INSERT INTO t VALUES ($1, $2 + 1)",
+            "INSERT INTO t VALUES ($1, now())",
+            "INSERT INTO t VALUES ($1, $2), ($2, $1)",
+            "INSERT INTO t VALUES ($1, $3)",
+            "INSERT INTO t VALUES ($1, $2) ON CONFLICT (a) DO UPDATE SET b = excluded.b",
+            "INSERT INTO t VALUES ($1, $2) ON CONFLICT (a) DO NOTHING RETURNING $1",
+            "INSERT INTO t SELECT $1, $2 WHERE 'VALUES' <> ''",
+            "INSERT INTO \"values\" VALUES ($1, $2)",
+            "INSERT INTO t /* VALUES */ VALUES ($1, $2)",
+        ] {
+            assert_eq!(set(other), None, "{other}");
+        }
     }
 
     #[test]

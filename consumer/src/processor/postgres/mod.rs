@@ -16,8 +16,9 @@
 //!   failures, deadlocks, lock timeouts, cancellation and a restarting server are transient
 //!   (retried with backoff); a statement the database cannot run (class 42: a missing table, a
 //!   permission) is permanent.
-//! - **Fast path first.** The items of a chunk go as one statement ([`batch`]: the job's
-//!   statement as a temporary function, called once per item from one query over arrays), or,
+//! - **Fast path first.** The items of a chunk go as one statement ([`batch`]: a plain
+//!   `INSERT ... VALUES` as one set-based `INSERT ... SELECT` over arrays, any other statement
+//!   as a temporary function called once per item from one query over arrays), or,
 //!   where that cannot be used, pipelined; only when the database refuses one of them is the
 //!   chunk done again item by item, each under a savepoint, to find which.
 //!
@@ -195,16 +196,32 @@ impl PostgresProcessor {
             ));
         }
         let batch = match Batch::new(statement, prepared.params()) {
-            Ok(batch) => match client.batch_execute(&batch.create).await {
-                Ok(()) => Some(batch),
-                Err(e) => {
-                    tracing::info!(
-                        why = %describe(&e),
-                        "items are pipelined one statement each: the statement cannot be batched"
-                    );
-                    None
+            Ok(mut batch) => {
+                // The set-based insert where the database takes it; the function otherwise.
+                if let Some(insert) = &batch.insert {
+                    match client.prepare(insert).await {
+                        Ok(_) => batch.prefer_insert(),
+                        Err(e) => tracing::info!(
+                            why = %describe(&e),
+                            "the insert is not set-based: the statement runs once per item"
+                        ),
+                    }
                 }
-            },
+                match &batch.create {
+                    None => Some(batch),
+                    Some(create) => match client.batch_execute(create).await {
+                        Ok(()) => Some(batch),
+                        Err(e) => {
+                            tracing::info!(
+                                why = %describe(&e),
+                                "items are pipelined one statement each: the statement cannot \
+                                 be batched"
+                            );
+                            None
+                        }
+                    },
+                }
+            }
             Err(why) => {
                 tracing::info!(%why, "items are pipelined one statement each");
                 None
@@ -307,7 +324,8 @@ async fn batched(client: &deadpool_postgres::Object, batch: &Batch) -> Option<St
     match client.prepare_cached(&batch.call).await {
         Ok(call) => Some(call),
         Err(e) if e.code() == Some(&SqlState::UNDEFINED_FUNCTION) => {
-            if let Err(e) = client.batch_execute(&batch.create).await {
+            let create = batch.create.as_ref()?;
+            if let Err(e) = client.batch_execute(create).await {
                 tracing::debug!(why = %describe(&e), "batched execution refused on a connection");
                 return None;
             }
