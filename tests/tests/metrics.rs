@@ -56,8 +56,11 @@ skip_limit = 10
 consumer = "127.0.0.1:0"
 "#,
     );
-    // 20,000 records, three of them malformed (bad data, skipped).
-    write_jsonl(&t.path("input.jsonl"), 20_000, 60);
+    // 100,000 records, three of them malformed (bad data, skipped). At 4,000 a second the run
+    // lasts 25 s, so the pause after 4,000 lands well before its end however slowly a loaded
+    // machine answers `status` (20,000 records once ended the run first); the rate is lifted
+    // before `resume` so that the rest goes at full speed.
+    write_jsonl(&t.path("input.jsonl"), 100_000, 60);
     let text = std::fs::read_to_string(t.path("input.jsonl")).expect("input");
     let mut lines: Vec<&str> = text.lines().collect();
     for at in [10, 5_000, 12_345] {
@@ -165,7 +168,9 @@ consumer = "127.0.0.1:0"
     );
     assert_eq!(value(&c, job, "hopper_consumer_reconnects_total", &[]), 0.0);
 
-    // Resumed, the run ends; every record once.
+    // Resumed without its rate limit, the run ends; every record once.
+    let out = t.dispatcher(&["throttle", "--rate", "0"], LIMIT).await;
+    assert_eq!(out.code(), 0, "{}", out.stderr);
     let out = t.dispatcher(&["resume"], LIMIT).await;
     assert_eq!(out.code(), 0, "{}", out.stderr);
     let ended = tokio::time::timeout(LIMIT, dispatcher.wait())
@@ -175,8 +180,8 @@ consumer = "127.0.0.1:0"
     assert_eq!(ended.code(), Some(1), "three records were skipped");
     let s = t.status().await;
     assert_eq!(s["state"], "completed_with_failures");
-    assert_eq!(s["items"]["read"], 20_000);
-    assert_eq!(s["items"]["processed"], 19_997);
+    assert_eq!(s["items"]["read"], 100_000);
+    assert_eq!(s["items"]["processed"], 99_997);
     assert_eq!(s["items"]["skipped"], 3);
     let c = scrape(&c_addr).await;
     assert_eq!(
