@@ -242,6 +242,14 @@ impl PgLink {
         describe_place(&self.config)
     }
 
+    /// Host and port of `url`, for messages, without building its TLS configuration (which
+    /// reads certificate files and may load the system's roots); `None` for a URL that does
+    /// not parse.
+    pub fn place_of(url: &str) -> Option<String> {
+        let (rest, _) = split(url).ok()?;
+        Config::from_str(&rest).ok().map(|c| describe_place(&c))
+    }
+
     /// Why a connection failed, as a person acts on it: the database's own words, and for a
     /// TLS failure which settings to check.
     pub fn explain(&self, e: &tokio_postgres::Error) -> String {
@@ -505,6 +513,12 @@ mod tests {
         assert_eq!(p.root.as_deref(), Some("/tmp/ca file.pem"));
         let (rest, _) = split("postgres://h/db?sslmode=disable").expect("split");
         assert_eq!(rest, "postgres://h/db");
+        // Where a URL goes, told without reading its files.
+        assert_eq!(
+            PgLink::place_of("postgres://u:p@h:5/db?sslmode=verify-full&sslrootcert=/nowhere.pem")
+                .as_deref(),
+            Some("h:5")
+        );
     }
 
     #[test]

@@ -636,9 +636,7 @@ impl Source for PostgresSource {
     }
 
     fn describe(&self) -> String {
-        let url = PgLink::parse(&self.url)
-            .map(|l| l.place())
-            .unwrap_or_else(|_| redact_url(&self.url));
+        let url = PgLink::place_of(&self.url).unwrap_or_else(|| redact_url(&self.url));
         format!("postgres {url} (key {})", self.key.join(", "))
     }
 
