@@ -151,48 +151,49 @@ impl TransportError {
 }
 
 /// What to do about a refusal, where the broker's text alone does not say it.
-fn rejected_hint(what: &str, code: u16, text: &str) -> &'static str {
+fn rejected_hint(what: &str, code: u16, text: &str) -> String {
     match code {
         403 if what == "connect" => {
-            "; check the user and password in broker.url, and the user's access to its vhost"
+            "; check the user and password in broker.url, and the user's access to its vhost".into()
         }
         // RabbitMQ names the exchange or queue but not the right: the step tells which.
-        403 => match what {
-            "consume" | "set prefetch" => {
-                "; the user needs the read right on that queue (config/rabbitmq/hopper-users.sh \
-                 sets each side's rights)"
+        403 => match right_needed(what) {
+            Some(needs) => {
+                format!("; {needs} (config/rabbitmq/hopper-users.sh sets each side's rights)")
             }
-            "publish" | "confirm" => {
-                "; the user needs the write right on the job's exchange, hopper.<job>.exchange \
-                 (config/rabbitmq/hopper-users.sh sets each side's rights)"
-            }
-            "declare the exchange" => {
-                "; the user needs the configure right on it (config/rabbitmq/hopper-users.sh \
-                 sets each side's rights)"
-            }
-            "declare the queue" => {
-                "; the user needs the configure right on it, and for a queue that dead-letters \
-                 (chunks, retry.*) the read right on it and the write right on the job's \
-                 exchange (config/rabbitmq/hopper-users.sh sets each side's rights)"
-            }
-            "bind the queue" => {
-                "; the user needs the write right on the queue and the read right on the job's \
-                 exchange (config/rabbitmq/hopper-users.sh sets each side's rights)"
-            }
-            _ => {
-                "; give the user that right on the job's exchange and queues (hopper.<job>.*; \
-                 config/rabbitmq/hopper-users.sh sets each side's rights)"
-            }
+            None => "; give the user that right on the job's exchange and queues (hopper.<job>.*; \
+                     config/rabbitmq/hopper-users.sh sets each side's rights)"
+                .into(),
         },
         406 if text.contains("inequivalent arg") => {
             "; the queue was declared by another version of Hopper with other arguments: delete \
              the job's queues once (they must be empty), and both sides declare them again"
+                .into()
         }
         406 if text.contains("max size") => {
-            "; lower chunking.max_bytes, or raise the broker's max_message_size"
+            "; lower chunking.max_bytes, or raise the broker's max_message_size".into()
         }
-        _ => "",
+        _ => String::new(),
     }
+}
+
+/// The right a refused step needs, by the step's name; `None` for a step not named here.
+fn right_needed(what: &str) -> Option<&'static str> {
+    Some(match what {
+        "consume" | "set prefetch" => "the user needs the read right on that queue",
+        "publish" | "confirm" => {
+            "the user needs the write right on the job's exchange, hopper.<job>.exchange"
+        }
+        "declare the exchange" => "the user needs the configure right on it",
+        "declare the queue" => {
+            "the user needs the configure right on it, and for a queue that dead-letters \
+             (chunks, retry.*) the read right on it and the write right on the job's exchange"
+        }
+        "bind the queue" => {
+            "the user needs the write right on the queue and the read right on the job's exchange"
+        }
+        _ => return None,
+    })
 }
 
 impl From<amqp::ConnectError> for TransportError {
