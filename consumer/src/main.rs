@@ -29,9 +29,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     /// The job file (the same one the dispatcher runs).
     job: PathBuf,
-    /// Chunks processed at once; also the prefetch.
+    /// Chunks processed at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1000))]
     concurrency: u16,
+    /// Chunks held at once: those being processed and those whose reply awaits the broker's
+    /// confirm (default: twice --concurrency; at least --concurrency).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=2000))]
+    prefetch: Option<u16>,
     /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT; port 0 takes any free port,
     /// logged at start; over the job file's `[metrics] consumer`).
     #[arg(long, value_name = "ADDR")]
@@ -57,6 +61,17 @@ fn main() -> ExitCode {
         };
         let shutdown = CancellationToken::new();
         let mut opts = ConsumerOptions::default().with_concurrency(cli.concurrency);
+        if let Some(prefetch) = cli.prefetch {
+            if prefetch < cli.concurrency {
+                say_error!(
+                    "--prefetch {prefetch} is less than --concurrency {}: every chunk being \
+                     processed needs a place in the prefetch",
+                    cli.concurrency
+                );
+                return ExitCode::from(2);
+            }
+            opts = opts.with_prefetch(prefetch);
+        }
         if let Some(addr) = cli.metrics.or(job.metrics.consumer) {
             let metrics = Arc::new(ConsumerMetrics::default());
             let mut registry = hopper_common::metrics::registry(&job.name);

@@ -4,14 +4,16 @@
 //! - **Commit, reply, then ack.** A chunk is acked only after its processor returned and its
 //!   reply (or its move to a retry or dead queue) was confirmed by the broker. A consumer that
 //!   dies before the ack loses nothing: the broker delivers the chunk again.
-//! - **Prefetch = concurrency.** The broker never hands this consumer more chunks than it
-//!   processes at once, so other consumers get the rest.
+//! - **Processing slots apart from delivery slots.** At most `concurrency` chunks are processed
+//!   at once; the prefetch (twice that by default) also covers chunks whose processing is over
+//!   and whose reply waits for the broker's confirm, so that wait does not idle the processor.
+//!   A chunk waiting for a processing slot is not being processed: its clock has not started.
 //! - **Poison never crash-loops.** A message that cannot be decoded (or is another job's, or
 //!   another schema version, or larger than the job's chunks can be) is parked on the dead queue
 //!   with the reason and acked, unread.
 //! - **Shutdown finishes what is in hand.** On cancellation the consumer stops taking chunks,
-//!   finishes, replies and acks the ones it holds, then closes; chunks prefetched but not
-//!   started go back to the queue when the channel closes.
+//!   finishes, replies and acks the ones it is processing, then closes; chunks prefetched but
+//!   not started are given back to the queue at once.
 //! - **Only processing counts.** Each attempt is bounded by `chunk_timeout` from when its
 //!   processing starts (`attempt`), never from when it was published.
 //! - **A chunk delivered again is processed alone**, so that chunks which merely shared a dying
@@ -42,6 +44,8 @@ use crate::processor::{ProcessError, Processor};
 #[non_exhaustive]
 pub struct ConsumerOptions {
     pub(crate) concurrency: u16,
+    /// `None`: twice the concurrency.
+    pub(crate) prefetch: Option<u16>,
     pub(crate) metrics: Arc<ConsumerMetrics>,
 }
 
@@ -49,17 +53,35 @@ impl Default for ConsumerOptions {
     fn default() -> Self {
         ConsumerOptions {
             concurrency: 4,
+            prefetch: None,
             metrics: Arc::new(ConsumerMetrics::default()),
         }
     }
 }
 
 impl ConsumerOptions {
-    /// Chunks processed at once, and the prefetch: the broker never hands this consumer more
-    /// than it processes at once, so other consumers get the rest. At least 1; 4 by default.
+    /// Chunks processed at once. At least 1; 4 by default.
     pub fn with_concurrency(mut self, concurrency: u16) -> ConsumerOptions {
         self.concurrency = concurrency.max(1);
         self
+    }
+
+    /// Chunks the broker hands this consumer before it acks any: the ones being processed and
+    /// the ones whose reply is on its way (a chunk is acked only once the broker confirmed its
+    /// reply). Twice the concurrency by default, so processing goes on while replies are
+    /// confirmed; the concurrency itself (never less) keeps every chunk this consumer holds in
+    /// processing, for chunks so slow that another consumer should rather take the next one.
+    pub fn with_prefetch(mut self, prefetch: u16) -> ConsumerOptions {
+        self.prefetch = Some(prefetch);
+        self
+    }
+
+    /// The prefetch in effect: never less than the concurrency.
+    pub fn prefetch(&self) -> u16 {
+        self.prefetch
+            .unwrap_or(self.concurrency.saturating_mul(2))
+            .max(self.concurrency)
+            .max(1)
     }
 
     /// The metrics the consumer updates: register them in a registry of one's own, or serve
@@ -106,8 +128,12 @@ struct Context {
     me: String,
     /// When to send notes about long chunks.
     notes: NoteTiming,
+    /// One per chunk being processed: the concurrency.
+    slots: tokio::sync::Semaphore,
     /// Taken shared to process a chunk, alone for a chunk delivered before (see `handle`).
     turns: tokio::sync::RwLock<()>,
+    /// Cancelled once no more chunks are taken: a chunk still waiting for a slot goes back.
+    closing: CancellationToken,
     chunks: AtomicU64,
     retried: AtomicU64,
     dead: AtomicU64,
@@ -142,11 +168,10 @@ pub async fn run_on(
     opts: ConsumerOptions,
     shutdown: CancellationToken,
 ) -> Result<ConsumerSummary, ConsumerError> {
-    let mut inbox = transport
-        .receive(Route::Chunks, opts.concurrency.max(1))
-        .await?;
-    info!(job = %job.name, concurrency = opts.concurrency, processor = job.processor.kind(),
-          "consumer started");
+    let prefetch = opts.prefetch();
+    let mut inbox = transport.receive(Route::Chunks, prefetch).await?;
+    info!(job = %job.name, concurrency = opts.concurrency, prefetch,
+          processor = job.processor.kind(), "consumer started");
 
     let ctx = Arc::new(Context {
         job: job.clone(),
@@ -154,7 +179,9 @@ pub async fn run_on(
         transport: Arc::clone(&transport),
         me: hopper_common::process::identity(),
         notes: NoteTiming::for_job(job),
+        slots: tokio::sync::Semaphore::new(usize::from(opts.concurrency.max(1))),
         turns: tokio::sync::RwLock::new(()),
+        closing: CancellationToken::new(),
         chunks: AtomicU64::new(0),
         retried: AtomicU64::new(0),
         dead: AtomicU64::new(0),
@@ -179,7 +206,7 @@ pub async fn run_on(
                     None => "the broker stopped delivering chunks".to_string(),
                 };
                 warn!(job = %job.name, error = %why, "lost the broker; reconnecting");
-                match reconnect(&transport, opts.concurrency, &mut recoveries, &shutdown).await {
+                match reconnect(&transport, prefetch, &mut recoveries, &shutdown).await {
                     Ok(Some(again)) => {
                         inbox = again;
                         ctx.metrics.reconnects.inc();
@@ -196,6 +223,8 @@ pub async fn run_on(
         info!(job = %job.name, in_hand = tracker.len(), "stopping: finishing the chunks in hand");
         transport.stop_receiving().await;
     }
+    // Once nothing more comes, what waits for a slot goes back for another consumer.
+    ctx.closing.cancel();
     tracker.close();
     tracker.wait().await;
     let summary = ConsumerSummary {
@@ -268,15 +297,30 @@ async fn handle(ctx: Arc<Context>, message: Incoming) {
     // A chunk delivered before may be the one that killed a consumer: it is processed alone, so
     // that chunks which merely shared that consumer's hands do not die with it again and again
     // until the broker's delivery limit parks them.
-    let (_shared, _alone) = if message.redelivered {
-        (None, Some(ctx.turns.write().await))
-    } else {
-        (Some(ctx.turns.read().await), None)
+    let turn = async {
+        let slot = ctx.slots.acquire().await;
+        let turn = if message.redelivered {
+            (None, Some(ctx.turns.write().await))
+        } else {
+            (Some(ctx.turns.read().await), None)
+        };
+        (slot, turn)
+    };
+    let (slot, turn) = tokio::select! {
+        biased;
+        _ = ctx.closing.cancelled() => {
+            debug!(job = %job, run, seq, attempt, "stopping: the chunk goes back unstarted");
+            let _ = message.give_back().await;
+            return;
+        }
+        taken = turn => taken,
     };
     let started = std::time::Instant::now();
     ctx.metrics.in_progress.inc();
     let result = attempt::process(&ctx, &chunk).await;
     ctx.metrics.in_progress.dec();
+    // The slot is free for the next chunk while this one's reply is confirmed.
+    drop((turn, slot));
     let processed_in = started.elapsed();
     ctx.metrics
         .processing_seconds

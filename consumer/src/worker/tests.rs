@@ -275,3 +275,118 @@ async fn a_fast_chunk_sends_no_note_however_long_it_waited() {
     stop.cancel();
     worker.await.expect("worker").expect("ran");
 }
+
+/// Tells the test which chunk it starts, then waits for the test's leave to finish it.
+struct Gate {
+    started: tokio::sync::mpsc::UnboundedSender<u64>,
+    leave: tokio::sync::Semaphore,
+}
+
+#[async_trait]
+impl Processor for Gate {
+    async fn process(&self, chunk: &Chunk) -> Result<Processed, ProcessError> {
+        let _ = self.started.send(chunk.seq);
+        self.leave
+            .acquire()
+            .await
+            .map_err(|e| ProcessError::Transient(e.to_string()))?
+            .forget();
+        Ok(Processed::all_done())
+    }
+}
+
+/// The prefetch holds more chunks than the concurrency, but no more than the concurrency are
+/// processed at once; on stop, the chunks that waited for a slot go back unprocessed, and
+/// another consumer does each of them once.
+#[tokio::test(start_paused = true)]
+async fn only_concurrency_chunks_are_processed_and_the_waiting_ones_go_back_on_stop() {
+    let job = job();
+    let broker = LocalBroker::new(&job);
+    let mut replies = broker
+        .transport()
+        .receive(Route::Replies, 64)
+        .await
+        .expect("receive");
+    for seq in 1..=6 {
+        let c = chunk(seq);
+        let payload = codec::encode_chunk(&c).expect("encode");
+        let confirm = broker
+            .transport()
+            .publish(Route::Chunks, &payload, &Label::chunk(&c))
+            .await
+            .expect("publish");
+        confirm.await.expect("confirmed");
+    }
+    let consumer = |leave: usize, stop: &CancellationToken| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let gate = Arc::new(Gate {
+            started: tx,
+            leave: tokio::sync::Semaphore::new(leave),
+        });
+        let (job, transport, stop) = (job.clone(), Arc::new(broker.transport()), stop.clone());
+        let processor: Arc<dyn Processor> = gate.clone();
+        let task = tokio::spawn(async move {
+            let opts = ConsumerOptions::default()
+                .with_concurrency(2)
+                .with_prefetch(4);
+            run_on(&job, processor, transport, opts, stop).await
+        });
+        (gate, rx, task)
+    };
+    let first_stop = CancellationToken::new();
+    let (gate, mut started, first) = consumer(0, &first_stop);
+    let mut first_seqs = Vec::new();
+    for _ in 0..2 {
+        let seq = tokio::time::timeout(Duration::from_secs(10), started.recv())
+            .await
+            .expect("a chunk starts")
+            .expect("the processor is alive");
+        first_seqs.push(seq);
+    }
+    // Four are in hand, two are processed: no third starts (the clock is paused, so this
+    // minute passes as soon as every task waits).
+    let third = tokio::time::timeout(Duration::from_secs(60), started.recv()).await;
+    assert!(third.is_err(), "a third chunk started: {third:?}");
+    first_stop.cancel();
+    gate.leave.add_permits(2);
+    let summary = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("the first consumer stops")
+        .expect("its task")
+        .expect("it ran");
+    assert_eq!(summary.chunks, 2);
+
+    let second_stop = CancellationToken::new();
+    let (_gate, _started, second) = consumer(100, &second_stop);
+    let mut done = Vec::new();
+    while done.len() < 6 {
+        let r = next_reply(&mut replies).await;
+        match r.outcome {
+            // The first two ran long enough to be noted.
+            Outcome::Processing { .. } => {}
+            Outcome::Done { .. } => done.push(r.seq),
+            other => panic!("chunk {}: {other:?}", r.seq),
+        }
+    }
+    done.sort_unstable();
+    assert_eq!(done, vec![1, 2, 3, 4, 5, 6], "each chunk once");
+    second_stop.cancel();
+    let summary = second.await.expect("second").expect("ran");
+    assert_eq!(summary.chunks, 4);
+    let mut again = Vec::new();
+    while let Ok(seq) = started.try_recv() {
+        again.push(seq);
+    }
+    assert!(
+        again.is_empty(),
+        "the first consumer started {again:?} after stopping"
+    );
+}
+
+#[test]
+fn the_prefetch_is_twice_the_concurrency_unless_set_and_never_less() {
+    let opts = ConsumerOptions::default().with_concurrency(3);
+    assert_eq!(opts.prefetch(), 6);
+    assert_eq!(opts.clone().with_prefetch(3).prefetch(), 3);
+    assert_eq!(opts.with_prefetch(1).prefetch(), 3);
+}
