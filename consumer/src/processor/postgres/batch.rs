@@ -104,7 +104,12 @@ impl Batch {
     pub(super) fn arrays(rows: &[&[Text]], width: usize) -> Vec<Text> {
         (0..width)
             .map(|j| {
-                let mut literal = String::from("{");
+                let size: usize = rows
+                    .iter()
+                    .map(|row| row.get(j).and_then(|t| t.0.as_ref()).map_or(4, String::len) + 3)
+                    .sum();
+                let mut literal = String::with_capacity(size + 2);
+                literal.push('{');
                 for (i, row) in rows.iter().enumerate() {
                     if i > 0 {
                         literal.push(',');
@@ -113,12 +118,15 @@ impl Batch {
                         None => literal.push_str("NULL"),
                         Some(text) => {
                             literal.push('"');
-                            for c in text.chars() {
-                                if c == '"' || c == '\\' {
-                                    literal.push('\\');
-                                }
-                                literal.push(c);
+                            // Most values hold neither a quote nor a backslash: copied whole.
+                            let mut rest: &str = text;
+                            while let Some(at) = rest.find(['"', '\\']) {
+                                literal.push_str(&rest[..at]);
+                                literal.push('\\');
+                                literal.push_str(&rest[at..at + 1]);
+                                rest = &rest[at + 1..];
                             }
+                            literal.push_str(rest);
                             literal.push('"');
                         }
                     }

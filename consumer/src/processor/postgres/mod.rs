@@ -28,7 +28,7 @@
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::future::join_all;
-use hopper_common::postgres::{describe, text_for, PgLink, Text};
+use hopper_common::postgres::{describe, into_text, PgLink, Text};
 use hopper_common::{Chunk, Item};
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
@@ -38,8 +38,10 @@ use tokio_postgres::Statement;
 use super::{BuildError, ProcessError, Processed, Processor};
 
 mod batch;
+mod fields;
 
 use batch::Batch;
+use fields::Fields;
 
 /// Where each applied chunk is recorded, created on first use.
 const APPLIED: &str = "
@@ -237,17 +239,20 @@ impl PostgresProcessor {
 
     /// The item's parameters in the statement's order, or why it is a bad item.
     fn bind(&self, item: &Item, types: &[Type]) -> Result<Vec<Text>, String> {
-        let value: Value =
-            serde_json::from_str(&item.data).map_err(|e| format!("not valid JSON: {e}"))?;
-        let Value::Object(fields) = value else {
-            return Err("not a JSON object: processor.params names the fields to bind".into());
+        let fields = match fields::read(&item.data, &self.params) {
+            Ok(Fields::Object(fields)) => fields,
+            Ok(Fields::NotObject) => {
+                return Err("not a JSON object: processor.params names the fields to bind".into())
+            }
+            Err(e) => return Err(format!("not valid JSON: {e}")),
         };
         self.params
             .iter()
             .zip(types)
-            .map(|(name, ty)| match fields.get(name) {
+            .zip(fields)
+            .map(|((name, ty), value)| match value {
                 None => Err(format!("field `{name}` is missing (processor.params)")),
-                Some(v) => text_for(v, ty)
+                Some(v) => into_text(v, ty)
                     .map(Text)
                     .map_err(|why| format!("field `{name}` ({ty}): {why}")),
             })
