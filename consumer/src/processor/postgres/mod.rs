@@ -2,12 +2,14 @@
 //! transaction per chunk.
 //!
 //! Invariants:
-//! - **Exactly-once effect.** The transaction that applies a chunk also inserts a row in
-//!   `hopper.applied_chunks` (job, run, seq), with the chunk's outcome. A chunk delivered again
-//!   after it committed finds that row and returns the same outcome without running anything:
-//!   the target table needs no unique key. Two consumers applying one chunk at once (a
-//!   redelivery while the first still works) collide on that row's key; the loser rolls back
-//!   and returns the winner's outcome.
+//! - **Exactly-once effect.** The transaction that applies a chunk starts by inserting a row
+//!   in `hopper.applied_chunks` (job, run, seq; the chunk's bad items are set on it before the
+//!   commit), sent in one pipeline with the chunk's statement. A chunk delivered again after it
+//!   committed finds that row (the insert does nothing): its work is rolled back and the
+//!   recorded outcome returned, without anything applied twice: the target table needs no
+//!   unique key. Two consumers applying one chunk at once (a redelivery while the first still
+//!   works): the second's insert waits for the first's transaction, then does nothing once it
+//!   committed, or claims the chunk if it rolled back.
 //! - **Bad items are the database's refusals of their data.** SQLSTATE class 22 (data
 //!   exception) and 23 (integrity constraint) for one item make it a bad item, listed with the
 //!   database's message; the rest of the chunk commits. A missing field, or an item that is not
@@ -54,6 +56,12 @@ CREATE TABLE IF NOT EXISTS hopper.applied_chunks (
     applied_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (job, run, seq)
 );";
+
+/// Records a chunk as applied, in the transaction that applies it; 0 rows when it was already.
+/// Its outcome's bad items are set afterwards, if there are any.
+const CLAIM: &str =
+    "INSERT INTO hopper.applied_chunks (job, run, seq, bad) VALUES ($1, $2, $3, '[]')
+                     ON CONFLICT DO NOTHING";
 
 /// The `postgres` processor: a pool of connections to the job's database.
 pub struct PostgresProcessor {
@@ -351,15 +359,13 @@ impl PostgresProcessor {
             Err(other) => return Err(Failure::Pool(other.to_string())),
         };
         let stmt: Statement = client.prepare_cached(&self.statement).await?;
+        let claim: Statement = client.prepare_cached(CLAIM).await?;
         let call = match (&self.batch, careful) {
             (Some(batch), false) => batched(&client, batch).await,
             (Some(_), true) | (None, _) => None,
         };
         let key: (&str, i64, i64) = (&chunk.job, chunk.run as i64, chunk.seq as i64);
-        let tx = client.transaction().await?;
-        if let Some(done) = recorded(&tx, key).await? {
-            return Ok(Applied::Done(done));
-        }
+        let key_params: [&(dyn ToSql + Sync); 3] = [&key.0, &key.1, &key.2];
         let mut outcome = Processed::default();
         let mut bound = Vec::with_capacity(chunk.items.len());
         for item in &chunk.items {
@@ -368,63 +374,85 @@ impl PostgresProcessor {
                 Err(why) => outcome.bad_item(item, why),
             }
         }
-        if careful {
-            for (item, params) in &bound {
-                tx.batch_execute("SAVEPOINT hopper_item").await?;
-                match tx.execute(&stmt, &as_params(params)).await {
-                    Ok(_) => tx.batch_execute("RELEASE SAVEPOINT hopper_item").await?,
-                    Err(e) if verdict(&e) == Verdict::BadItem => {
-                        tx.batch_execute("ROLLBACK TO SAVEPOINT hopper_item")
-                            .await?;
-                        outcome
-                            .bad_item(item, format!("the database refused it: {}", describe(&e)));
+        let tx = client.transaction().await?;
+        // The claim goes first, in the same pipeline as the items: a chunk applied before is
+        // found by it (the items' work is then rolled back), and a copy of this chunk being
+        // applied on another connection makes it wait for that one's end.
+        let claimed = if careful {
+            let claimed = tx.execute(&claim, &key_params).await?;
+            if claimed == 1 {
+                for (item, params) in &bound {
+                    tx.batch_execute("SAVEPOINT hopper_item").await?;
+                    match tx.execute(&stmt, &as_params(params)).await {
+                        Ok(_) => tx.batch_execute("RELEASE SAVEPOINT hopper_item").await?,
+                        Err(e) if verdict(&e) == Verdict::BadItem => {
+                            tx.batch_execute("ROLLBACK TO SAVEPOINT hopper_item")
+                                .await?;
+                            outcome.bad_item(
+                                item,
+                                format!("the database refused it: {}", describe(&e)),
+                            );
+                        }
+                        Err(e) => return Err(e.into()),
                     }
-                    Err(e) => return Err(e.into()),
                 }
             }
-        } else if let Some(call) = call {
-            if !bound.is_empty() {
-                let rows: Vec<&[Text]> = bound.iter().map(|(_, p)| p.as_slice()).collect();
-                let arrays = Batch::arrays(&rows, stmt.params().len());
-                match tx.execute(&call, &as_params(&arrays)).await {
+            claimed
+        } else if let Some(call) = call.filter(|_| !bound.is_empty()) {
+            let rows: Vec<&[Text]> = bound.iter().map(|(_, p)| p.as_slice()).collect();
+            let arrays = Batch::arrays(&rows, stmt.params().len());
+            let arrays = as_params(&arrays);
+            let (claimed, applied) =
+                futures::join!(tx.execute(&claim, &key_params), tx.execute(&call, &arrays));
+            let claimed = claimed?;
+            if claimed == 1 {
+                match applied {
                     Ok(_) => {}
                     Err(e) if verdict(&e) == Verdict::BadItem => return Ok(Applied::Refused),
                     Err(e) => return Err(e.into()),
                 }
             }
+            claimed
         } else {
             // Polled together, the executions are pipelined on the one connection.
-            let results = join_all(
-                bound
-                    .iter()
-                    .map(|(_, params)| async { tx.execute(&stmt, &as_params(params)).await }),
-            )
-            .await;
-            for result in results {
-                match result {
-                    Ok(_) => {}
-                    Err(e) if verdict(&e) == Verdict::BadItem => return Ok(Applied::Refused),
-                    Err(e) => return Err(e.into()),
+            let (claimed, results) = futures::join!(
+                tx.execute(&claim, &key_params),
+                join_all(
+                    bound
+                        .iter()
+                        .map(|(_, params)| async { tx.execute(&stmt, &as_params(params)).await }),
+                )
+            );
+            let claimed = claimed?;
+            if claimed == 1 {
+                for result in results {
+                    match result {
+                        Ok(_) => {}
+                        Err(e) if verdict(&e) == Verdict::BadItem => return Ok(Applied::Refused),
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             }
-        }
-        let bad: Vec<Value> = outcome
-            .bad_items
-            .iter()
-            .map(|b| serde_json::json!({"line": b.line, "reason": b.reason}))
-            .collect();
-        let inserted = tx
-            .execute(
-                "INSERT INTO hopper.applied_chunks (job, run, seq, bad)
-                 VALUES ($1, $2, $3, $4::text::jsonb) ON CONFLICT DO NOTHING",
-                &[&key.0, &key.1, &key.2, &Value::Array(bad).to_string()],
-            )
-            .await?;
-        if inserted == 1 {
+            claimed
+        };
+        if claimed == 1 {
+            if !outcome.bad_items.is_empty() {
+                let bad: Vec<Value> = outcome
+                    .bad_items
+                    .iter()
+                    .map(|b| serde_json::json!({"line": b.line, "reason": b.reason}))
+                    .collect();
+                tx.execute(
+                    "UPDATE hopper.applied_chunks SET bad = $4::text::jsonb
+                     WHERE job = $1 AND run = $2 AND seq = $3",
+                    &[&key.0, &key.1, &key.2, &Value::Array(bad).to_string()],
+                )
+                .await?;
+            }
             tx.commit().await?;
             return Ok(Applied::Done(outcome));
         }
-        // Another consumer applied it meanwhile and committed first: ours goes, its outcome
+        // Applied before, or by another consumer that committed first: ours goes, its outcome
         // stands.
         tx.rollback().await?;
         match recorded(&client, key).await? {
