@@ -210,8 +210,22 @@ fn utf8(b: &[u8]) -> Result<&str, String> {
     std::str::from_utf8(b).map_err(|e| format!("not UTF-8: {e}"))
 }
 
-fn push_display(out: &mut String, v: impl std::fmt::Display) {
-    let _ = write!(out, "{v}");
+/// An integer in decimal, without the formatting machinery (a column of them is most of what
+/// some rows hold).
+fn push_display(out: &mut String, v: impl itoa::Integer) {
+    out.push_str(itoa::Buffer::new().format(v));
+}
+
+/// A numeric's base-10000 digit as its four decimal digits.
+fn push_four(out: &mut String, d: i16) -> Result<(), String> {
+    let d = u16::try_from(d)
+        .ok()
+        .filter(|&d| d < 10_000)
+        .ok_or_else(|| format!("numeric with a digit group {d}"))?;
+    for div in [1000, 100, 10, 1] {
+        out.push(char::from(b'0' + ((d / div) % 10) as u8));
+    }
+    Ok(())
 }
 
 /// `s` as a JSON string, escaped as serde_json escapes it, written in place: the row loop
@@ -340,7 +354,7 @@ fn numeric(b: &[u8], text: &mut String) -> Result<(), String> {
             if i == 0 {
                 push_display(text, digit(i));
             } else {
-                let _ = write!(text, "{:04}", digit(i));
+                push_four(text, digit(i))?;
             }
         }
     }
@@ -349,7 +363,7 @@ fn numeric(b: &[u8], text: &mut String) -> Result<(), String> {
         let start = text.len();
         let mut k = 1;
         while text.len() - start < dscale {
-            let _ = write!(text, "{:04}", digit(weight + k));
+            push_four(text, digit(weight + k))?;
             k += 1;
         }
         text.truncate(start + dscale);
