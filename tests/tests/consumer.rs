@@ -347,3 +347,135 @@ cat > "out/$HOPPER_SEQ.tmp.$$" && mv "out/$HOPPER_SEQ.tmp.$$" "out/$HOPPER_SEQ.j
     assert_eq!(output_ids(&t.path("out")), (1..=400).collect::<Vec<u64>>());
     assert!(survivor.stop(Duration::from_secs(30)).await.success());
 }
+
+/// A consumer holds more chunks than it processes (`--prefetch` over `--concurrency`): the ones
+/// waiting for a slot are not started, and on SIGTERM they go back to the queue at once while
+/// the chunk in hand is finished; another consumer does them, every record once.
+#[tokio::test]
+async fn chunks_prefetched_but_not_started_go_back_at_once_on_sigterm() {
+    let conn = require_broker().await;
+    let t = TestJob::new(
+        "prefetch",
+        r#"
+[state]
+url = "sqlite://state.db"
+[source]
+kind = "file"
+path = "input.jsonl"
+[chunking]
+items = 10
+[throttle]
+window = 3
+[processor]
+kind = "exec"
+command = ["sh", "slow.sh"]
+"#,
+    );
+    // Every chunk leaves a mark; chunk 1 signals that it started, then takes a while.
+    std::fs::write(
+        t.path("slow.sh"),
+        r#"mkdir -p out marks
+touch "marks/$HOPPER_SEQ"
+if [ "$HOPPER_SEQ" = 1 ]; then touch started; sleep 2; fi
+cat > "out/$HOPPER_SEQ.tmp" && mv "out/$HOPPER_SEQ.tmp" "out/$HOPPER_SEQ.jsonl"
+"#,
+    )
+    .expect("script");
+    write_jsonl(&t.path("input.jsonl"), 30, 40);
+    let dispatcher = {
+        let file = t.file();
+        tokio::spawn(async move {
+            let mut cmd = tokio::process::Command::new(hopper_tests::bin("hopper-dispatcher"));
+            cmd.arg("run").arg(file);
+            hopper_tests::run(cmd, LIMIT).await
+        })
+    };
+    // All three chunks wait in the queue before the consumer comes, so that it takes them all.
+    let chunks = format!("hopper.{}.chunks", t.name);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while ready(&conn, &chunks).await.unwrap_or(0) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the three chunks were never published"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = t.start_program(
+        &hopper_tests::bin("hopper-consumer"),
+        &["--concurrency", "1", "--prefetch", "3"],
+        1,
+    );
+    // Chunk 1 runs, and the other two are in the same consumer's hands: none is ready.
+    while !t.path("started").exists() || t.queue_depth(&conn, &chunks).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "chunk 1 never started with the others in hand"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let marks = std::fs::read_dir(t.path("marks")).expect("marks").count();
+    assert_eq!(
+        marks, 1,
+        "one chunk at a time: the others wait in the prefetch"
+    );
+    let log = first.log.clone();
+    let status = first.stop(Duration::from_secs(30)).await;
+    assert!(status.success(), "exit status {status}");
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        text.contains("chunks=1"),
+        "it finished chunk 1 only: {text}"
+    );
+    assert_eq!(
+        t.queue_depth(&conn, &chunks).await,
+        2,
+        "chunks 2 and 3 are back in the queue"
+    );
+
+    let second = t.start_consumer(2, 2);
+    let out = dispatcher.await.expect("dispatcher task");
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert_eq!(t.status().await["state"], "completed");
+    assert_eq!(output_ids(&t.path("out")), (1..=30).collect::<Vec<u64>>());
+    let log2 = second.log.clone();
+    assert!(second.stop(Duration::from_secs(30)).await.success());
+    let text = std::fs::read_to_string(&log2).expect("log");
+    assert!(
+        text.contains("chunks=2"),
+        "the second consumer did 2 and 3: {text}"
+    );
+}
+
+/// The messages ready in `queue`, or `None` while it is not declared yet.
+async fn ready(conn: &lapin::Connection, queue: &str) -> Option<u32> {
+    let ch = conn.create_channel().await.ok()?;
+    let options = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let q = ch
+        .queue_declare(queue.into(), options, lapin::types::FieldTable::default())
+        .await
+        .ok()?;
+    Some(q.message_count())
+}
+
+/// `--prefetch` below `--concurrency` could never hold the chunks being processed: refused.
+#[tokio::test]
+async fn a_prefetch_below_the_concurrency_is_refused() {
+    let t = TestJob::new(
+        "prefetchbad",
+        "[source]\nkind = \"file\"\npath = \"input.jsonl\"\n[processor]\nkind = \"noop\"\n",
+    );
+    let mut cmd = tokio::process::Command::new(hopper_tests::bin("hopper-consumer"));
+    cmd.arg(t.file())
+        .args(["--concurrency", "4", "--prefetch", "2"]);
+    let out = hopper_tests::run(cmd, LIMIT).await;
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("--prefetch 2 is less than --concurrency 4"),
+        "{}",
+        out.stderr
+    );
+}
