@@ -9,11 +9,9 @@ use lapin::BasicProperties;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-#[tokio::test]
-async fn sigterm_finishes_and_acks_the_chunk_in_hand_then_exits_0() {
-    let _conn = require_broker().await;
-    let t = TestJob::new(
-        "sigterm",
+/// A job of chunks of 10 records run by `slow.sh`, at most `window` chunks out at once.
+fn slow_exec_job(window: u32) -> String {
+    format!(
         r#"
 [state]
 url = "sqlite://state.db"
@@ -23,12 +21,18 @@ path = "input.jsonl"
 [chunking]
 items = 10
 [throttle]
-window = 1
+window = {window}
 [processor]
 kind = "exec"
 command = ["sh", "slow.sh"]
-"#,
-    );
+"#
+    )
+}
+
+#[tokio::test]
+async fn sigterm_finishes_and_acks_the_chunk_in_hand_then_exits_0() {
+    let _conn = require_broker().await;
+    let t = TestJob::new("sigterm", &slow_exec_job(1));
     // The first chunk signals that it started, then takes a while; the others are quick.
     std::fs::write(
         t.path("slow.sh"),
@@ -354,42 +358,20 @@ cat > "out/$HOPPER_SEQ.tmp.$$" && mv "out/$HOPPER_SEQ.tmp.$$" "out/$HOPPER_SEQ.j
 #[tokio::test]
 async fn chunks_prefetched_but_not_started_go_back_at_once_on_sigterm() {
     let conn = require_broker().await;
-    let t = TestJob::new(
-        "prefetch",
-        r#"
-[state]
-url = "sqlite://state.db"
-[source]
-kind = "file"
-path = "input.jsonl"
-[chunking]
-items = 10
-[throttle]
-window = 3
-[processor]
-kind = "exec"
-command = ["sh", "slow.sh"]
-"#,
-    );
-    // Every chunk leaves a mark; chunk 1 signals that it started, then takes a while.
+    let t = TestJob::new("prefetch", &slow_exec_job(3));
+    // Every chunk leaves a mark; the first one to start (whichever: a consumer's chunks may
+    // start in any order) signals it, then takes a while.
     std::fs::write(
         t.path("slow.sh"),
         r#"mkdir -p out marks
 touch "marks/$HOPPER_SEQ"
-if [ "$HOPPER_SEQ" = 1 ]; then touch started; sleep 2; fi
+if mkdir first 2>/dev/null; then touch started; sleep 3; fi
 cat > "out/$HOPPER_SEQ.tmp" && mv "out/$HOPPER_SEQ.tmp" "out/$HOPPER_SEQ.jsonl"
 "#,
     )
     .expect("script");
     write_jsonl(&t.path("input.jsonl"), 30, 40);
-    let dispatcher = {
-        let file = t.file();
-        tokio::spawn(async move {
-            let mut cmd = tokio::process::Command::new(hopper_tests::bin("hopper-dispatcher"));
-            cmd.arg("run").arg(file);
-            hopper_tests::run(cmd, LIMIT).await
-        })
-    };
+    let dispatcher = t.spawn_dispatcher(&["run"], "run.log");
     // All three chunks wait in the queue before the consumer comes, so that it takes them all.
     let chunks = format!("hopper.{}.chunks", t.name);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -405,11 +387,11 @@ cat > "out/$HOPPER_SEQ.tmp" && mv "out/$HOPPER_SEQ.tmp" "out/$HOPPER_SEQ.jsonl"
         &["--concurrency", "1", "--prefetch", "3"],
         1,
     );
-    // Chunk 1 runs, and the other two are in the same consumer's hands: none is ready.
+    // One chunk runs, and the other two are in the same consumer's hands: none is ready.
     while !t.path("started").exists() || t.queue_depth(&conn, &chunks).await > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "chunk 1 never started with the others in hand"
+            "no chunk started with the others in hand"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -433,8 +415,7 @@ cat > "out/$HOPPER_SEQ.tmp" && mv "out/$HOPPER_SEQ.tmp" "out/$HOPPER_SEQ.jsonl"
     );
 
     let second = t.start_consumer(2, 2);
-    let out = dispatcher.await.expect("dispatcher task");
-    assert_eq!(out.code(), 0, "{}", out.stderr);
+    t.await_success(dispatcher, "run.log", LIMIT).await;
     assert_eq!(t.status().await["state"], "completed");
     assert_eq!(output_ids(&t.path("out")), (1..=30).collect::<Vec<u64>>());
     let log2 = second.log.clone();

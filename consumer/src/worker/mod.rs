@@ -24,6 +24,7 @@ mod attempt;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use hopper_common::transport::{Inbox, Recoveries};
@@ -68,18 +69,29 @@ impl ConsumerOptions {
 
     /// Chunks the broker hands this consumer before it acks any: the ones being processed and
     /// the ones whose reply is on its way (a chunk is acked only once the broker confirmed its
-    /// reply). Twice the concurrency by default, so processing goes on while replies are
-    /// confirmed; the concurrency itself (never less) keeps every chunk this consumer holds in
-    /// processing, for chunks so slow that another consumer should rather take the next one.
+    /// reply). Twice the concurrency by default ([`ConsumerOptions::prefetch`]), so processing
+    /// goes on while replies are confirmed; the concurrency itself (never less) keeps every
+    /// chunk this consumer holds in processing, for chunks so slow that another consumer should
+    /// rather take the next one.
     pub fn with_prefetch(mut self, prefetch: u16) -> ConsumerOptions {
         self.prefetch = Some(prefetch);
         self
     }
 
-    /// The prefetch in effect: never less than the concurrency.
-    pub fn prefetch(&self) -> u16 {
+    /// The prefetch in effect for chunks that may each be processed for up to `chunk_timeout`:
+    /// the one set, or twice the concurrency; never less than the concurrency. A chunk beyond
+    /// the concurrency may wait a whole `chunk_timeout` for a slot before its own, unacked all
+    /// along, and RabbitMQ closes the channel of a delivery unacked past its `consumer_timeout`
+    /// (30 minutes unless the broker is configured otherwise): so where two `chunk_timeout`s
+    /// could pass it, the default is the concurrency alone.
+    pub fn prefetch(&self, chunk_timeout: Duration) -> u16 {
+        let default = if doubled_fits(chunk_timeout) {
+            self.concurrency.saturating_mul(2)
+        } else {
+            self.concurrency
+        };
         self.prefetch
-            .unwrap_or(self.concurrency.saturating_mul(2))
+            .unwrap_or(default)
             .max(self.concurrency)
             .max(1)
     }
@@ -90,6 +102,15 @@ impl ConsumerOptions {
         self.metrics = metrics;
         self
     }
+}
+
+/// RabbitMQ's default `consumer_timeout`, less a margin for the reply and the ack.
+const CONSUMER_TIMEOUT: Duration = Duration::from_secs(29 * 60);
+
+/// Whether a chunk could wait a whole `chunk_timeout` for a slot, then be processed for another,
+/// within the broker's default `consumer_timeout`.
+fn doubled_fits(chunk_timeout: Duration) -> bool {
+    chunk_timeout.saturating_mul(2) <= CONSUMER_TIMEOUT
 }
 
 /// What a consumer did before it stopped.
@@ -168,7 +189,14 @@ pub async fn run_on(
     opts: ConsumerOptions,
     shutdown: CancellationToken,
 ) -> Result<ConsumerSummary, ConsumerError> {
-    let prefetch = opts.prefetch();
+    let prefetch = opts.prefetch(job.retry.chunk_timeout);
+    if prefetch > opts.concurrency && !doubled_fits(job.retry.chunk_timeout) {
+        warn!(job = %job.name, prefetch, concurrency = opts.concurrency,
+              chunk_timeout = %humantime::format_duration(job.retry.chunk_timeout),
+              "a chunk waiting for a slot, then processed, may stay unacked past the broker's \
+               consumer_timeout (30 min by default), which closes the channel; \
+               set --prefetch to --concurrency for chunks this long");
+    }
     let mut inbox = transport.receive(Route::Chunks, prefetch).await?;
     info!(job = %job.name, concurrency = opts.concurrency, prefetch,
           processor = job.processor.kind(), "consumer started");

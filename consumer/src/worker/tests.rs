@@ -384,9 +384,14 @@ async fn only_concurrency_chunks_are_processed_and_the_waiting_ones_go_back_on_s
 }
 
 #[test]
-fn the_prefetch_is_twice_the_concurrency_unless_set_and_never_less() {
+fn the_prefetch_is_twice_the_concurrency_unless_set_or_chunks_are_long_and_never_less() {
+    let minutes = |m: u64| Duration::from_secs(m * 60);
     let opts = ConsumerOptions::default().with_concurrency(3);
-    assert_eq!(opts.prefetch(), 6);
-    assert_eq!(opts.clone().with_prefetch(3).prefetch(), 3);
-    assert_eq!(opts.with_prefetch(1).prefetch(), 3);
+    assert_eq!(opts.prefetch(minutes(10)), 6);
+    assert_eq!(opts.clone().with_prefetch(3).prefetch(minutes(10)), 3);
+    assert_eq!(opts.clone().with_prefetch(1).prefetch(minutes(10)), 3);
+    // Waiting a chunk_timeout for a slot, then another processing, could pass the broker's
+    // consumer_timeout: the concurrency alone, unless asked.
+    assert_eq!(opts.prefetch(minutes(20)), 3);
+    assert_eq!(opts.with_prefetch(5).prefetch(minutes(20)), 5);
 }
