@@ -17,7 +17,11 @@
 //! - **Only processing counts.** Each attempt is bounded by `chunk_timeout` from when its
 //!   processing starts (`attempt`), never from when it was published.
 //! - **A chunk delivered again is processed alone**, so that chunks which merely shared a dying
-//!   consumer's prefetch do not reach the broker's delivery limit with the one that kills it.
+//!   consumer's prefetch do not reach the broker's delivery limit with the one that kills it:
+//!   it starts once every other chunk in hand is acked, and none starts until it is. (A chunk
+//!   that kills its consumer at its *first* delivery takes with it the chunks processed beside
+//!   it, and, with a prefetch above the concurrency, those whose reply awaited its confirm:
+//!   they come again, as after any crash.)
 //! - **Reconnecting is bounded** ([`Recoveries`]), and a refusal that will recur stops it.
 
 mod attempt;
@@ -347,8 +351,12 @@ async fn handle(ctx: Arc<Context>, message: Incoming) {
     ctx.metrics.in_progress.inc();
     let result = attempt::process(&ctx, &chunk).await;
     ctx.metrics.in_progress.dec();
-    // The slot is free for the next chunk while this one's reply is confirmed.
-    drop((turn, slot));
+    // The slot is free for the next chunk while this one's reply is confirmed. The turn is
+    // kept to the ack: a chunk delivered again waits until every other chunk in hand is
+    // acked, not only processed, so that if it kills the consumer no finished chunk goes with
+    // it to be run again.
+    drop(slot);
+    let _turn = turn;
     let processed_in = started.elapsed();
     ctx.metrics
         .processing_seconds
