@@ -158,9 +158,11 @@ async fn a_killed_dispatcher_resumes_from_its_state_in_postgres_and_status_reads
 }
 
 /// Over the broker: while the owner lives, a dispatcher on another host is held off (exit 3,
-/// naming the owner). The owner is frozen (SIGSTOP): once its heartbeat is stale the other host
-/// takes the run over and finishes it; the old owner, woken, is fenced off at its next write
-/// (exit 1) and changes nothing. Every row once.
+/// naming the owner). The owner is frozen (SIGSTOP) in the middle of a transaction of its
+/// execution context, its run's row locked (regression: the other host then waited on that lock
+/// for ever): once its heartbeat is stale the other host takes the run over and finishes it;
+/// the old owner, woken, is fenced off at its next write (exit 1) and changes nothing. Every
+/// row once.
 #[tokio::test]
 async fn another_host_takes_over_a_stalled_owner_which_is_fenced_off_when_it_wakes() {
     let _conn = require_broker().await;
@@ -171,9 +173,21 @@ async fn another_host_takes_over_a_stalled_owner_which_is_fenced_off_when_it_wak
         "pgstate-fence",
         false,
         n,
-        "[throttle]\nrate = 3000",
+        // Slow enough that the run is still going while the owner is caught in a transaction.
+        "[throttle]\nrate = 1500",
     )
     .await;
+    // The owner's sessions carry a name of their own, to be found in pg_stat_activity.
+    let app = format!("hopper-fence-{}", std::process::id());
+    let url = pg_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let text = std::fs::read_to_string(t.file()).expect("job").replacen(
+        &format!("url = \"{url}\""),
+        &format!("url = \"{url}{sep}application_name={app}\""),
+        1,
+    );
+    assert!(text.contains(&app), "the state URL is the job's first");
+    std::fs::write(t.file(), text).expect("job");
     let consumer = t.start_consumer(1, 2);
     let mut owner = t.spawn_dispatcher(&["run"], "owner.log");
     let owner_pid = owner.id().expect("the owner runs");
@@ -200,7 +214,30 @@ async fn another_host_takes_over_a_stalled_owner_which_is_fenced_off_when_it_wak
             .expect("kill");
         assert!(status.success());
     };
-    signal("STOP");
+    // Stopped until it is caught inside a transaction (it is in one a good part of the time).
+    let in_transaction = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}'
+         AND state LIKE 'idle in transaction%'"
+    );
+    let mut tries = 0;
+    loop {
+        signal("STOP");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let row = client
+            .query_one(&in_transaction, &[])
+            .await
+            .expect("activity");
+        if row.get::<_, i64>(0) > 0 {
+            break;
+        }
+        tries += 1;
+        assert!(
+            tries < 300,
+            "the owner was never caught inside a transaction"
+        );
+        signal("CONT");
+        tokio::time::sleep(Duration::from_millis(37 * (tries % 7))).await;
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let out = loop {
         let out = on_other_host(&t.file(), &["run", "--resume"], LIMIT).await;

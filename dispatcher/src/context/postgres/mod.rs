@@ -46,6 +46,14 @@ type Tx<'a> = deadpool_postgres::Transaction<'a>;
 /// How long the store waits for a connection before it says the database cannot be reached.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the database lets a session of the store sit inside a transaction with nothing
+/// sent. The store's transactions take milliseconds; a dispatcher frozen in one (a stopped
+/// process, a paused VM) would otherwise hold its run's row locked for ever, and the host that
+/// takes the run over (after [`Alive`]'s 30 s) would wait on it for ever. Ended by the
+/// database, the session's transaction is rolled back; the frozen dispatcher, woken, writes
+/// again on a new connection and meets the fence.
+const IDLE_IN_TRANSACTION: &str = "10s";
+
 /// Connections a dispatcher holds: its writes are serial, beside them the heartbeat and a
 /// `status` or control of its own.
 const POOL_SIZE: usize = 4;
@@ -98,17 +106,35 @@ impl Fail {
 
 /// Runs `$body` (an expression that borrows the transaction `$tx` and returns
 /// `Result<T, Fail>`) in one transaction on a pooled connection, committed when it succeeds.
+///
+/// A connection found closed before the commit was sent (the database ended the session: a
+/// restart, or [`IDLE_IN_TRANSACTION`] passed while this process was frozen) committed
+/// nothing, so the transaction is run once more on a new connection: a dispatcher frozen in
+/// the middle of a write and woken after another host took its run meets the fence there, as
+/// at any other write, instead of a dead connection.
 macro_rules! in_tx {
     ($store:expr, |$tx:ident| $body:expr) => {{
-        let mut client = $store.client().await?;
-        let done: Result<_, Fail> = async {
-            let $tx = client.transaction().await?;
-            let out = $body.await?;
-            $tx.commit().await?;
-            Ok(out)
+        let mut again = true;
+        loop {
+            let mut client = $store.client().await?;
+            // The error, and whether nothing can have been committed.
+            let done: Result<_, (Fail, bool)> = async {
+                let $tx = client.transaction().await.map_err(|e| (Fail::from(e), true))?;
+                let out = $body.await.map_err(|f| (f, true))?;
+                $tx.commit().await.map_err(|e| (Fail::from(e), false))?;
+                Ok(out)
+            }
+            .await;
+            match done {
+                Ok(out) => break Ok(out),
+                Err((Fail::Sql(e), true)) if again && e.is_closed() => {
+                    tracing::warn!(store = %$store.place, error = %describe(&e),
+                                   "the execution context's connection was closed; once more");
+                    again = false;
+                }
+                Err((f, _)) => break Err(f.at(&$store.place)),
+            }
         }
-        .await;
-        done.map_err(|f| f.at(&$store.place))
     }};
 }
 
@@ -155,9 +181,12 @@ impl PostgresStore {
         })?;
         let config = link.config_mut();
         // The schema is a plain identifier (the job file's validation): no quoting needed.
+        let ours = format!(
+            "-c search_path={schema} -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION}"
+        );
         let options = match config.get_options() {
-            Some(given) => format!("{given} -c search_path={schema}"),
-            None => format!("-c search_path={schema}"),
+            Some(given) => format!("{given} {ours}"),
+            None => ours,
         };
         config.options(&options);
         if config.get_connect_timeout().is_none() {
