@@ -76,6 +76,19 @@ impl Processor for Picky {
     }
 }
 
+/// Publishes the chunks `seqs` onto the chunk queue, as the dispatcher would.
+async fn publish_chunks(transport: &impl Transport, seqs: std::ops::RangeInclusive<u64>) {
+    for seq in seqs {
+        let c = chunk(seq);
+        let payload = codec::encode_chunk(&c).expect("encode");
+        let confirm = transport
+            .publish(Route::Chunks, &payload, &Label::chunk(&c))
+            .await
+            .expect("publish");
+        confirm.await.expect("confirmed");
+    }
+}
+
 async fn next_reply(inbox: &mut Inbox) -> Reply {
     let message = tokio::time::timeout(Duration::from_secs(10), inbox.next())
         .await
@@ -95,15 +108,7 @@ async fn each_outcome_is_replied_and_the_chunk_goes_where_it_belongs() {
         .receive(Route::Replies, 64)
         .await
         .expect("receive");
-    for seq in 1..=4 {
-        let c = chunk(seq);
-        let payload = codec::encode_chunk(&c).expect("encode");
-        let confirm = dispatcher
-            .publish(Route::Chunks, &payload, &Label::chunk(&c))
-            .await
-            .expect("publish");
-        confirm.await.expect("confirmed");
-    }
+    publish_chunks(&dispatcher, 1..=4).await;
     let processor = Arc::new(Picky {
         calls: AtomicU32::new(0),
     });
@@ -186,14 +191,7 @@ async fn start(
     queued: Duration,
     stop: &CancellationToken,
 ) -> tokio::task::JoinHandle<Result<super::ConsumerSummary, super::ConsumerError>> {
-    let c = chunk(1);
-    let payload = codec::encode_chunk(&c).expect("encode");
-    let confirm = broker
-        .transport()
-        .publish(Route::Chunks, &payload, &Label::chunk(&c))
-        .await
-        .expect("publish");
-    confirm.await.expect("confirmed");
+    publish_chunks(&broker.transport(), 1..=1).await;
     tokio::time::sleep(queued).await;
     let (job, transport, stop) = (job.clone(), Arc::new(broker.transport()), stop.clone());
     tokio::spawn(async move {
@@ -307,16 +305,7 @@ async fn only_concurrency_chunks_are_processed_and_the_waiting_ones_go_back_on_s
         .receive(Route::Replies, 64)
         .await
         .expect("receive");
-    for seq in 1..=6 {
-        let c = chunk(seq);
-        let payload = codec::encode_chunk(&c).expect("encode");
-        let confirm = broker
-            .transport()
-            .publish(Route::Chunks, &payload, &Label::chunk(&c))
-            .await
-            .expect("publish");
-        confirm.await.expect("confirmed");
-    }
+    publish_chunks(&broker.transport(), 1..=6).await;
     let consumer = |leave: usize, stop: &CancellationToken| {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let gate = Arc::new(Gate {
