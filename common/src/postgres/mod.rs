@@ -83,13 +83,14 @@ impl ToSql for Text {
 
 /// The text form of `value` for a parameter of type `ty`; `None` is NULL.
 pub fn text_for(value: &Value, ty: &Type) -> Result<Option<String>, String> {
-    let json = *ty == Type::JSON || *ty == Type::JSONB;
+    let json = is_json(ty);
     let array = matches!(ty.kind(), Kind::Array(_));
     Ok(Some(match value {
         Value::Null => return Ok(None),
+        Value::String(s) if string_as_is(ty) => s.clone(),
         _ if json => value.to_string(),
-        Value::String(b64) if *ty == Type::BYTEA => bytea_hex(b64)?,
-        Value::String(s) => s.clone(),
+        // The one string left: a `bytea`'s base64.
+        Value::String(b64) => bytea_hex(b64)?,
         Value::Number(n) => n.to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Array(items) if array => array_literal(items),
@@ -105,11 +106,19 @@ pub fn text_for(value: &Value, ty: &Type) -> Result<Option<String>, String> {
 /// As [`text_for`].
 pub fn into_text(value: Value, ty: &Type) -> Result<Option<String>, String> {
     match value {
-        Value::String(s) if *ty != Type::JSON && *ty != Type::JSONB && *ty != Type::BYTEA => {
-            Ok(Some(s))
-        }
+        Value::String(s) if string_as_is(ty) => Ok(Some(s)),
         other => text_for(&other, ty),
     }
+}
+
+fn is_json(ty: &Type) -> bool {
+    *ty == Type::JSON || *ty == Type::JSONB
+}
+
+/// Whether a JSON string is the parameter's text as it is: not for `json`/`jsonb` (it is
+/// quoted, as JSON) nor `bytea` (base64 decoded).
+fn string_as_is(ty: &Type) -> bool {
+    !is_json(ty) && *ty != Type::BYTEA
 }
 
 /// A `bytea` parameter from base64 (as the PostgreSQL source writes it), in the hex text form.

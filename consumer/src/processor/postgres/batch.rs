@@ -80,12 +80,12 @@ impl Batch {
             .enumerate()
             .map(|(i, name)| format!("${}::{name}[]", i + 1))
             .collect();
-        let from = format!(
-            "FROM unnest({}) AS u ({})",
+        let call = format!(
+            "SELECT {FUNCTION}({}) FROM unnest({}) AS u ({})",
+            columns.join(", "),
             arrays.join(", "),
             columns.join(", ")
         );
-        let call = format!("SELECT {FUNCTION}({}) {from}", columns.join(", "));
         let insert = set_insert(statement, &arrays);
         Ok(Batch {
             create: Some(create),

@@ -304,6 +304,21 @@ fn as_params(params: &[Text]) -> Vec<&(dyn ToSql + Sync)> {
     params.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
 }
 
+/// Whether the database refused an item's data among `results` (the chunk is then done item
+/// by item); any other error fails the attempt.
+fn refused(
+    results: impl IntoIterator<Item = Result<u64, tokio_postgres::Error>>,
+) -> Result<bool, Failure> {
+    for result in results {
+        match result {
+            Ok(_) => {}
+            Err(e) if verdict(&e) == Verdict::BadItem => return Ok(true),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(false)
+}
+
 /// The outcome recorded for a chunk applied before, if it was.
 async fn recorded(
     client: &impl deadpool_postgres::GenericClient,
@@ -405,12 +420,8 @@ impl PostgresProcessor {
             let (claimed, applied) =
                 futures::join!(tx.execute(&claim, &key_params), tx.execute(&call, &arrays));
             let claimed = claimed?;
-            if claimed == 1 {
-                match applied {
-                    Ok(_) => {}
-                    Err(e) if verdict(&e) == Verdict::BadItem => return Ok(Applied::Refused),
-                    Err(e) => return Err(e.into()),
-                }
+            if claimed == 1 && refused([applied])? {
+                return Ok(Applied::Refused);
             }
             claimed
         } else {
@@ -424,14 +435,8 @@ impl PostgresProcessor {
                 )
             );
             let claimed = claimed?;
-            if claimed == 1 {
-                for result in results {
-                    match result {
-                        Ok(_) => {}
-                        Err(e) if verdict(&e) == Verdict::BadItem => return Ok(Applied::Refused),
-                        Err(e) => return Err(e.into()),
-                    }
-                }
+            if claimed == 1 && refused(results)? {
+                return Ok(Applied::Refused);
             }
             claimed
         };

@@ -112,10 +112,10 @@ impl Mapping {
         };
         match self {
             Mapping::Bool => out.push_str(if be::<1>(b)?[0] != 0 { "true" } else { "false" }),
-            Mapping::Int2 => push_display(out, i16::from_be_bytes(be(b)?)),
-            Mapping::Int4 => push_display(out, i32::from_be_bytes(be(b)?)),
-            Mapping::Int8 => push_display(out, i64::from_be_bytes(be(b)?)),
-            Mapping::Oid => push_display(out, u32::from_be_bytes(be(b)?)),
+            Mapping::Int2 => push_int(out, i16::from_be_bytes(be(b)?)),
+            Mapping::Int4 => push_int(out, i32::from_be_bytes(be(b)?)),
+            Mapping::Int8 => push_int(out, i64::from_be_bytes(be(b)?)),
+            Mapping::Oid => push_int(out, u32::from_be_bytes(be(b)?)),
             Mapping::Float4 => float(out, f64::from(f32::from_be_bytes(be(b)?))),
             Mapping::Float8 => float(out, f64::from_be_bytes(be(b)?)),
             Mapping::Numeric => {
@@ -212,7 +212,7 @@ fn utf8(b: &[u8]) -> Result<&str, String> {
 
 /// An integer in decimal, without the formatting machinery (a column of them is most of what
 /// some rows hold).
-fn push_display(out: &mut String, v: impl itoa::Integer) {
+fn push_int(out: &mut String, v: impl itoa::Integer) {
     out.push_str(itoa::Buffer::new().format(v));
 }
 
@@ -352,7 +352,7 @@ fn numeric(b: &[u8], text: &mut String) -> Result<(), String> {
     } else {
         for i in 0..=weight {
             if i == 0 {
-                push_display(text, digit(i));
+                push_int(text, digit(i));
             } else {
                 push_four(text, digit(i))?;
             }
