@@ -76,6 +76,14 @@ impl Processor for Picky {
     }
 }
 
+/// The replies the consumer sends, as the dispatcher reads them.
+async fn replies_of(transport: &impl Transport) -> Inbox {
+    transport
+        .receive(Route::Replies, 64)
+        .await
+        .expect("receive")
+}
+
 /// Publishes the chunks `seqs` onto the chunk queue, as the dispatcher would.
 async fn publish_chunks(transport: &impl Transport, seqs: std::ops::RangeInclusive<u64>) {
     for seq in seqs {
@@ -104,10 +112,7 @@ async fn each_outcome_is_replied_and_the_chunk_goes_where_it_belongs() {
     let job = job();
     let broker = LocalBroker::new(&job);
     let dispatcher = broker.transport();
-    let mut replies = dispatcher
-        .receive(Route::Replies, 64)
-        .await
-        .expect("receive");
+    let mut replies = replies_of(&dispatcher).await;
     publish_chunks(&dispatcher, 1..=4).await;
     let processor = Arc::new(Picky {
         calls: AtomicU32::new(0),
@@ -207,11 +212,7 @@ async fn start(
 async fn a_long_chunk_is_noted_then_cancelled_at_its_timeout_and_retried() {
     let job = job_with("chunk_timeout = \"7s\"\n");
     let broker = LocalBroker::new(&job);
-    let mut replies = broker
-        .transport()
-        .receive(Route::Replies, 64)
-        .await
-        .expect("receive");
+    let mut replies = replies_of(&broker.transport()).await;
     let stop = CancellationToken::new();
     let slow = Arc::new(Slow {
         first: Duration::from_secs(3600),
@@ -256,11 +257,7 @@ async fn a_long_chunk_is_noted_then_cancelled_at_its_timeout_and_retried() {
 async fn a_fast_chunk_sends_no_note_however_long_it_waited() {
     let job = job_with("chunk_timeout = \"1s\"\n");
     let broker = LocalBroker::new(&job);
-    let mut replies = broker
-        .transport()
-        .receive(Route::Replies, 64)
-        .await
-        .expect("receive");
+    let mut replies = replies_of(&broker.transport()).await;
     let stop = CancellationToken::new();
     let fast = Arc::new(Slow {
         first: Duration::from_millis(500),
@@ -300,11 +297,7 @@ impl Processor for Gate {
 async fn only_concurrency_chunks_are_processed_and_the_waiting_ones_go_back_on_stop() {
     let job = job();
     let broker = LocalBroker::new(&job);
-    let mut replies = broker
-        .transport()
-        .receive(Route::Replies, 64)
-        .await
-        .expect("receive");
+    let mut replies = replies_of(&broker.transport()).await;
     publish_chunks(&broker.transport(), 1..=6).await;
     let consumer = |leave: usize, stop: &CancellationToken| {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
