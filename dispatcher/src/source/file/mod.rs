@@ -215,6 +215,34 @@ fn line_record(format: FileFormat, line: u64, bytes: &[u8]) -> Record {
     }
 }
 
+/// The record of the line `bytes` (its line ending included) that starts at `start`, or `None`
+/// for a blank line.
+fn line_read(format: FileFormat, start: Cursor, bytes: &[u8]) -> Option<Read> {
+    let line = start.lines + 1;
+    let mut bytes = bytes;
+    if start.offset == 0 {
+        // A UTF-8 byte order mark is no part of the first record.
+        bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
+    }
+    let bytes = match format {
+        // JSON ignores the blanks around a value.
+        FileFormat::Jsonl => bytes.trim_ascii(),
+        // A line is kept byte for byte, but for its line ending.
+        FileFormat::Lines | FileFormat::Csv => without_line_ending(bytes),
+    };
+    if bytes.is_empty() {
+        return None;
+    }
+    Some(Read {
+        record: line_record(format, line, bytes),
+        start: Position {
+            line,
+            offset: start.offset,
+        },
+        key: None,
+    })
+}
+
 impl Source for FileSource {
     fn next(&mut self) -> Result<Option<Read>, SourceError> {
         let format = self.format;
@@ -224,8 +252,29 @@ impl Source for FileSource {
                 buf,
                 cursor,
             } => loop {
-                buf.clear();
                 let start = *cursor;
+                // The common case: the whole line is in the read-ahead, and is looked at where it
+                // lies instead of being copied out first.
+                let available = match reader.fill_buf() {
+                    Ok(available) => available,
+                    Err(e) => {
+                        let offset = cursor.offset;
+                        return Err(self.read_err(offset, e.to_string()));
+                    }
+                };
+                if let Some(n) = memchr::memchr(b'\n', available).map(|i| i + 1) {
+                    if n <= self.max_line {
+                        let read = line_read(format, start, &available[..n]);
+                        reader.consume(n);
+                        cursor.offset += n as u64;
+                        cursor.lines += 1;
+                        match read {
+                            Some(read) => return Ok(Some(read)),
+                            None => continue,
+                        }
+                    }
+                }
+                buf.clear();
                 let (n, over) = match read_line_capped(reader, buf, self.max_line) {
                     Ok(read) => read,
                     Err(e) => {
@@ -238,8 +287,8 @@ impl Source for FileSource {
                 }
                 cursor.offset += n as u64;
                 cursor.lines += 1;
-                let line = cursor.lines;
                 if over {
+                    let line = cursor.lines;
                     return Ok(Some(Read {
                         record: Record::Bad {
                             line,
@@ -255,28 +304,9 @@ impl Source for FileSource {
                         key: None,
                     }));
                 }
-                let mut bytes: &[u8] = buf;
-                if start.offset == 0 {
-                    // A UTF-8 byte order mark is no part of the first record.
-                    bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
+                if let Some(read) = line_read(format, start, buf) {
+                    return Ok(Some(read));
                 }
-                let bytes = match format {
-                    // JSON ignores the blanks around a value.
-                    FileFormat::Jsonl => bytes.trim_ascii(),
-                    // A line is kept byte for byte, but for its line ending.
-                    FileFormat::Lines | FileFormat::Csv => without_line_ending(bytes),
-                };
-                if bytes.is_empty() {
-                    continue;
-                }
-                return Ok(Some(Read {
-                    record: line_record(format, line, bytes),
-                    start: Position {
-                        line,
-                        offset: start.offset,
-                    },
-                    key: None,
-                }));
             },
             Inner::Csv(records) => records.next().map_err(|message| {
                 let offset = records.offset();

@@ -366,3 +366,53 @@ mod hostile {
         }
     }
 }
+
+/// Lines looked at inside the read-ahead and lines that cross its end (copied out first) are read
+/// alike: with an 8 KiB read-ahead and lines of 1 to 700 bytes, every record, blank line, byte
+/// order mark, CR LF and position comes out as with one line at a time.
+#[test]
+fn lines_across_the_read_ahead_read_as_lines_within_it() {
+    let mut text = Vec::from(BOM);
+    let mut expected = Vec::new();
+    let (mut offset, mut line) = (0u64, 0u64);
+    for i in 0..400u64 {
+        let value = format!(
+            "{{\"i\":{i},\"pad\":\"{}\"}}",
+            "x".repeat((i * 37 % 680) as usize)
+        );
+        let ending = if i % 3 == 0 { "\r\n" } else { "\n" };
+        let blank = if i % 7 == 0 { " \t\n" } else { "" };
+        let start = offset;
+        let record = format!("{value}{ending}{blank}");
+        text.extend_from_slice(record.as_bytes());
+        if i == 0 {
+            offset += BOM.len() as u64;
+        }
+        offset += record.len() as u64;
+        line += 1;
+        expected.push((line, if i == 0 { 0 } else { start }, value));
+        if !blank.is_empty() {
+            line += 1;
+        }
+    }
+    let mut f = tempfile::NamedTempFile::new().expect("temp file");
+    f.write_all(&text).expect("write");
+    let mut s = FileSource::open_span(f.path(), FileFormat::Jsonl, Cursor::default(), 8 * 1024)
+        .expect("open");
+    let reads = all(&mut s);
+    let got: Vec<(u64, u64, String)> = reads
+        .iter()
+        .map(|r| match &r.record {
+            Record::Item(item) => (r.start.line, r.start.offset, item.data.clone()),
+            Record::Bad { reason, .. } => panic!("bad record: {reason}"),
+        })
+        .collect();
+    assert_eq!(got, expected);
+    assert_eq!(
+        s.cursor(),
+        Cursor {
+            offset: text.len() as u64,
+            lines: line
+        }
+    );
+}
