@@ -42,7 +42,7 @@ impl Dispatch<'_> {
         for c in open {
             if let Some(o) = self.outstanding.get(&c.seq) {
                 if !o.confirmed() {
-                    self.publish(c.seq).await?;
+                    self.publish(c.seq);
                 }
                 continue;
             }
@@ -56,7 +56,7 @@ impl Dispatch<'_> {
                 .insert(seq, Outstanding::publishing(c, message));
             taken += 1;
             if republish {
-                self.publish(seq).await?;
+                self.publish(seq);
             }
         }
         if taken > 0 {
@@ -220,7 +220,7 @@ impl Dispatch<'_> {
             }
         }
         for record in &new {
-            self.publish(record.seq).await?;
+            self.publish(record.seq);
             debug!(job = %self.job.name, run, seq = record.seq, items = record.items, "chunk published");
         }
         Ok(())
@@ -271,19 +271,27 @@ impl Dispatch<'_> {
         }
     }
 
-    /// Publishes an outstanding chunk from its kept bytes and keeps the confirm.
-    async fn publish(&mut self, seq: u64) -> Result<(), DispatchError> {
+    /// Publishes an outstanding chunk from its kept bytes; its confirm, or the failure to send
+    /// it, comes out of `confirms`.
+    ///
+    /// The send itself is not awaited here: the client hands the frames to its I/O thread and
+    /// resolves once they are written, and a loop that waited for each write in turn would read,
+    /// encode and record nothing meanwhile (half the time of a dispatcher publishing 200 KiB
+    /// chunks). The sends start when the loop next polls `confirms`, in the order they were
+    /// pushed; the window bounds how many are on their way.
+    fn publish(&mut self, seq: u64) {
         let Some((payload, label)) = self.outstanding.get(&seq).and_then(|o| o.message.clone())
         else {
-            return Ok(());
+            return;
         };
-        let confirm = self
-            .transport
-            .publish(Route::Chunks, &payload, &label)
-            .await?;
-        self.confirms
-            .push(Box::pin(async move { (seq, confirm.await) }));
-        Ok(())
+        let transport = Arc::clone(&self.transport);
+        self.confirms.push(Box::pin(async move {
+            let confirmed = match transport.publish(Route::Chunks, &payload, &label).await {
+                Ok(confirm) => confirm.await,
+                Err(e) => Err(e),
+            };
+            (seq, confirmed)
+        }));
     }
 
     pub(super) async fn on_confirms(
@@ -323,7 +331,7 @@ impl Dispatch<'_> {
                     warn!(job = %self.job.name, run = self.run, seq, why = %why,
                           "chunk not accepted; declaring the queues again and publishing it again");
                     self.transport.repair().await?;
-                    self.publish(seq).await?;
+                    self.publish(seq);
                 }
             }
         }
