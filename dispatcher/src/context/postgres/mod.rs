@@ -111,7 +111,9 @@ impl Fail {
 /// restart, or [`IDLE_IN_TRANSACTION`] passed while this process was frozen) committed
 /// nothing, so the transaction is run once more on a new connection: a dispatcher frozen in
 /// the middle of a write and woken after another host took its run meets the fence there, as
-/// at any other write, instead of a dead connection.
+/// at any other write, instead of a dead connection. The session's end shows either as a closed
+/// connection or, when the database's last word reaches a statement still waiting, as that
+/// word ([`session_ended`]): both are the same case.
 macro_rules! in_tx {
     ($store:expr, |$tx:ident| $body:expr) => {{
         let mut again = true;
@@ -127,7 +129,7 @@ macro_rules! in_tx {
             .await;
             match done {
                 Ok(out) => break Ok(out),
-                Err((Fail::Sql(e), true)) if again && e.is_closed() => {
+                Err((Fail::Sql(e), true)) if again && (e.is_closed() || session_ended(&e)) => {
                     tracing::warn!(store = %$store.place, error = %describe(&e),
                                    "the execution context's connection was closed; once more");
                     again = false;
@@ -136,6 +138,18 @@ macro_rules! in_tx {
             }
         }
     }};
+}
+
+/// The database's error as it ends a session: the idle-in-transaction timeout, or an
+/// administrator's or a shutdown's termination. Whatever the session had not committed is
+/// rolled back.
+fn session_ended(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code().is_some_and(|code| {
+        *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
+            || *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CRASH_SHUTDOWN
+    })
 }
 
 impl PostgresStore {
