@@ -118,6 +118,96 @@ pub fn encode_chunk(chunk: &Chunk) -> Result<Vec<u8>, CodecError> {
     encode("chunk", chunk, capacity)
 }
 
+/// A chunk's items encoded on their own, ahead of the rest of the chunk: the dispatcher's reader
+/// thread encodes (and frees) the items it read, and the dispatch loop, once it knows the
+/// chunk's seq, only writes the few fields before them ([`encode_chunk_head`]). The bytes are
+/// those [`encode_chunk`] writes for the same items.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedItems {
+    count: usize,
+    bytes: Vec<u8>,
+}
+
+impl EncodedItems {
+    /// Encodes `items`.
+    ///
+    /// # Errors
+    /// Only on a serializer bug.
+    pub fn encode(items: &[crate::message::Item]) -> Result<EncodedItems, CodecError> {
+        let capacity = 8 + items.iter().map(|i| i.data.len() + 16).sum::<usize>();
+        let mut bytes = Vec::with_capacity(capacity);
+        items
+            .serialize(&mut rmp_serde::Serializer::new(&mut bytes))
+            .map_err(|source| CodecError::Encode {
+                what: "chunk",
+                source,
+            })?;
+        Ok(EncodedItems {
+            count: items.len(),
+            bytes,
+        })
+    }
+
+    /// How many items.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// Everything of a [`Chunk`] but its items, for [`encode_chunk_head`].
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkHead<'a> {
+    /// [`Chunk::job`].
+    pub job: &'a str,
+    /// [`Chunk::run`].
+    pub run: u64,
+    /// [`Chunk::seq`].
+    pub seq: u64,
+    /// [`Chunk::attempt`].
+    pub attempt: u32,
+    /// [`Chunk::position`].
+    pub position: crate::message::Position,
+    /// [`Chunk::key`].
+    pub key: &'a [String],
+}
+
+/// Encodes a chunk whose items were encoded already: the same bytes as [`encode_chunk`] of the
+/// whole chunk.
+///
+/// # Errors
+/// Only on a serializer bug.
+pub fn encode_chunk_head(head: ChunkHead<'_>, items: &EncodedItems) -> Result<Vec<u8>, CodecError> {
+    let err = |source| CodecError::Encode {
+        what: "chunk",
+        source,
+    };
+    let mut buf = Vec::with_capacity(64 + head.job.len() + items.bytes.len());
+    // The envelope `[v, body]`, the body a chunk's seven fields in order, as serde writes them
+    // (arrays this short have a one-byte header).
+    buf.push(rmp::Marker::FixArray(2).to_u8());
+    {
+        let mut ser = rmp_serde::Serializer::new(&mut buf);
+        SCHEMA_VERSION.serialize(&mut ser).map_err(err)?;
+    }
+    buf.push(rmp::Marker::FixArray(7).to_u8());
+    {
+        let mut ser = rmp_serde::Serializer::new(&mut buf);
+        head.job.serialize(&mut ser).map_err(err)?;
+        head.run.serialize(&mut ser).map_err(err)?;
+        head.seq.serialize(&mut ser).map_err(err)?;
+        head.attempt.serialize(&mut ser).map_err(err)?;
+        head.position.serialize(&mut ser).map_err(err)?;
+        head.key.serialize(&mut ser).map_err(err)?;
+    }
+    buf.extend_from_slice(&items.bytes);
+    Ok(buf)
+}
+
 /// Decodes a chunk, refusing other schema versions.
 ///
 /// # Errors
@@ -168,6 +258,29 @@ mod tests {
                     data: "\"plain\"".into(),
                 },
             ],
+        }
+    }
+
+    #[test]
+    fn a_chunk_of_encoded_items_is_the_chunk_encoded_whole() {
+        let mut c = chunk();
+        for (key, items) in [(vec![], c.items.clone()), (vec!["id".to_string()], vec![])] {
+            c.key = key;
+            c.items = items;
+            let encoded = EncodedItems::encode(&c.items).expect("items");
+            assert_eq!(encoded.len(), c.items.len());
+            let head = ChunkHead {
+                job: &c.job,
+                run: c.run,
+                seq: c.seq,
+                attempt: c.attempt,
+                position: c.position,
+                key: &c.key,
+            };
+            assert_eq!(
+                encode_chunk_head(head, &encoded).expect("head"),
+                encode_chunk(&c).expect("whole")
+            );
         }
     }
 
@@ -249,6 +362,51 @@ mod tests {
             decode_chunk(&bytes),
             Err(CodecError::Decode { .. })
         ));
+    }
+
+    mod head {
+        //! [`encode_chunk_head`] writes what [`encode_chunk`] writes, for any sizes and values.
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            #[test]
+            fn encoded_items_and_head_are_the_whole_chunk(
+                job in "[a-z_]{1,100}",
+                run in any::<u64>(),
+                seq in any::<u64>(),
+                attempt in any::<u32>(),
+                line in any::<u64>(),
+                offset in any::<u64>(),
+                key in proptest::collection::vec("[a-z]{0,40}", 0..3),
+                items in proptest::collection::vec((any::<u64>(), ".{0,300}"), 0..40),
+            ) {
+                let chunk = Chunk {
+                    job,
+                    run,
+                    seq,
+                    attempt,
+                    position: Position { line, offset },
+                    key,
+                    items: items.into_iter().map(|(line, data)| Item { line, data }).collect(),
+                };
+                let head = ChunkHead {
+                    job: &chunk.job,
+                    run,
+                    seq,
+                    attempt,
+                    position: chunk.position,
+                    key: &chunk.key,
+                };
+                let items = EncodedItems::encode(&chunk.items).expect("items");
+                prop_assert_eq!(
+                    encode_chunk_head(head, &items).expect("head"),
+                    encode_chunk(&chunk).expect("whole")
+                );
+            }
+        }
     }
 
     mod hostile {

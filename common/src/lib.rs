@@ -51,7 +51,7 @@ pub mod process;
 pub mod shutdown;
 pub mod transport;
 
-pub use codec::{CodecError, SCHEMA_VERSION};
+pub use codec::{ChunkHead, CodecError, EncodedItems, SCHEMA_VERSION};
 pub use job::{FileFormat, Job, JobError, MetricsSpec, ProcessorSpec, SourceSpec, StateSpec};
 pub use message::{BadItem, Chunk, Item, NoteTiming, Outcome, Position, Reply};
 pub use transport::{

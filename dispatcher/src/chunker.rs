@@ -7,7 +7,7 @@
 //! knows its range of keys: after the previous chunk's last key, up to its own last.
 
 use hopper_common::job::Chunking;
-use hopper_common::{Item, Position};
+use hopper_common::{EncodedItems, Item, Position};
 
 use crate::context::{BadData, Keys, Retried};
 use crate::source::{Cursor, Read, Record, Source, SourceError};
@@ -22,14 +22,38 @@ pub(crate) struct RawChunk {
     pub position: Position,
     /// Where the next chunk starts.
     pub end: Cursor,
-    /// Its items, possibly none when only bad records were met.
+    /// Its items, possibly none when only bad records were met; empty once encoded.
     pub items: Vec<Item>,
+    /// Its items encoded ([`RawChunk::encode_items`]), in place of `items`.
+    pub encoded: Option<EncodedItems>,
     /// Bad records met while cutting it.
     pub bad: Vec<BadData>,
     /// For a chunk read again by `retry`: what it takes over from.
     pub retry: Option<RetryOf>,
     /// For a keyed source (a query), the keys of its rows: how it is read again.
     pub keys: Option<Keys>,
+}
+
+impl RawChunk {
+    /// Encodes the items and lets them go, on the thread that read them: the dispatch loop then
+    /// only writes the chunk's head before them, and their memory is freed where it was taken
+    /// (a free on another thread costs more). Left as they are if they cannot be encoded; the
+    /// loop meets the error when it encodes them itself.
+    pub(crate) fn encode_items(&mut self) {
+        if self.encoded.is_none() {
+            if let Ok(encoded) = EncodedItems::encode(&self.items) {
+                self.encoded = Some(encoded);
+                self.items = Vec::new();
+            }
+        }
+    }
+
+    /// How many items it has, encoded or not.
+    pub(crate) fn item_count(&self) -> usize {
+        self.encoded
+            .as_ref()
+            .map_or(self.items.len(), EncodedItems::len)
+    }
 }
 
 /// What a chunk read again by `retry` takes over from.
@@ -203,6 +227,7 @@ impl Chunker {
             }),
             end,
             items,
+            encoded: None,
             bad,
             retry: None,
             keys,

@@ -72,6 +72,11 @@ impl Label {
         Label::of("chunk", &c.job, c.run, c.seq, c.attempt)
     }
 
+    /// The label of a chunk encoded from its head ([`crate::codec::encode_chunk_head`]).
+    pub fn chunk_head(c: &crate::codec::ChunkHead<'_>) -> Label {
+        Label::of("chunk", c.job, c.run, c.seq, c.attempt)
+    }
+
     /// The label of a reply.
     pub fn reply(r: &Reply) -> Label {
         Label::of("reply", &r.job, r.run, r.seq, r.attempt)

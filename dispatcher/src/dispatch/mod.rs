@@ -315,7 +315,10 @@ pub(crate) async fn run_on(
             let next = chunker.next_chunk();
             let last = !matches!(next, Ok(Some(_)));
             let sent = match next {
-                Ok(Some(c)) => tx.blocking_send(Ok(c)),
+                Ok(Some(mut c)) => {
+                    c.encode_items();
+                    tx.blocking_send(Ok(c))
+                }
                 Ok(None) => return,
                 Err(e) => tx.blocking_send(Err(e)),
             };

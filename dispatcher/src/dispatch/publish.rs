@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use futures::stream::FuturesUnordered;
 use hopper_common::transport::{Inbox, Recoveries};
-use hopper_common::{codec, Chunk, Label, Route, TransportError};
+use hopper_common::{codec, Chunk, ChunkHead, EncodedItems, Label, Route, TransportError};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -147,8 +147,9 @@ impl Dispatch<'_> {
         let mut bad = Vec::new();
         let mut retried = Vec::new();
         let mut new = Vec::with_capacity(raws.len());
-        let mut chunks = Vec::with_capacity(raws.len());
+        let mut messages = Vec::with_capacity(raws.len());
         for raw in raws {
+            let count = raw.item_count();
             for b in &raw.bad {
                 warn!(job = %job, run, line = b.position.line, reason = %b.reason,
                       "skipping a record that cannot be read");
@@ -165,7 +166,7 @@ impl Dispatch<'_> {
                     self.checkpoint.key = Some(last.clone());
                 }
             }
-            if raw.items.is_empty() {
+            if count == 0 {
                 continue;
             }
             let seq = self.checkpoint.next_seq;
@@ -174,26 +175,29 @@ impl Dispatch<'_> {
                 seq,
                 position: raw.position,
                 end_offset: raw.end.offset,
-                items: raw.items.len() as u64,
+                items: count as u64,
                 end_line: raw.end.lines,
                 keys: raw.keys,
             });
-            chunks.push(Chunk {
-                job: job.clone(),
+            // Encoded before they are recorded, and all in the outstanding set before the first
+            // is published: a publish that fails part-way leaves the rest outstanding and
+            // unconfirmed, and recovery publishes them.
+            let items = match raw.encoded {
+                Some(items) => items,
+                None => EncodedItems::encode(&raw.items)?,
+            };
+            let head = ChunkHead {
+                job,
                 run,
                 seq,
                 attempt: 1,
                 position: raw.position,
-                key: self.job.source.key().to_vec(),
-                items: raw.items,
-            });
-        }
-        // Encoded before they are recorded, and all in the outstanding set before the first is
-        // published: a publish that fails part-way leaves the rest outstanding and unconfirmed,
-        // and recovery publishes them.
-        let mut messages = Vec::with_capacity(chunks.len());
-        for chunk in &chunks {
-            messages.push((Arc::new(codec::encode_chunk(chunk)?), Label::chunk(chunk)));
+                key: self.job.source.key(),
+            };
+            messages.push((
+                Arc::new(codec::encode_chunk_head(head, &items)?),
+                Label::chunk_head(&head),
+            ));
         }
         self.skipped += bad.len() as u64;
         self.record(&new, &bad, &retried, retry).await?;

@@ -180,6 +180,7 @@ fn empty() -> RawChunk {
         position: hopper_common::Position::default(),
         end: source::Cursor::default(),
         items: Vec::new(),
+        encoded: None,
         bad: Vec::new(),
         retry: Some(RetryOf::default()),
         keys: None,
