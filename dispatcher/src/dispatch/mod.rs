@@ -50,6 +50,11 @@ use crate::source::{Fingerprint, Source, SourceError};
 use crate::throttle::Throttle;
 use outstanding::{ConfirmFuture, Outstanding};
 
+/// Chunks handed to the client at once whose frames are not all written yet. The client copies
+/// a chunk into its frames when it is handed over, so this bounds that memory (a few chunks,
+/// whatever the window), and it keeps the client's I/O thread busy while the loop reads on.
+const SENDING: usize = 4;
+
 /// Times one chunk may be refused (nacked or returned) by the broker before the run stops.
 const MAX_REPUBLISH: u32 = 5;
 
@@ -95,6 +100,8 @@ struct Dispatch<'a> {
     transport: Arc<dyn Transport>,
     outstanding: HashMap<u64, Outstanding>,
     confirms: FuturesUnordered<ConfirmFuture>,
+    /// Permits to hand a chunk to the client ([`SENDING`]).
+    sends: Arc<tokio::sync::Semaphore>,
     throttle: Throttle,
     checkpoint: Checkpoint,
     read: u64,
@@ -275,6 +282,7 @@ pub(crate) async fn run_on(
         transport: Arc::clone(&transport),
         outstanding: HashMap::new(),
         confirms: FuturesUnordered::new(),
+        sends: Arc::new(tokio::sync::Semaphore::new(SENDING)),
         throttle: Throttle::new(record.throttle.unwrap_or(job.throttle)),
         checkpoint: Checkpoint {
             next_seq: record.checkpoint.next_seq.max(1),

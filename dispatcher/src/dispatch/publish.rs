@@ -282,15 +282,21 @@ impl Dispatch<'_> {
     /// resolves once they are written, and a loop that waited for each write in turn would read,
     /// encode and record nothing meanwhile (half the time of a dispatcher publishing 200 KiB
     /// chunks). The sends start when the loop next polls `confirms`, in the order they were
-    /// pushed; the window bounds how many are on their way.
+    /// pushed, [`SENDING`](super::SENDING) at a time.
     fn publish(&mut self, seq: u64) {
         let Some((payload, label)) = self.outstanding.get(&seq).and_then(|o| o.message.clone())
         else {
             return;
         };
-        let transport = Arc::clone(&self.transport);
+        let (transport, sends) = (Arc::clone(&self.transport), Arc::clone(&self.sends));
         self.confirms.push(Box::pin(async move {
-            let confirmed = match transport.publish(Route::Chunks, &payload, &label).await {
+            let sent = {
+                // The semaphore is never closed; without a permit the send would go ahead
+                // unbounded rather than not at all.
+                let _permit = sends.acquire().await.ok();
+                transport.publish(Route::Chunks, &payload, &label).await
+            };
+            let confirmed = match sent {
                 Ok(confirm) => confirm.await,
                 Err(e) => Err(e),
             };
