@@ -10,7 +10,7 @@ use crate::context::{
 };
 use hopper_common::Position;
 
-/// What [`crate::context::RecordBatch`] holds, owned, to cross to the blocking pool.
+/// What [`crate::context::RecordBatch`] holds, owned, to cross to the thread that runs the call.
 pub(super) struct Batch {
     pub(super) chunks: Vec<NewChunk>,
     pub(super) ckpt: Checkpoint,

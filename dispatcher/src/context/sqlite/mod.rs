@@ -1,6 +1,7 @@
 //! The embedded execution context: one SQLite file in WAL mode.
 //!
-//! Each call runs on tokio's blocking pool behind one mutex-guarded connection: the dispatcher is
+//! Each call runs in place on its caller's thread (tokio told first; the blocking pool on a
+//! single-threaded runtime) behind one mutex-guarded connection: the dispatcher is
 //! the only writer, and `status` readers open their own connection (WAL lets them read while it
 //! writes). Write transactions are `IMMEDIATE`: they take the write lock up front and wait for
 //! it, where a deferred one that read first could fail outright on a lock taken by another
