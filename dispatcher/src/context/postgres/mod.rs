@@ -113,7 +113,10 @@ impl Fail {
 /// the middle of a write and woken after another host took its run meets the fence there, as
 /// at any other write, instead of a dead connection. The session's end shows either as a closed
 /// connection or, when the database's last word reaches a statement still waiting, as that
-/// word ([`session_ended`]): both are the same case.
+/// word ([`session_ended`]): both are the same case. The commit is in that case too when the
+/// connection was closed before it was sent, or when the database ended the session for
+/// sitting idle in its transaction (it had received no commit); a commit lost in any other way
+/// may have been applied, and is never run again blindly.
 macro_rules! in_tx {
     ($store:expr, |$tx:ident| $body:expr) => {{
         let mut again = true;
@@ -123,7 +126,14 @@ macro_rules! in_tx {
             let done: Result<_, (Fail, bool)> = async {
                 let $tx = client.transaction().await.map_err(|e| (Fail::from(e), true))?;
                 let out = $body.await.map_err(|f| (f, true))?;
-                $tx.commit().await.map_err(|e| (Fail::from(e), false))?;
+                // A connection already closed sends no commit; and a session ended for sitting
+                // idle in its transaction never received one.
+                let unsent = $tx.client().is_closed();
+                $tx.commit().await.map_err(|e| {
+                    use tokio_postgres::error::SqlState;
+                    let idle = e.code() == Some(&SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT);
+                    (Fail::from(e), unsent || idle)
+                })?;
                 Ok(out)
             }
             .await;
