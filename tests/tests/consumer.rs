@@ -375,7 +375,7 @@ cat > "out/$HOPPER_SEQ.tmp" && mv "out/$HOPPER_SEQ.tmp" "out/$HOPPER_SEQ.jsonl"
     // All three chunks wait in the queue before the consumer comes, so that it takes them all.
     let chunks = format!("hopper.{}.chunks", t.name);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while ready(&conn, &chunks).await.unwrap_or(0) < 3 {
+    while t.try_queue_depth(&conn, &chunks).await.unwrap_or(0) < 3 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the three chunks were never published"
@@ -425,20 +425,6 @@ cat > "out/$HOPPER_SEQ.tmp" && mv "out/$HOPPER_SEQ.tmp" "out/$HOPPER_SEQ.jsonl"
         text.contains("chunks=2"),
         "the second consumer did 2 and 3: {text}"
     );
-}
-
-/// The messages ready in `queue`, or `None` while it is not declared yet.
-async fn ready(conn: &lapin::Connection, queue: &str) -> Option<u32> {
-    let ch = conn.create_channel().await.ok()?;
-    let options = lapin::options::QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let q = ch
-        .queue_declare(queue.into(), options, lapin::types::FieldTable::default())
-        .await
-        .ok()?;
-    Some(q.message_count())
 }
 
 /// `--prefetch` below `--concurrency` could never hold the chunks being processed: refused.
