@@ -406,3 +406,332 @@ params = ["i2", "i4", "i8", "num", "f8", "txt", "b", "d", "ts", "u", "jb", "j", 
     let nulls: Vec<Option<String>> = (0..15).map(|i| rows[1].get(i)).collect();
     assert!(nulls.iter().all(Option::is_none), "{nulls:?}");
 }
+
+/// The batched path sends a chunk's values as arrays, binary where a value's binary form is
+/// exactly what the database makes of its text: every value lands as the database's own cast
+/// of its text would make it, whether its column went binary, fell back to a text literal for
+/// a value without a binary form, or the chunk was done item by item after a refusal.
+#[tokio::test]
+async fn batched_arrays_give_the_database_what_each_value_one_by_one_would() {
+    use serde_json::{json, Value};
+
+    let client = require_postgres().await;
+    let columns = [
+        ("i2", "int2"),
+        ("i4", "int4"),
+        ("i8", "int8"),
+        ("num", "numeric"),
+        ("n2", "numeric(10,2)"),
+        ("t", "text"),
+        ("vc", "varchar(12)"),
+        ("c", "char(3)"),
+    ];
+    let names: Vec<&str> = columns.iter().map(|c| c.0).collect();
+    let t = TestJob::local(
+        "pgarrays",
+        &format!(
+            r#"
+[source]
+kind = "file"
+path = "input.jsonl"
+[processor]
+kind = "postgres"
+url = "{}"
+statement = "INSERT INTO {{TABLE}} (ord, {}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+params = ["ord", {}]
+"#,
+            pg_url(),
+            names.join(", "),
+            names
+                .iter()
+                .map(|n| format!("\"{n}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    let table = Tables::name_in_job(&t, "arrays");
+    let ddl: Vec<String> = columns.iter().map(|(n, ty)| format!("{n} {ty}")).collect();
+    let _tables = Tables::create(
+        &client,
+        &t,
+        &[&table],
+        &format!("CREATE TABLE {table} (ord int4, {})", ddl.join(", ")),
+    )
+    .await;
+    let job = t.job();
+    let hopper_common::ProcessorSpec::Postgres {
+        url,
+        statement,
+        params,
+    } = &job.processor
+    else {
+        panic!("a postgres job")
+    };
+    let p = PostgresProcessor::connect(url, statement, params.clone(), "job.toml")
+        .await
+        .expect("connect");
+    let row = |ord: i64, values: [Value; 8]| {
+        let mut item = serde_json::Map::new();
+        item.insert("ord".into(), json!(ord));
+        for (name, v) in names.iter().zip(values) {
+            item.insert(name.to_string(), v);
+        }
+        Value::Object(item)
+    };
+    let n = Value::Null;
+    let chunks: Vec<Vec<Value>> = vec![
+        // Every value with a binary form; a bad item (a missing field) among them.
+        vec![
+            row(
+                1,
+                [
+                    json!(-7),
+                    json!(7),
+                    json!(9007199254740993i64),
+                    json!("12345678901234567890.000000000001"),
+                    json!("1.99"),
+                    json!("a \"q\" \\ {x}, y"),
+                    json!("short"),
+                    json!("ab"),
+                ],
+            ),
+            row(
+                2,
+                [
+                    n.clone(),
+                    n.clone(),
+                    n.clone(),
+                    n.clone(),
+                    n.clone(),
+                    n.clone(),
+                    n.clone(),
+                    n.clone(),
+                ],
+            ),
+            row(
+                3,
+                [
+                    json!(-32768),
+                    json!(-2147483648i64),
+                    json!(i64::MIN),
+                    json!("-0.000"),
+                    json!("00012.3450"),
+                    json!(""),
+                    json!("é ü ✓"),
+                    json!("abc"),
+                ],
+            ),
+            json!({"ord": 4, "i2": 1}),
+            row(
+                5,
+                [
+                    json!(32767),
+                    json!(0),
+                    json!(i64::MAX),
+                    json!("0"),
+                    json!("-0.5"),
+                    json!("NULL"),
+                    json!("{}"),
+                    json!(""),
+                ],
+            ),
+            row(
+                6,
+                [
+                    json!(0),
+                    json!(1),
+                    json!(2),
+                    json!(1.5),
+                    json!(7),
+                    json!(12),
+                    json!(true),
+                    json!(3),
+                ],
+            ),
+        ],
+        // Values without a binary form: their columns go as literals.
+        vec![
+            row(
+                7,
+                [
+                    json!("5"),
+                    json!(" 6 "),
+                    json!("42"),
+                    json!("1e3"),
+                    json!(" 5 "),
+                    json!(false),
+                    json!(1.25),
+                    json!("x"),
+                ],
+            ),
+            row(
+                8,
+                [
+                    json!(1),
+                    json!(2),
+                    json!(3),
+                    json!("NaN"),
+                    json!("+2.5"),
+                    json!("t"),
+                    json!("v"),
+                    json!("c"),
+                ],
+            ),
+            row(
+                9,
+                [
+                    json!(1),
+                    json!(2),
+                    json!(3),
+                    json!(".5"),
+                    json!("5."),
+                    json!("t"),
+                    json!("v"),
+                    json!("c"),
+                ],
+            ),
+        ],
+        // Refused by the database: the chunk is done item by item.
+        vec![
+            row(
+                10,
+                [
+                    json!(40000),
+                    json!(1),
+                    json!(1),
+                    json!("1"),
+                    json!("1"),
+                    json!("t"),
+                    json!("v"),
+                    json!("c"),
+                ],
+            ),
+            row(
+                11,
+                [
+                    json!(1),
+                    json!(1),
+                    json!(1),
+                    json!("1"),
+                    json!("1"),
+                    json!("nul\u{0}byte"),
+                    json!("v"),
+                    json!("c"),
+                ],
+            ),
+            row(
+                12,
+                [
+                    json!(1),
+                    json!(1),
+                    json!(u64::MAX),
+                    json!("1"),
+                    json!("1"),
+                    json!("t"),
+                    json!("v"),
+                    json!("c"),
+                ],
+            ),
+            row(
+                13,
+                [
+                    json!(1),
+                    json!(1),
+                    json!(1),
+                    json!("1"),
+                    json!("1"),
+                    json!("t"),
+                    json!("far too long for it"),
+                    json!("c"),
+                ],
+            ),
+            row(
+                14,
+                [
+                    json!(1),
+                    json!(1),
+                    json!(1),
+                    json!("1"),
+                    json!("123456789.5"),
+                    json!("t"),
+                    json!("v"),
+                    json!("c"),
+                ],
+            ),
+            row(
+                15,
+                [
+                    json!(3),
+                    json!(3),
+                    json!(3),
+                    json!("3.14159"),
+                    json!("3.14159"),
+                    json!("t"),
+                    json!("v"),
+                    json!("c"),
+                ],
+            ),
+        ],
+    ];
+    let mut bad = Vec::new();
+    for (seq, items) in chunks.iter().enumerate() {
+        let chunk = Chunk {
+            job: t.name.clone(),
+            run: 1,
+            seq: seq as u64 + 1,
+            attempt: 1,
+            position: Position { line: 1, offset: 0 },
+            key: Vec::new(),
+            items: items
+                .iter()
+                .map(|v| Item {
+                    line: v["ord"].as_u64().expect("ord"),
+                    data: v.to_string(),
+                })
+                .collect(),
+        };
+        let done = p.process(&chunk).await.expect("processed");
+        bad.extend(done.bad_items.iter().map(|b| b.line));
+    }
+    assert_eq!(bad, [4, 10, 11, 12, 13, 14]);
+    // Each value as the database's cast of its text makes it, the row's own or NULL.
+    let mut checked = 0;
+    for item in chunks.iter().flatten() {
+        let ord = item["ord"].as_i64().expect("ord");
+        if bad.contains(&(ord as u64)) {
+            continue;
+        }
+        for (name, ty) in columns {
+            let text: Option<String> = match &item[name] {
+                Value::Null => None,
+                Value::String(s) => Some(s.clone()),
+                other => Some(other.to_string()),
+            };
+            let want: Option<String> = client
+                .query_one(&format!("SELECT CAST($1::text AS {ty})::text"), &[&text])
+                .await
+                .expect("cast")
+                .get(0);
+            let got: Option<String> = client
+                .query_one(
+                    &format!("SELECT {name}::text FROM {table} WHERE ord = $1"),
+                    &[&(ord as i32)],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("row {ord}: {e}"))
+                .get(0);
+            assert_eq!(got, want, "row {ord}, column {name} ({ty}), text {text:?}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 9 * columns.len());
+    assert_eq!(count_rows(&client, &table).await, 9);
+}
+
+async fn count_rows(client: &tokio_postgres::Client, table: &str) -> i64 {
+    client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("count")
+        .get(0)
+}

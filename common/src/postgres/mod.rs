@@ -116,8 +116,9 @@ fn is_json(ty: &Type) -> bool {
 }
 
 /// Whether a JSON string is the parameter's text as it is: not for `json`/`jsonb` (it is
-/// quoted, as JSON) nor `bytea` (base64 decoded).
-fn string_as_is(ty: &Type) -> bool {
+/// quoted, as JSON) nor `bytea` (base64 decoded). [`into_text`] moves such a string; a caller
+/// that holds it borrowed can use it as it is, without a `Value`.
+pub fn string_as_is(ty: &Type) -> bool {
     !is_json(ty) && *ty != Type::BYTEA
 }
 

@@ -21,9 +21,9 @@
 //! values) takes the function.
 //!
 //! Invariants:
-//! - Values go exactly as they would one by one: each parameter's text (as
-//!   [`hopper_common::postgres::text_for`] makes it) is an element of a text-format array
-//!   literal, quoted and escaped, parsed by the database with the same type's input function.
+//! - Values go exactly as they would one by one: [`super::columns`] builds the arrays, in the
+//!   binary format where an element is exactly what the type's input function makes of the
+//!   value's text, else as a text-format array literal of those texts.
 //! - A refusal of one item's data fails the whole query: the caller then does the chunk item by
 //!   item, as for pipelined items, to find which. Nothing else changes in how failures are
 //!   classified.
@@ -31,7 +31,6 @@
 //!   arrays is not the same thing), and the function must be created (a statement a SQL
 //!   function cannot hold, or no right to create temporary objects, leaves items pipelined).
 
-use hopper_common::postgres::Text;
 use tokio_postgres::types::{Kind, Type};
 
 /// The function's name, in the connection's temporary schema.
@@ -100,44 +99,6 @@ impl Batch {
             self.call = insert;
             self.create = None;
         }
-    }
-
-    /// The array parameters for `rows` (each an item's parameters, in the statement's order):
-    /// one text-format array literal per statement parameter.
-    pub(super) fn arrays(rows: &[&[Text]], width: usize) -> Vec<Text> {
-        (0..width)
-            .map(|j| {
-                let size: usize = rows
-                    .iter()
-                    .map(|row| row.get(j).and_then(|t| t.0.as_ref()).map_or(4, String::len) + 3)
-                    .sum();
-                let mut literal = String::with_capacity(size + 2);
-                literal.push('{');
-                for (i, row) in rows.iter().enumerate() {
-                    if i > 0 {
-                        literal.push(',');
-                    }
-                    match row.get(j).and_then(|t| t.0.as_deref()) {
-                        None => literal.push_str("NULL"),
-                        Some(text) => {
-                            literal.push('"');
-                            // Most values hold neither a quote nor a backslash: copied whole.
-                            let mut rest: &str = text;
-                            while let Some(at) = rest.find(['"', '\\']) {
-                                literal.push_str(&rest[..at]);
-                                literal.push('\\');
-                                literal.push_str(&rest[at..at + 1]);
-                                rest = &rest[at + 1..];
-                            }
-                            literal.push_str(rest);
-                            literal.push('"');
-                        }
-                    }
-                }
-                literal.push('}');
-                Text(Some(literal))
-            })
-            .collect()
     }
 }
 
@@ -273,23 +234,5 @@ mod tests {
     fn array_parameters_and_none_at_all_stay_pipelined() {
         assert!(Batch::new("SELECT $1", &[Type::INT4_ARRAY]).is_err());
         assert!(Batch::new("SELECT 1", &[]).is_err());
-    }
-
-    #[test]
-    fn values_are_quoted_and_escaped_and_null_is_null() {
-        let rows: Vec<Vec<Text>> = vec![
-            vec![
-                Text(Some("1".into())),
-                Text(Some("a \"b\" \\c, {d}".into())),
-            ],
-            vec![Text(Some("2".into())), Text(None)],
-        ];
-        let rows: Vec<&[Text]> = rows.iter().map(Vec::as_slice).collect();
-        let arrays = Batch::arrays(&rows, 2);
-        assert_eq!(arrays[0].0.as_deref(), Some("{\"1\",\"2\"}"));
-        assert_eq!(
-            arrays[1].0.as_deref(),
-            Some("{\"a \\\"b\\\" \\\\c, {d}\",NULL}")
-        );
     }
 }

@@ -6,56 +6,153 @@
 //! statement binds becomes a value (a string is moved, not copied, into its parameter), and
 //! every other field is checked and skipped without being built.
 //!
+//! A field's value is built as a `serde_json::Value`, or as a [`Scalar`], which holds a string
+//! without escapes as a slice of the item's own text: no copy at all until it is bound.
+//!
 //! Invariants: the same JSON is accepted and refused as by `serde_json::from_str::<Value>`, at
 //! the same line and column (a malformed item is "not valid JSON", whatever it binds; the
 //! wording may differ where a skipped field is malformed); a field named twice binds its last
-//! value, as the map did.
+//! value, as the map did; a [`Scalar`] turns into the very `Value` the field would have been.
 
+use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde_json::Value;
+use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+use serde::de::{
+    Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
+};
+use serde_json::{Number, Value};
 
 /// What an item's JSON held.
 #[derive(Debug, PartialEq)]
-pub(super) enum Fields {
+pub(super) enum Fields<V> {
     /// An object: the value of each named field, in the order of the names, `None` if absent.
-    Object(Vec<Option<Value>>),
+    Object(Vec<Option<V>>),
     /// Valid JSON, but not an object.
     NotObject,
 }
 
-/// The fields `names` of the JSON `text`.
+/// The fields `names` of the JSON `text`, each as a `V` (a `Value` or a [`Scalar`]).
 ///
 /// # Errors
 /// The text is not valid JSON (serde_json's message, with line and column).
-pub(super) fn read(text: &str, names: &[String]) -> Result<Fields, serde_json::Error> {
+pub(super) fn read<'de, V: Deserialize<'de>>(
+    text: &'de str,
+    names: &[String],
+) -> Result<Fields<V>, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let fields = Named(names).deserialize(&mut de)?;
+    let fields = Named(names, PhantomData).deserialize(&mut de)?;
     de.end()?;
     Ok(fields)
 }
 
-/// Seeds the walk with the names to pick.
-struct Named<'n>(&'n [String]);
+/// A field's value, a string borrowed from the item's text where it holds no escape.
+#[derive(Debug, PartialEq)]
+pub(super) enum Scalar<'a> {
+    Null,
+    Bool(bool),
+    Number(Number),
+    Str(Cow<'a, str>),
+    /// An array or an object.
+    Other(Value),
+}
 
-impl<'de> DeserializeSeed<'de> for Named<'_> {
-    type Value = Fields;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Fields, D::Error> {
-        d.deserialize_any(self)
+impl Scalar<'_> {
+    /// The `Value` the field would have been.
+    pub(super) fn into_value(self) -> Value {
+        match self {
+            Scalar::Null => Value::Null,
+            Scalar::Bool(b) => Value::Bool(b),
+            Scalar::Number(n) => Value::Number(n),
+            Scalar::Str(s) => Value::String(s.into_owned()),
+            Scalar::Other(v) => v,
+        }
     }
 }
 
-impl<'de> Visitor<'de> for Named<'_> {
-    type Value = Fields;
+impl<'de> Deserialize<'de> for Scalar<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor)
+    }
+}
+
+/// Builds a [`Scalar`] as `Value`'s own visitor builds a `Value`.
+struct ScalarVisitor;
+
+impl<'de> Visitor<'de> for ScalarVisitor {
+    type Value = Scalar<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
-        let mut found: Vec<Option<Value>> = vec![None; self.0.len()];
+    fn visit_bool<E>(self, b: bool) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Bool(b))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Number(n.into()))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Number(n.into()))
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<Scalar<'de>, E> {
+        Ok(Number::from_f64(n).map_or(Scalar::Null, Scalar::Number))
+    }
+
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Str(Cow::Borrowed(s)))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Str(Cow::Owned(s.to_owned())))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Str(Cow::Owned(s)))
+    }
+
+    fn visit_unit<E>(self) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Scalar<'de>, A::Error> {
+        Value::deserialize(SeqAccessDeserializer::new(seq)).map(Scalar::Other)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Scalar<'de>, A::Error> {
+        Value::deserialize(MapAccessDeserializer::new(map)).map(Scalar::Other)
+    }
+}
+
+/// Seeds the walk with the names to pick.
+struct Named<'n, V>(&'n [String], PhantomData<V>);
+
+impl<'de, V: Deserialize<'de>> DeserializeSeed<'de> for Named<'_, V> {
+    type Value = Fields<V>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Fields<V>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Visitor<'de> for Named<'_, V> {
+    type Value = Fields<V>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<V>, A::Error> {
+        let mut found: Vec<Option<V>> =
+            std::iter::repeat_with(|| None).take(self.0.len()).collect();
         while let Some(at) = map.next_key_seed(KeyOf(self.0))? {
             match at {
                 Some(i) => found[i] = Some(map.next_value()?),
@@ -67,32 +164,32 @@ impl<'de> Visitor<'de> for Named<'_> {
         Ok(Fields::Object(found))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Fields, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Fields<V>, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(Fields::NotObject)
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<Fields, E> {
+    fn visit_bool<E>(self, _: bool) -> Result<Fields<V>, E> {
         Ok(Fields::NotObject)
     }
 
-    fn visit_i64<E>(self, _: i64) -> Result<Fields, E> {
+    fn visit_i64<E>(self, _: i64) -> Result<Fields<V>, E> {
         Ok(Fields::NotObject)
     }
 
-    fn visit_u64<E>(self, _: u64) -> Result<Fields, E> {
+    fn visit_u64<E>(self, _: u64) -> Result<Fields<V>, E> {
         Ok(Fields::NotObject)
     }
 
-    fn visit_f64<E>(self, _: f64) -> Result<Fields, E> {
+    fn visit_f64<E>(self, _: f64) -> Result<Fields<V>, E> {
         Ok(Fields::NotObject)
     }
 
-    fn visit_str<E>(self, _: &str) -> Result<Fields, E> {
+    fn visit_str<E>(self, _: &str) -> Result<Fields<V>, E> {
         Ok(Fields::NotObject)
     }
 
-    fn visit_unit<E>(self) -> Result<Fields, E> {
+    fn visit_unit<E>(self) -> Result<Fields<V>, E> {
         Ok(Fields::NotObject)
     }
 }
@@ -131,7 +228,7 @@ mod tests {
 
     #[test]
     fn the_named_fields_are_picked_in_order_and_the_rest_skipped() {
-        let got = read(
+        let got = read::<Value>(
             r#" {"b": "x\"y", "skip": {"deep": [1, {"a": 9}]}, "a": 1.5, "c": null} "#,
             &names(&["a", "b", "c", "d"]),
         )
@@ -149,7 +246,7 @@ mod tests {
 
     #[test]
     fn an_escaped_key_matches_and_the_last_of_two_wins() {
-        let got = read(r#"{"\u0061": 1, "a": 2}"#, &names(&["a"])).expect("valid");
+        let got = read::<Value>(r#"{"\u0061": 1, "a": 2}"#, &names(&["a"])).expect("valid");
         assert_eq!(got, Fields::Object(vec![Some(json!(2))]));
     }
 
@@ -157,7 +254,7 @@ mod tests {
     fn valid_json_that_is_not_an_object_says_so() {
         for text in ["[1, {\"a\": 2}]", "3", "-3", "1.5", "\"a\"", "true", "null"] {
             assert_eq!(
-                read(text, &names(&["a"])).map_err(|e| e.to_string()),
+                read::<Value>(text, &names(&["a"])).map_err(|e| e.to_string()),
                 Ok(Fields::NotObject),
                 "{text}"
             );
@@ -176,10 +273,37 @@ mod tests {
             "1e400",
         ] {
             let at = |e: serde_json::Error| (e.line(), e.column());
-            let ours = read(text, &names(&["a"])).map(|_| ()).map_err(at);
+            let ours = read::<Value>(text, &names(&["a"])).map(|_| ()).map_err(at);
             let theirs = serde_json::from_str::<Value>(text).map(|_| ()).map_err(at);
             assert!(ours.is_err(), "{text}");
             assert_eq!(ours, theirs, "{text}");
         }
+    }
+
+    #[test]
+    fn a_scalar_is_the_value_the_field_would_have_been() {
+        let text = r#"{"s": "plain", "e": "tab\there", "n": -3, "u": 18446744073709551615,
+            "f": 1.50, "b": false, "z": null, "a": [1, "x", {"k": null}], "o": {"k": [2]}}"#;
+        let all = names(&["s", "e", "n", "u", "f", "b", "z", "a", "o", "missing"]);
+        let (Fields::Object(scalars), Fields::Object(values)) = (
+            read::<Scalar>(text, &all).expect("valid"),
+            read::<Value>(text, &all).expect("valid"),
+        ) else {
+            panic!("objects")
+        };
+        assert!(matches!(
+            scalars[0],
+            Some(Scalar::Str(Cow::Borrowed("plain")))
+        ));
+        assert!(matches!(&scalars[1], Some(Scalar::Str(Cow::Owned(s))) if s == "tab\there"));
+        let scalars: Vec<Option<Value>> = scalars
+            .into_iter()
+            .map(|s| s.map(Scalar::into_value))
+            .collect();
+        assert_eq!(scalars, values);
+        assert_eq!(
+            read::<Scalar>("[1]", &all).map_err(|e| e.to_string()),
+            Ok(Fields::NotObject)
+        );
     }
 }

@@ -26,6 +26,9 @@
 //!
 //! Parameters are sent in PostgreSQL's text format and converted by the database to the types
 //! the statement declares ([`hopper_common::postgres::text_for`] says how each JSON value goes).
+//! Batched, a chunk's values go straight from the items' JSON into one array per parameter,
+//! in the binary format where a value's binary form is exactly what the database makes of its
+//! text ([`columns`]).
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -40,6 +43,7 @@ use tokio_postgres::Statement;
 use super::{BuildError, ProcessError, Processed, Processor};
 
 mod batch;
+mod columns;
 mod fields;
 
 use batch::Batch;
@@ -247,11 +251,9 @@ impl PostgresProcessor {
 
     /// The item's parameters in the statement's order, or why it is a bad item.
     fn bind(&self, item: &Item, types: &[Type]) -> Result<Vec<Text>, String> {
-        let fields = match fields::read(&item.data, &self.params) {
+        let fields = match fields::read::<Value>(&item.data, &self.params) {
             Ok(Fields::Object(fields)) => fields,
-            Ok(Fields::NotObject) => {
-                return Err("not a JSON object: processor.params names the fields to bind".into())
-            }
+            Ok(Fields::NotObject) => return Err(NOT_OBJECT.into()),
             Err(e) => return Err(format!("not valid JSON: {e}")),
         };
         self.params
@@ -259,13 +261,26 @@ impl PostgresProcessor {
             .zip(types)
             .zip(fields)
             .map(|((name, ty), value)| match value {
-                None => Err(format!("field `{name}` is missing (processor.params)")),
+                None => Err(missing(name)),
                 Some(v) => into_text(v, ty)
                     .map(Text)
-                    .map_err(|why| format!("field `{name}` ({ty}): {why}")),
+                    .map_err(|why| unbound(name, ty, &why)),
             })
             .collect()
     }
+}
+
+/// Why an item that is valid JSON but not an object is bad.
+const NOT_OBJECT: &str = "not a JSON object: processor.params names the fields to bind";
+
+/// Why an item without the field `name` is bad.
+fn missing(name: &str) -> String {
+    format!("field `{name}` is missing (processor.params)")
+}
+
+/// Why an item whose field `name` cannot be bound to a parameter of type `ty` is bad.
+fn unbound(name: &str, ty: &Type, why: &str) -> String {
+    format!("field `{name}` ({ty}): {why}")
 }
 
 /// What applying a chunk came to.
@@ -382,13 +397,27 @@ impl PostgresProcessor {
         let key: (&str, i64, i64) = (&chunk.job, chunk.run as i64, chunk.seq as i64);
         let key_params: [&(dyn ToSql + Sync); 3] = [&key.0, &key.1, &key.2];
         let mut outcome = Processed::default();
-        let mut bound = Vec::with_capacity(chunk.items.len());
-        for item in &chunk.items {
-            match self.bind(item, stmt.params()) {
-                Ok(params) => bound.push((item, params)),
-                Err(why) => outcome.bad_item(item, why),
+        // Batched: the items straight into the call's arrays. Otherwise: each item's parameters.
+        let (batch, bound) = match call {
+            Some(call) => {
+                let columns = columns::build(&chunk.items, &self.params, stmt.params());
+                for (item, why) in columns.bad {
+                    outcome.bad_item(item, why);
+                }
+                let arrays = (columns.rows > 0).then_some(columns.arrays);
+                (arrays.map(|arrays| (call, arrays)), Vec::new())
             }
-        }
+            None => {
+                let mut bound = Vec::with_capacity(chunk.items.len());
+                for item in &chunk.items {
+                    match self.bind(item, stmt.params()) {
+                        Ok(params) => bound.push((item, params)),
+                        Err(why) => outcome.bad_item(item, why),
+                    }
+                }
+                (None, bound)
+            }
+        };
         let tx = client.transaction().await?;
         // The claim goes first, in the same pipeline as the items: a chunk applied before is
         // found by it (the items' work is then rolled back), and a copy of this chunk being
@@ -413,12 +442,11 @@ impl PostgresProcessor {
                 }
             }
             claimed
-        } else if let Some(call) = call.filter(|_| !bound.is_empty()) {
-            let rows: Vec<&[Text]> = bound.iter().map(|(_, p)| p.as_slice()).collect();
-            let arrays = Batch::arrays(&rows, stmt.params().len());
-            let arrays = as_params(&arrays);
+        } else if let Some((call, arrays)) = &batch {
+            let arrays: Vec<&(dyn ToSql + Sync)> =
+                arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
             let (claimed, applied) =
-                futures::join!(tx.execute(&claim, &key_params), tx.execute(&call, &arrays));
+                futures::join!(tx.execute(&claim, &key_params), tx.execute(call, &arrays));
             let claimed = claimed?;
             if claimed == 1 && refused([applied])? {
                 return Ok(Applied::Refused);
