@@ -42,6 +42,22 @@ skip_limit = 10
     (t, table)
 }
 
+/// The job's `postgres` processor, connected as a consumer connects it.
+async fn processor_of(t: &TestJob) -> PostgresProcessor {
+    let job = t.job();
+    let hopper_common::ProcessorSpec::Postgres {
+        url,
+        statement,
+        params,
+    } = &job.processor
+    else {
+        panic!("a postgres job")
+    };
+    PostgresProcessor::connect(url, statement, params.clone(), "job.toml")
+        .await
+        .expect("connect")
+}
+
 fn write_prices(t: &TestJob, n: u64, bad: Option<u64>) {
     let lines: String = (1..=n)
         .map(|i| {
@@ -66,20 +82,7 @@ async fn a_chunk_delivered_twice_changes_the_table_once() {
         &format!("CREATE TABLE {table} (id int, price numeric(10,2) CHECK (price >= 0))"),
     )
     .await;
-    let job = t.job();
-    let hopper_common::ProcessorSpec::Postgres {
-        url,
-        statement,
-        params,
-    } = &job.processor
-    else {
-        panic!("a postgres job")
-    };
-    let p: Arc<dyn Processor> = Arc::new(
-        PostgresProcessor::connect(url, statement, params.clone(), "job.toml")
-            .await
-            .expect("connect"),
-    );
+    let p: Arc<dyn Processor> = Arc::new(processor_of(&t).await);
     let items = (1..=5u64)
         .map(|i| Item {
             line: i,
@@ -458,18 +461,7 @@ params = ["ord", {}]
         &format!("CREATE TABLE {table} (ord int4, {})", ddl.join(", ")),
     )
     .await;
-    let job = t.job();
-    let hopper_common::ProcessorSpec::Postgres {
-        url,
-        statement,
-        params,
-    } = &job.processor
-    else {
-        panic!("a postgres job")
-    };
-    let p = PostgresProcessor::connect(url, statement, params.clone(), "job.toml")
-        .await
-        .expect("connect");
+    let p = processor_of(&t).await;
     let row = |ord: i64, values: [Value; 8]| {
         let mut item = serde_json::Map::new();
         item.insert("ord".into(), json!(ord));
