@@ -471,6 +471,27 @@ params = ["ord", {}]
         Value::Object(item)
     };
     let n = Value::Null;
+    // A row of plain values with `changes` in place of some: each row below differs from it in
+    // what it tries.
+    let plain = |ord: i64, changes: &[(&str, Value)]| {
+        let mut item = row(
+            ord,
+            [
+                json!(1),
+                json!(1),
+                json!(1),
+                json!("1"),
+                json!("1"),
+                json!("t"),
+                json!("v"),
+                json!("c"),
+            ],
+        );
+        for (name, value) in changes {
+            item[*name] = value.clone();
+        }
+        item
+    };
     let chunks: Vec<Vec<Value>> = vec![
         // Every value with a binary form; a bad item (a missing field) among them.
         vec![
@@ -556,100 +577,32 @@ params = ["ord", {}]
                     json!("x"),
                 ],
             ),
-            row(
+            plain(
                 8,
-                [
-                    json!(1),
-                    json!(2),
-                    json!(3),
-                    json!("NaN"),
-                    json!("+2.5"),
-                    json!("t"),
-                    json!("v"),
-                    json!("c"),
+                &[
+                    ("i4", json!(2)),
+                    ("i8", json!(3)),
+                    ("num", json!("NaN")),
+                    ("n2", json!("+2.5")),
                 ],
             ),
-            row(
+            plain(
                 9,
-                [
-                    json!(1),
-                    json!(2),
-                    json!(3),
-                    json!(".5"),
-                    json!("5."),
-                    json!("t"),
-                    json!("v"),
-                    json!("c"),
+                &[
+                    ("i4", json!(2)),
+                    ("i8", json!(3)),
+                    ("num", json!(".5")),
+                    ("n2", json!("5.")),
                 ],
             ),
         ],
         // Refused by the database: the chunk is done item by item.
         vec![
-            row(
-                10,
-                [
-                    json!(40000),
-                    json!(1),
-                    json!(1),
-                    json!("1"),
-                    json!("1"),
-                    json!("t"),
-                    json!("v"),
-                    json!("c"),
-                ],
-            ),
-            row(
-                11,
-                [
-                    json!(1),
-                    json!(1),
-                    json!(1),
-                    json!("1"),
-                    json!("1"),
-                    json!("nul\u{0}byte"),
-                    json!("v"),
-                    json!("c"),
-                ],
-            ),
-            row(
-                12,
-                [
-                    json!(1),
-                    json!(1),
-                    json!(u64::MAX),
-                    json!("1"),
-                    json!("1"),
-                    json!("t"),
-                    json!("v"),
-                    json!("c"),
-                ],
-            ),
-            row(
-                13,
-                [
-                    json!(1),
-                    json!(1),
-                    json!(1),
-                    json!("1"),
-                    json!("1"),
-                    json!("t"),
-                    json!("far too long for it"),
-                    json!("c"),
-                ],
-            ),
-            row(
-                14,
-                [
-                    json!(1),
-                    json!(1),
-                    json!(1),
-                    json!("1"),
-                    json!("123456789.5"),
-                    json!("t"),
-                    json!("v"),
-                    json!("c"),
-                ],
-            ),
+            plain(10, &[("i2", json!(40000))]),
+            plain(11, &[("t", json!("nul\u{0}byte"))]),
+            plain(12, &[("i8", json!(u64::MAX))]),
+            plain(13, &[("vc", json!("far too long for it"))]),
+            plain(14, &[("n2", json!("123456789.5"))]),
             row(
                 15,
                 [
