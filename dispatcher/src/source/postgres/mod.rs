@@ -28,6 +28,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use hopper_common::job::redact_url;
 use hopper_common::postgres::{describe, text_for, PgLink, Text};
 use hopper_common::{Item, Position};
@@ -88,9 +89,9 @@ pub struct PostgresSource {
     key: Vec<String>,
     bounds: Bounds,
     conn: Option<Conn>,
-    /// The next page of a scan, asked for before this one is turned into items, so that the
-    /// database reads and sends it while the dispatcher works (the pages then cost about the
-    /// larger of the two, not their sum).
+    /// The next page of a scan, asked for (and turned into items, on a task of its own) while
+    /// the rows in hand are chunked and sent, so that the database's work, turning rows into
+    /// JSON and the rest of the dispatcher's overlap instead of adding up.
     ahead: Option<Ahead>,
     page: VecDeque<Read>,
     /// The key of the last row handed out (or where reading started).
@@ -114,7 +115,13 @@ impl std::fmt::Debug for PostgresSource {
 /// A page asked for ahead: the rows after `after` (a key's JSON), on their way.
 struct Ahead {
     after: String,
-    rows: tokio::task::JoinHandle<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+    rows: tokio::task::JoinHandle<Result<Vec<Rendered>, SourceError>>,
+}
+
+/// A row as an item's JSON text, and its key's JSON.
+struct Rendered {
+    data: String,
+    key: String,
 }
 
 impl Drop for Ahead {
@@ -128,7 +135,7 @@ impl Drop for Ahead {
 struct Conn {
     /// Shared with the task that reads the next page ahead.
     client: Arc<Client>,
-    shape: Shape,
+    shape: Arc<Shape>,
     /// From the first row; after a key; up to a key; after and up to; one row by key.
     first: Statement,
     after: Statement,
@@ -363,7 +370,7 @@ impl PostgresSource {
         let one = prepare(page_sql(q, k, &compare(k, "=", 1), 1)).await?;
         Ok(Conn {
             client: Arc::new(client),
-            shape,
+            shape: Arc::new(shape),
             first,
             after,
             upto,
@@ -401,7 +408,7 @@ impl PostgresSource {
         let Some(conn) = self.conn.as_ref() else {
             return Ok(());
         };
-        let shape = &conn.shape;
+        let shape = &*conn.shape;
         let (statement, params) = match &self.bounds {
             Bounds::Rows(keys) => match keys.front() {
                 None => {
@@ -431,17 +438,16 @@ impl PostgresSource {
             (
                 Some(mut ahead),
                 Bounds::Scan { after: Some(a) } | Bounds::Range { after: Some(a), .. },
-            ) if ahead.after == *a => (&mut ahead.rows)
-                .await
-                .map_err(|e| SourceError::Fetch {
+            ) if ahead.after == *a => {
+                (&mut ahead.rows).await.map_err(|e| SourceError::Fetch {
                     after: String::new(),
                     message: format!("the page read ahead was lost: {e}"),
-                })?
-                .map_err(|e| SourceError::Fetch {
-                    after: String::new(),
-                    message: describe(&e),
-                })?,
-            _ => query(conn, statement, &params).await?,
+                })??
+            }
+            _ => {
+                let (client, shape) = (Arc::clone(&conn.client), Arc::clone(&conn.shape));
+                page(client, statement.clone(), params, shape).await?
+            }
         };
         match &mut self.bounds {
             Bounds::Rows(keys) => {
@@ -451,21 +457,11 @@ impl PostgresSource {
         }
         if !self.done {
             if let Some(last) = rows.last() {
-                let (_, key) = render(shape, last, 64).map_err(|why| SourceError::Fetch {
-                    after: String::new(),
-                    message: why,
-                })?;
-                self.ahead = read_ahead(conn, &self.bounds, key)?;
+                self.ahead = read_ahead(conn, &self.bounds, last.key.clone())?;
             }
         }
-        let mut size = 64;
-        for row in &rows {
+        for Rendered { data, key } in rows {
             self.rows += 1;
-            let (data, key) = render(shape, row, size).map_err(|why| SourceError::Fetch {
-                after: String::new(),
-                message: why,
-            })?;
-            size = data.len();
             let line = self.rows;
             self.page.push_back(Read {
                 record: Record::Item(Item { line, data }),
@@ -499,12 +495,8 @@ fn read_ahead(conn: &Conn, bounds: &Bounds, key: String) -> Result<Option<Ahead>
         }
         Bounds::Rows(_) => return Ok(None),
     };
-    let client = Arc::clone(&conn.client);
-    let rows = tokio::spawn(async move {
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        client.query(&statement, &refs).await
-    });
+    let (client, shape) = (Arc::clone(&conn.client), Arc::clone(&conn.shape));
+    let rows = tokio::spawn(page(client, statement, params, shape));
     Ok(Some(Ahead { after: key, rows }))
 }
 
@@ -531,19 +523,34 @@ fn bind(shape: &Shape, key: &str) -> Result<Vec<Text>, SourceError> {
         .collect()
 }
 
-async fn query(
-    conn: &Conn,
-    statement: &Statement,
-    params: &[Text],
-) -> Result<Vec<tokio_postgres::Row>, SourceError> {
-    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-    conn.client
-        .query(statement, &refs)
+/// One page: `statement` with `params`, each row turned into its item's JSON as it arrives
+/// (no page of `Row`s is held), the rows in the order the database sends them.
+async fn page(
+    client: Arc<Client>,
+    statement: Statement,
+    params: Vec<Text>,
+    shape: Arc<Shape>,
+) -> Result<Vec<Rendered>, SourceError> {
+    let fetch = |message: String| SourceError::Fetch {
+        after: String::new(),
+        message,
+    };
+    let refs = params.iter().map(|p| p as &(dyn ToSql + Sync));
+    let stream = client
+        .query_raw(&statement, refs)
         .await
-        .map_err(|e| SourceError::Fetch {
-            after: String::new(),
-            message: describe(&e),
-        })
+        .map_err(|e| fetch(describe(&e)))?;
+    futures::pin_mut!(stream);
+    let mut rows = Vec::with_capacity(PAGE.min(1024));
+    // A guess at the next row's length (the last one's), so that its text is allocated once.
+    let mut size = 64;
+    while let Some(row) = stream.next().await {
+        let row = row.map_err(|e| fetch(describe(&e)))?;
+        let (data, key) = render(&shape, &row, size).map_err(fetch)?;
+        size = data.len();
+        rows.push(Rendered { data, key });
+    }
+    Ok(rows)
 }
 
 /// A row as an item's JSON text, and its key's JSON; `size` is a guess at the text's length
