@@ -577,6 +577,65 @@ async fn open_chunks_are_the_unfinished_ones(f: Fixture) {
         other => panic!("expected the write to be fenced off, got {other:?}"),
     }
     assert!(store.heartbeat(&fence(run)).await.is_err());
+    // Its chunks and its replies are refused too, and leave nothing behind (the owner check
+    // and the writes go in one transaction).
+    let late = NewChunk {
+        seq: 3,
+        position: Position {
+            line: 30,
+            offset: 300,
+        },
+        end_offset: 399,
+        items: 10,
+        end_line: 39,
+        keys: None,
+    };
+    let ckpt = Checkpoint {
+        offset: 399,
+        line: 39,
+        next_seq: 4,
+        exhausted: true,
+        key: None,
+    };
+    let recorded = store
+        .record(
+            &fence(run),
+            RecordBatch {
+                chunks: &[late],
+                checkpoint: &ckpt,
+                bad_data: &[],
+                retry: false,
+                retried: &[],
+            },
+        )
+        .await;
+    assert!(
+        matches!(recorded, Err(ContextError::Fenced { .. })),
+        "{recorded:?}"
+    );
+    let finished = reply(
+        2,
+        1,
+        Outcome::Done {
+            processed: 10,
+            bad_items: vec![],
+        },
+    );
+    let applied = store
+        .apply_replies(&fence(run), std::slice::from_ref(&finished))
+        .await;
+    assert!(
+        matches!(applied, Err(ContextError::Fenced { .. })),
+        "{applied:?}"
+    );
+    let open: Vec<(u64, ChunkStatus)> = store
+        .open_chunks(run)
+        .await
+        .expect("open")
+        .iter()
+        .map(|c| (c.seq, c.status))
+        .collect();
+    assert_eq!(open, vec![(2, ChunkStatus::InFlight)]);
     store.heartbeat(&other).await.expect("the new owner writes");
     let r = store
         .run("j", Some(run))

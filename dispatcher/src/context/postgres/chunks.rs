@@ -9,45 +9,86 @@ use super::{Fail, Tx};
 use crate::context::{now_ms, ChunkRecord, Fence, Keys, RecordBatch, Retried, RunId};
 
 pub(super) async fn record(tx: &Tx<'_>, fence: &Fence, batch: RecordBatch<'_>) -> Result<(), Fail> {
-    super::runs::check(tx, fence).await?;
     let run = fence.run as i64;
     let now = now_ms() as i64;
-    if !batch.chunks.is_empty() {
-        let column = |f: fn(&crate::context::NewChunk) -> u64| -> Vec<i64> {
-            batch.chunks.iter().map(|c| f(c) as i64).collect()
-        };
-        let keys: Vec<Option<String>> = batch
-            .chunks
-            .iter()
-            .map(|c| c.keys.as_ref().map(Keys::to_text))
-            .collect();
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO chunks (run, seq, line, start_offset, end_offset, items, status,
-                                     end_line, retry, keys)
-                 SELECT $1, u.seq, u.line, u.start_offset, u.end_offset, u.items, 'pending',
-                        u.end_line, $2, u.keys
-                 FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[],
-                             $7::bigint[], $8::bigint[], $9::text[])
-                      AS u (seq, line, start_offset, end_offset, items, end_line, keys)",
+    let column = |f: fn(&crate::context::NewChunk) -> u64| -> Vec<i64> {
+        batch.chunks.iter().map(|c| f(c) as i64).collect()
+    };
+    let (seqs, lines, starts) = (
+        column(|c| c.seq),
+        column(|c| c.position.line),
+        column(|c| c.position.offset),
+    );
+    let (ends, items, end_lines) = (
+        column(|c| c.end_offset),
+        column(|c| c.items),
+        column(|c| c.end_line),
+    );
+    let keys: Vec<Option<String>> = batch
+        .chunks
+        .iter()
+        .map(|c| c.keys.as_ref().map(Keys::to_text))
+        .collect();
+    let owner = super::runs::owner(tx).await?;
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO chunks (run, seq, line, start_offset, end_offset, items, status,
+                                 end_line, retry, keys)
+             SELECT $1, u.seq, u.line, u.start_offset, u.end_offset, u.items, 'pending',
+                    u.end_line, $2, u.keys
+             FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[],
+                         $7::bigint[], $8::bigint[], $9::text[])
+                  AS u (seq, line, start_offset, end_offset, items, end_line, keys)",
+        )
+        .await?;
+    let update = tx
+        .prepare_cached(
+            "UPDATE runs SET ckpt_offset = $2, ckpt_line = $3, next_seq = $4, exhausted = $5,
+             heartbeat_at = $6, ckpt_key = $7 WHERE id = $1",
+        )
+        .await?;
+    let chunks = async {
+        if !batch.chunks.is_empty() {
+            tx.execute(
+                &insert,
+                &[
+                    &run,
+                    &batch.retry,
+                    &seqs,
+                    &lines,
+                    &starts,
+                    &ends,
+                    &items,
+                    &end_lines,
+                    &keys,
+                ],
             )
             .await?;
+        }
+        Ok::<(), Fail>(())
+    };
+    let ckpt = batch.checkpoint;
+    let (offset, line, next_seq) = (ckpt.offset as i64, ckpt.line as i64, ckpt.next_seq as i64);
+    let checkpoint = async {
         tx.execute(
-            &insert,
+            &update,
             &[
                 &run,
-                &batch.retry,
-                &column(|c| c.seq),
-                &column(|c| c.position.line),
-                &column(|c| c.position.offset),
-                &column(|c| c.end_offset),
-                &column(|c| c.items),
-                &column(|c| c.end_line),
-                &keys,
+                &offset,
+                &line,
+                &next_seq,
+                &ckpt.exhausted,
+                &now,
+                &ckpt.key,
             ],
         )
         .await?;
-    }
+        Ok::<(), Fail>(())
+    };
+    // The ownership check, the chunks and the checkpoint go in one pipeline (one round trip,
+    // not three; the check is sent first, so it still locks the run's row first). They are
+    // one transaction: when the check fails, nothing of the others is committed.
+    futures::try_join!(super::runs::owned(tx, &owner, fence), chunks, checkpoint)?;
     for b in batch.bad_data {
         tx.execute(
             "INSERT INTO failures (run, seq, position, class, reason, start_offset, end_offset,
@@ -93,40 +134,26 @@ pub(super) async fn record(tx: &Tx<'_>, fence: &Fence, batch: RecordBatch<'_>) -
             }
         }
     }
-    let ckpt = batch.checkpoint;
-    let update = tx
-        .prepare_cached(
-            "UPDATE runs SET ckpt_offset = $2, ckpt_line = $3, next_seq = $4, exhausted = $5,
-             heartbeat_at = $6, ckpt_key = $7 WHERE id = $1",
-        )
-        .await?;
-    tx.execute(
-        &update,
-        &[
-            &run,
-            &(ckpt.offset as i64),
-            &(ckpt.line as i64),
-            &(ckpt.next_seq as i64),
-            &ckpt.exhausted,
-            &now,
-            &ckpt.key,
-        ],
-    )
-    .await?;
     Ok(())
 }
 
 pub(super) async fn mark_in_flight(tx: &Tx<'_>, fence: &Fence, seqs: &[u64]) -> Result<(), Fail> {
-    super::runs::check(tx, fence).await?;
     let seqs: Vec<i64> = seqs.iter().map(|&s| s as i64).collect();
+    let now = now_ms() as i64;
+    let owner = super::runs::owner(tx).await?;
     let update = tx
         .prepare_cached(
             "UPDATE chunks SET status = 'in_flight', dispatched_at = $3
              WHERE run = $1 AND seq = ANY($2) AND status = 'pending'",
         )
         .await?;
-    tx.execute(&update, &[&(fence.run as i64), &seqs, &(now_ms() as i64)])
-        .await?;
+    let mark = async {
+        tx.execute(&update, &[&(fence.run as i64), &seqs, &now])
+            .await?;
+        Ok::<(), Fail>(())
+    };
+    // One pipeline, as in `record`.
+    futures::try_join!(super::runs::owned(tx, &owner, fence), mark)?;
     Ok(())
 }
 

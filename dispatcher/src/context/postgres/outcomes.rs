@@ -168,10 +168,16 @@ pub(super) async fn apply(
     fence: &Fence,
     replies: &[Reply],
 ) -> Result<Vec<Applied>, Fail> {
-    super::runs::check(tx, fence).await?;
-    let mut applied = Vec::with_capacity(replies.len());
-    for reply in replies {
-        applied.push(apply_one(tx, reply).await?);
-    }
+    let owner = super::runs::owner(tx).await?;
+    let apply = async {
+        let mut applied = Vec::with_capacity(replies.len());
+        for reply in replies {
+            applied.push(apply_one(tx, reply).await?);
+        }
+        Ok::<_, Fail>(applied)
+    };
+    // The ownership check is sent first and the replies right behind it, in one transaction:
+    // when the check fails, nothing they wrote is committed.
+    let ((), applied) = futures::try_join!(super::runs::owned(tx, &owner, fence), apply)?;
     Ok(applied)
 }

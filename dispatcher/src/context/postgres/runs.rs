@@ -2,7 +2,7 @@
 //! up again by `retry`) and how it is read.
 
 use hopper_common::job::Throttle as ThrottleSpec;
-use tokio_postgres::Row;
+use tokio_postgres::{Row, Statement};
 
 use super::{Fail, Tx};
 use crate::context::{
@@ -131,12 +131,23 @@ pub(super) async fn all(tx: &Tx<'_>, job: &str) -> Result<Vec<RunRecord>, Fail> 
 /// run's row until the transaction ends: the compare of compare-and-set. A dispatcher taking the
 /// run over waits for the lock, so it cannot slip in between the check and the write.
 pub(super) async fn check(tx: &Tx<'_>, fence: &Fence) -> Result<(), Fail> {
-    let row = tx
-        .query_opt(
-            "SELECT owner_token FROM runs WHERE id = $1 FOR UPDATE",
-            &[&(fence.run as i64)],
-        )
-        .await?;
+    let owner = owner(tx).await?;
+    owned(tx, &owner, fence).await
+}
+
+/// The statement of [`check`], prepared once per connection: every write of a run starts
+/// with it.
+pub(super) async fn owner(tx: &Tx<'_>) -> Result<Statement, Fail> {
+    Ok(tx
+        .prepare_cached("SELECT owner_token FROM runs WHERE id = $1 FOR UPDATE")
+        .await?)
+}
+
+/// [`check`] with its statement prepared ([`owner`]): its first poll sends the query, so that
+/// it can lead a pipeline of the transaction's writes (the database runs them in the order
+/// sent, so the run's row is locked first all the same).
+pub(super) async fn owned(tx: &Tx<'_>, owner: &Statement, fence: &Fence) -> Result<(), Fail> {
+    let row = tx.query_opt(owner, &[&(fence.run as i64)]).await?;
     let token: Option<Option<String>> = row.map(|r| r.try_get(0)).transpose()?;
     match token {
         Some(Some(t)) if t == fence.token => Ok(()),
