@@ -10,6 +10,11 @@
 //!
 //! The tables and the state schema are the bench's own (`hopper_bench_<pid>_src`, `_dst`,
 //! `hopper_bench_<pid>_state`), dropped at the end.
+//!
+//! Every timed step starts settled ([`settle`]): after a checkpoint, with the broker quiet. A
+//! step that followed a copy otherwise paid for writing out the copy's dirty pages, or ran
+//! beside the broker compacting its queue: the single statement took 0.38 s to 0.91 s in one
+//! run, depending only on what ran before it, and the ratio moved with it.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -32,6 +37,21 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client> {
         .await
         .map_err(|e| anyhow::anyhow!(link.explain(&e)))
         .with_context(|| format!("connecting to PostgreSQL at {}", link.place()))
+}
+
+/// Waits until the machine is settled for a timed step: PostgreSQL has written out every dirty
+/// page (`CHECKPOINT`; a superuser's or `pg_checkpoint` member's right: without it the step
+/// runs unsettled, and the bench says so once) and the broker is quiet.
+async fn settle(client: &tokio_postgres::Client, broker: Option<&str>, warned: &mut bool) {
+    if let Err(e) = client.batch_execute("CHECKPOINT").await {
+        if !*warned {
+            eprintln!(
+                "postgres: cannot CHECKPOINT before each step ({e}); the figures are noisier"
+            );
+            *warned = true;
+        }
+    }
+    crate::cpu::broker_quiet(broker).await;
 }
 
 /// Where a bench job keeps its execution context.
@@ -137,8 +157,11 @@ async fn compare(
     let (mut statement, mut copied, mut copy_out, mut read) = (vec![], vec![], vec![], vec![]);
     let mut shared = vec![];
     let schema = format!("hopper_bench_{pid}_state");
+    let broker = crate::cpu::broker_pid();
+    let mut warned = false;
     for round in 1..=rounds.max(1) {
         client.batch_execute(&format!("TRUNCATE {dst}")).await?;
+        settle(client, broker.as_deref(), &mut warned).await;
         let started = Instant::now();
         client
             .batch_execute(&format!("INSERT INTO {dst} SELECT {COLUMNS} FROM {src}"))
@@ -162,6 +185,7 @@ async fn compare(
             shape.window,
             State::Sqlite,
         )?;
+        settle(client, broker.as_deref(), &mut warned).await;
         let h = over_broker(bins, amqp, &file, &name, shape).await?.took;
         check_copy(client, dst, rows).await?;
         client.batch_execute(&format!("TRUNCATE {dst}")).await?;
@@ -177,9 +201,11 @@ async fn compare(
             shape.window,
             State::Postgres(&schema),
         )?;
+        settle(client, broker.as_deref(), &mut warned).await;
         let p = over_broker(bins, amqp, &file, &name, shape).await?.took;
         check_copy(client, dst, rows).await?;
 
+        settle(client, broker.as_deref(), &mut warned).await;
         let started = Instant::now();
         let stream = client
             .copy_out(&format!("COPY (SELECT {COLUMNS} FROM {src}) TO STDOUT"))
@@ -203,6 +229,7 @@ async fn compare(
             State::Sqlite,
         )?;
         let workers = CONSUMERS * usize::from(shape.prefetch);
+        settle(client, broker.as_deref(), &mut warned).await;
         let r = run_local(bins, &file, workers).await?;
         println!(
             "round {round}: INSERT SELECT {:>6.2} s, hopper copy {:>6.2} s ({:.2}x), with the \
