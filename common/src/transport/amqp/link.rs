@@ -3,6 +3,8 @@
 //! Publishing and consuming use separate connections: a publisher connection blocked by a
 //! memory or disk alarm (`connection.blocked`) stops every frame on it, acks included.
 
+use std::time::Duration;
+
 use lapin::options::ConfirmSelectOptions;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -26,14 +28,30 @@ pub struct ConnectError {
     pub refusal: Option<(u16, String)>,
 }
 
+/// How long opening a connection (TCP, TLS, the AMQP handshake) may take. A broker that is
+/// starting or stuck can accept the TCP connection and never read from it (seen here: the
+/// protocol header sat unread in the broker's socket); without a bound, a dispatcher started by
+/// a scheduler would wait for ever, saying nothing.
+const OPEN_WITHIN: Duration = Duration::from_secs(20);
+
 /// Opens a connection named `name` (shown in the management UI's Connections tab); an
 /// `amqps://` one verifies the broker's certificate against the system's roots and `tls.ca`,
 /// and presents `tls.identity` when the broker asks for a client certificate. A certificate
 /// that does not verify fails the connection: there is no fallback to plain text.
 ///
 /// # Errors
-/// [`ConnectError`], with the URL's password redacted.
+/// [`ConnectError`], with the URL's password redacted; also when the broker has not finished
+/// opening the connection within 20 seconds.
 pub async fn connect(url: &str, name: &str, tls: &BrokerTls) -> Result<Connection, ConnectError> {
+    connect_within(url, name, tls, OPEN_WITHIN).await
+}
+
+async fn connect_within(
+    url: &str,
+    name: &str,
+    tls: &BrokerTls,
+    limit: Duration,
+) -> Result<Connection, ConnectError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let config = OwnedTLSConfig {
         identity: tls
@@ -46,7 +64,23 @@ pub async fn connect(url: &str, name: &str, tls: &BrokerTls) -> Result<Connectio
         cert_chain: tls.ca.clone(),
     };
     let connected = match lapin::runtime::default_runtime() {
-        Ok(runtime) => Connection::connect_with_config(url, props, config, runtime).await,
+        Ok(runtime) => tokio::time::timeout(
+            limit,
+            Connection::connect_with_config(url, props, config, runtime),
+        )
+        .await
+        .map_err(|_| ConnectError {
+            url: redact_url(url),
+            name: name.to_string(),
+            source: format!(
+                "no answer within {}: the broker took the connection but did not finish \
+                 opening it (a broker that is starting, overloaded or stuck, or a port that \
+                 is not RabbitMQ's)",
+                humantime::format_duration(limit)
+            )
+            .into(),
+            refusal: None,
+        })?,
         Err(e) => Err(e),
     };
     connected.map_err(|source| {
@@ -164,7 +198,33 @@ fn with_heartbeat(url: &str, heartbeat: std::time::Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_broker_that_never_answers_fails_the_connection_in_time() {
+        // Takes the TCP connection and never reads from it, as a stuck broker did.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a listener");
+        let port = silent.local_addr().expect("its port").port();
+        let held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+            }
+        });
+        let url = format!("amqp://guest:secret@127.0.0.1:{port}/%2f");
+        let started = std::time::Instant::now();
+        let limit = Duration::from_millis(300);
+        let err = connect_within(&url, "hopper-test", &BrokerTls::default(), limit)
+            .await
+            .expect_err("no broker answered");
+        assert!(started.elapsed() < limit * 10, "{:?}", started.elapsed());
+        let text = err.to_string();
+        assert!(text.contains("no answer within 300ms"), "{text}");
+        assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+        held.abort();
+    }
 
     #[test]
     fn the_job_heartbeat_goes_into_the_url_once() {
