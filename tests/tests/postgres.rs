@@ -15,27 +15,38 @@ use hopper_tests::{
 
 const LIMIT: Duration = Duration::from_secs(120);
 
+/// The job file of a `postgres` processor at `url` applying `statement` to each item of
+/// `input.jsonl`, the item fields `params` bound in order; `more` adds tables (`[state]`,
+/// `[chunking]`...).
+fn file_into_postgres(url: &str, statement: &str, params: &[&str], more: &str) -> String {
+    let params: Vec<String> = params.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        r#"
+[source]
+kind = "file"
+path = "input.jsonl"
+[processor]
+kind = "postgres"
+url = "{url}"
+statement = "{statement}"
+params = [{}]
+{more}"#,
+        params.join(", ")
+    )
+}
+
 /// A job that inserts each item of `input.jsonl` (`id`, `price`) into `table`, in local mode.
 fn insert_job(prefix: &str, table_suffix: &str, url: &str, extra: &str) -> (TestJob, String) {
     let t = TestJob::local(
         prefix,
-        &format!(
-            r#"
-[state]
-url = "sqlite://state.db"
-[source]
-kind = "file"
-path = "input.jsonl"
-[chunking]
-items = 10
-[processor]
-kind = "postgres"
-url = "{url}"
-statement = "INSERT INTO {{TABLE}} (id, price) VALUES ($1, $2)"
-params = ["id", "price"]
-[failures]
-skip_limit = 10
-{extra}"#
+        &file_into_postgres(
+            url,
+            "INSERT INTO {TABLE} (id, price) VALUES ($1, $2)",
+            &["id", "price"],
+            &format!(
+                "[state]\nurl = \"sqlite://state.db\"\n[chunking]\nitems = 10\n\
+                 [failures]\nskip_limit = 10\n{extra}"
+            ),
         ),
     );
     let table = Tables::name_in_job(&t, table_suffix);
@@ -128,24 +139,11 @@ async fn consumers_killed_mid_run_leave_every_row_exactly_once() {
     let n = 20_000u64;
     let t = TestJob::new(
         "pgkill",
-        &format!(
-            r#"
-[state]
-url = "sqlite://state.db"
-[source]
-kind = "file"
-path = "input.jsonl"
-[chunking]
-items = 50
-[throttle]
-rate = 8000
-[processor]
-kind = "postgres"
-url = "{}"
-statement = "INSERT INTO {{TABLE}} (id, price) VALUES ($1, $2)"
-params = ["id", "price"]
-"#,
-            pg_url()
+        &file_into_postgres(
+            &pg_url(),
+            "INSERT INTO {TABLE} (id, price) VALUES ($1, $2)",
+            &["id", "price"],
+            "[state]\nurl = \"sqlite://state.db\"\n[chunking]\nitems = 50\n[throttle]\nrate = 8000\n",
         ),
     );
     let table = Tables::name_in_job(&t, "dst");
@@ -326,20 +324,14 @@ async fn types_are_converted_by_the_database() {
     let client = require_postgres().await;
     let t = TestJob::local(
         "pgtypes",
-        &format!(
-            r#"
-[state]
-url = "sqlite://state.db"
-[source]
-kind = "file"
-path = "input.jsonl"
-[processor]
-kind = "postgres"
-url = "{}"
-statement = "INSERT INTO {{TABLE}} VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
-params = ["i2", "i4", "i8", "num", "f8", "txt", "b", "d", "ts", "u", "jb", "j", "bin", "ia", "ta"]
-"#,
-            pg_url()
+        &file_into_postgres(
+            &pg_url(),
+            "INSERT INTO {TABLE} VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            &[
+                "i2", "i4", "i8", "num", "f8", "txt", "b", "d", "ts", "u", "jb", "j", "bin", "ia",
+                "ta",
+            ],
+            "[state]\nurl = \"sqlite://state.db\"\n",
         ),
     );
     let table = Tables::name_in_job(&t, "types");
@@ -430,26 +422,19 @@ async fn batched_arrays_give_the_database_what_each_value_one_by_one_would() {
         ("c", "char(3)"),
     ];
     let names: Vec<&str> = columns.iter().map(|c| c.0).collect();
+    let params: Vec<&str> = std::iter::once("ord")
+        .chain(names.iter().copied())
+        .collect();
     let t = TestJob::local(
         "pgarrays",
-        &format!(
-            r#"
-[source]
-kind = "file"
-path = "input.jsonl"
-[processor]
-kind = "postgres"
-url = "{}"
-statement = "INSERT INTO {{TABLE}} (ord, {}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-params = ["ord", {}]
-"#,
-            pg_url(),
-            names.join(", "),
-            names
-                .iter()
-                .map(|n| format!("\"{n}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
+        &file_into_postgres(
+            &pg_url(),
+            &format!(
+                "INSERT INTO {{TABLE}} (ord, {}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                names.join(", ")
+            ),
+            &params,
+            "",
         ),
     );
     let table = Tables::name_in_job(&t, "arrays");
