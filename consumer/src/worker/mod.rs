@@ -21,9 +21,13 @@
 //!   it starts once every other chunk in hand is acked, and none starts until it is. (A chunk
 //!   that kills its consumer at its *first* delivery takes with it the chunks processed beside
 //!   it, and, with a prefetch above the concurrency, those whose reply awaited its confirm:
-//!   they come again, as after any crash.)
+//!   they come again, as after any crash.) Of several chunks delivered again in hand, the one
+//!   delivered fewest times goes first, and between equals the order flips with each delivery
+//!   ([`again`]), so that a chunk always handed out with a killer is acked before it within two
+//!   deliveries.
 //! - **Reconnecting is bounded** ([`Recoveries`]), and a refusal that will recur stops it.
 
+mod again;
 mod attempt;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -157,6 +161,8 @@ struct Context {
     slots: tokio::sync::Semaphore,
     /// Taken shared to process a chunk, alone for a chunk delivered before (see `handle`).
     turns: tokio::sync::RwLock<()>,
+    /// Which of the chunks delivered before goes first.
+    again: Arc<again::Line>,
     /// Cancelled once no more chunks are taken: a chunk still waiting for a slot goes back.
     closing: CancellationToken,
     chunks: AtomicU64,
@@ -213,6 +219,7 @@ pub async fn run_on(
         notes: NoteTiming::for_job(job),
         slots: tokio::sync::Semaphore::new(usize::from(opts.concurrency.max(1))),
         turns: tokio::sync::RwLock::new(()),
+        again: Arc::default(),
         closing: CancellationToken::new(),
         chunks: AtomicU64::new(0),
         retried: AtomicU64::new(0),
@@ -221,6 +228,7 @@ pub async fn run_on(
     });
     let tracker = TaskTracker::new();
     let mut recoveries = Recoveries::default();
+    let mut arrivals = 0u64;
     let stopped = loop {
         tokio::select! {
             biased;
@@ -230,7 +238,12 @@ pub async fn run_on(
                 // no longer be acked and come again.
                 let why = match next {
                     Some(Ok(message)) => {
-                        tracker.spawn(handle(Arc::clone(&ctx), message));
+                        // In the line as it arrives, before any task can look at the line.
+                        arrivals += 1;
+                        let ticket = message.redelivered.then(|| {
+                            ctx.again.enter(arrivals, message.label.deliveries.unwrap_or(1))
+                        });
+                        tracker.spawn(handle(Arc::clone(&ctx), message, ticket));
                         continue;
                     }
                     Some(Err(e)) if e.is_connection_lost() => e.to_string(),
@@ -303,8 +316,9 @@ async fn reconnect(
     }
 }
 
-/// One message, from decoding to ack.
-async fn handle(ctx: Arc<Context>, message: Incoming) {
+/// One message, from decoding to ack; `again` is its place in the line of chunks delivered
+/// before, if it is one.
+async fn handle(ctx: Arc<Context>, message: Incoming, again: Option<again::Ticket>) {
     let job = &ctx.job.name;
     let limit = usize::try_from(codec::chunk_size_bound(&ctx.job.chunking)).unwrap_or(usize::MAX);
     if message.payload.len() > limit {
@@ -328,10 +342,14 @@ async fn handle(ctx: Arc<Context>, message: Incoming) {
 
     // A chunk delivered before may be the one that killed a consumer: it is processed alone, so
     // that chunks which merely shared that consumer's hands do not die with it again and again
-    // until the broker's delivery limit parks them.
+    // until the broker's delivery limit parks them; of several, the line says which goes first.
     let turn = async {
+        if let Some(ticket) = &again {
+            tokio::time::sleep(again::GATHER).await;
+            ticket.first().await;
+        }
         let slot = ctx.slots.acquire().await;
-        let turn = if message.redelivered {
+        let turn = if again.is_some() {
             (None, Some(ctx.turns.write().await))
         } else {
             (Some(ctx.turns.read().await), None)
