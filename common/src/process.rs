@@ -62,12 +62,19 @@ macro_rules! say_error {
     ($($arg:tt)*) => { $crate::process::tell(true, format_args!($($arg)*)) };
 }
 
-/// Runs a binary's `main`: installs the log subscriber (stderr, `HOPPER_LOG`, `info` by
+/// What is logged when `HOPPER_LOG` is not set. lapin logs every channel the broker closes as an
+/// error, the expected 404 of a passive declare included (`status` and `clean` ask that way
+/// whether each queue exists): an operator would read a clean job's seven missing queues as
+/// seven failures. Hopper reports the closes that matter itself, with the broker's words and
+/// the queue's name.
+const DEFAULT_LOG: &str = "info,lapin::channel=off";
+
+/// Runs a binary's `main`: installs the log subscriber (stderr, `HOPPER_LOG`, `DEFAULT_LOG` by
 /// default; `HOPPER_LOG_FORMAT=json` for JSON lines), starts the runtime and drives `body` to its
 /// exit code. Only binaries call this: a library never installs a subscriber.
 pub fn run_main<F: Future<Output = ExitCode>>(body: F) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOPPER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter);

@@ -50,11 +50,15 @@ async fn inspect_on(conn: &Connection, job: &Job) -> Result<Vec<QueueState>, Tra
             .queue_declare(name.into(), passive, FieldTable::default())
             .await
         {
-            Ok(q) => QueueState {
-                name: name.to_string(),
-                messages: Some(q.message_count()),
-                consumers: q.consumer_count(),
-            },
+            Ok(q) => {
+                // Closed before the connection is, which otherwise logs an error about it.
+                let _ = channel.close(200, "done".into()).await;
+                QueueState {
+                    name: name.to_string(),
+                    messages: Some(q.message_count()),
+                    consumers: q.consumer_count(),
+                }
+            }
             Err(e) => match broker("look at the queue", name)(e) {
                 TransportError::Rejected { code: 404, .. } => QueueState {
                     name: name.to_string(),
@@ -100,6 +104,7 @@ pub async fn delete(job: &Job) -> Result<Vec<String>, TransportError> {
             .map_err(broker("delete the exchange", &exchange))?;
         present.push(exchange);
     }
+    let _ = channel.close(200, "done".into()).await;
     let _ = conn.close(200, "done".into()).await;
     Ok(present)
 }
@@ -124,7 +129,10 @@ async fn exchange_exists(conn: &Connection, exchange: &str) -> Result<bool, Tran
         )
         .await
     {
-        Ok(()) => Ok(true),
+        Ok(()) => {
+            let _ = channel.close(200, "done".into()).await;
+            Ok(true)
+        }
         Err(e) => match broker("look at the exchange", exchange)(e) {
             TransportError::Rejected { code: 404, .. } => Ok(false),
             other => Err(other),
