@@ -54,6 +54,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// again on a new connection and meets the fence.
 const IDLE_IN_TRANSACTION: &str = "10s";
 
+/// A transaction that took this long, against the milliseconds the store's take, was frozen in
+/// the middle (half [`IDLE_IN_TRANSACTION`], for a margin): it is rolled back and run once more
+/// instead of committed. Its session may have been ended already without this process having
+/// seen it yet, and a commit sent into it would fail as "connection closed", which cannot tell
+/// a commit never received from one applied before the connection dropped.
+const STALLED: Duration = Duration::from_secs(5);
+
 /// Connections a dispatcher holds: its writes are serial, beside them the heartbeat and a
 /// `status` or control of its own.
 const POOL_SIZE: usize = 4;
@@ -116,16 +123,23 @@ impl Fail {
 /// word ([`session_ended`]): both are the same case. The commit is in that case too when the
 /// connection was closed before it was sent, or when the database ended the session for
 /// sitting idle in its transaction (it had received no commit); a commit lost in any other way
-/// may have been applied, and is never run again blindly.
+/// may have been applied, and is never run again blindly. So that it is not lost that way, a
+/// transaction that stalled past [`STALLED`] is not committed but rolled back and run once more.
 macro_rules! in_tx {
     ($store:expr, |$tx:ident| $body:expr) => {{
         let mut again = true;
         loop {
             let mut client = $store.client().await?;
-            // The error, and whether nothing can have been committed.
-            let done: Result<_, (Fail, bool)> = async {
+            // The error, and whether nothing can have been committed; `None`: rolled back for
+            // having stalled.
+            let done: Result<Option<_>, (Fail, bool)> = async {
+                let began = std::time::Instant::now();
                 let $tx = client.transaction().await.map_err(|e| (Fail::from(e), true))?;
                 let out = $body.await.map_err(|f| (f, true))?;
+                if again && began.elapsed() >= STALLED {
+                    // Dropped uncommitted: rolled back, or already by the database.
+                    return Ok(None);
+                }
                 // A connection already closed sends no commit; and a session ended for sitting
                 // idle in its transaction never received one.
                 let unsent = $tx.client().is_closed();
@@ -134,11 +148,17 @@ macro_rules! in_tx {
                     let idle = e.code() == Some(&SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT);
                     (Fail::from(e), unsent || idle)
                 })?;
-                Ok(out)
+                Ok(Some(out))
             }
             .await;
             match done {
-                Ok(out) => break Ok(out),
+                Ok(Some(out)) => break Ok(out),
+                Ok(None) => {
+                    tracing::warn!(store = %$store.place,
+                                   "this process stalled inside a transaction of the execution \
+                                    context; rolled back, once more");
+                    again = false;
+                }
                 Err((Fail::Sql(e), true)) if again && (e.is_closed() || session_ended(&e)) => {
                     tracing::warn!(store = %$store.place, error = %describe(&e),
                                    "the execution context's connection was closed; once more");
