@@ -52,14 +52,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// takes the run over (after [`Alive`]'s 30 s) would wait on it for ever. Ended by the
 /// database, the session's transaction is rolled back; the frozen dispatcher, woken, writes
 /// again on a new connection and meets the fence.
-const IDLE_IN_TRANSACTION: &str = "10s";
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(10);
 
 /// A transaction that took this long, against the milliseconds the store's take, was frozen in
-/// the middle (half [`IDLE_IN_TRANSACTION`], for a margin): it is rolled back and run once more
-/// instead of committed. Its session may have been ended already without this process having
-/// seen it yet, and a commit sent into it would fail as "connection closed", which cannot tell
-/// a commit never received from one applied before the connection dropped.
-const STALLED: Duration = Duration::from_secs(5);
+/// the middle (half [`IDLE_IN_TRANSACTION`], a margin before the database ends the session): it
+/// is rolled back and run once more instead of committed. Its session may have been ended
+/// already without this process having seen it yet, and a commit sent into it would fail as
+/// "connection closed", which cannot tell a commit never received from one applied before the
+/// connection dropped.
+const STALLED: Duration = Duration::from_secs(IDLE_IN_TRANSACTION.as_secs() / 2);
 
 /// Connections a dispatcher holds: its writes are serial, beside them the heartbeat and a
 /// `status` or control of its own.
@@ -226,7 +227,8 @@ impl PostgresStore {
         let config = link.config_mut();
         // The schema is a plain identifier (the job file's validation): no quoting needed.
         let ours = format!(
-            "-c search_path={schema} -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION}"
+            "-c search_path={schema} -c idle_in_transaction_session_timeout={}s",
+            IDLE_IN_TRANSACTION.as_secs()
         );
         let options = match config.get_options() {
             Some(given) => format!("{given} {ours}"),
